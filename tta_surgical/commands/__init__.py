@@ -1,0 +1,1 @@
+"""CLI subcommands: each module defines HELP, configure(parser) and main(args) -> int (see cli.py)."""

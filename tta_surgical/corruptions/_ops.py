@@ -1,0 +1,154 @@
+"""Batched torch image primitives shared by the corruptions.
+
+The official generators lean on SciPy / scikit-image / ImageMagick; these are the torch equivalents,
+vectorised over the batch and written to match the originals' boundary handling:
+
+- SciPy ``mode`` names are kept: ``nearest`` (edge), ``reflect`` (d c b a | a b c d, edge repeated),
+  ``mirror`` (d c b | a b c d, edge not repeated), ``wrap``, ``constant`` (zeros). Padding is done
+  by index, so any pad width works, even wider than the image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PAD_MODES = ("nearest", "reflect", "mirror", "wrap", "constant")
+
+
+def pad_index(n: int, before: int, after: int, mode: str, device: torch.device | str = "cpu") -> Tensor:
+    """Source indices for positions -before .. n+after-1 of a length-n axis under a SciPy boundary mode."""
+    i = torch.arange(-before, n + after, device=device)
+    if mode == "nearest":
+        return i.clamp(0, n - 1)
+    if mode == "wrap":
+        return i.remainder(n)
+    if mode == "reflect":
+        j = i.remainder(2 * n)
+        return torch.where(j >= n, 2 * n - 1 - j, j)
+    if mode == "mirror":
+        if n == 1:
+            return torch.zeros_like(i)
+        j = i.remainder(2 * n - 2)
+        return torch.where(j >= n, 2 * n - 2 - j, j)
+    raise ValueError(f"unknown boundary mode {mode!r}; valid: {', '.join(PAD_MODES)}")
+
+
+def pad2d(x: Tensor, ph: int, pw: int, mode: str) -> Tensor:
+    """Pad the last two dims of `x` by (ph, pw) on each side with a SciPy boundary mode."""
+    if ph == 0 and pw == 0:
+        return x
+    if mode == "constant":
+        return F.pad(x, (pw, pw, ph, ph))
+    h, w = x.shape[-2:]
+    x = x.index_select(-2, pad_index(h, ph, ph, mode, x.device))
+    return x.index_select(-1, pad_index(w, pw, pw, mode, x.device))
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device: torch.device | str = "cpu") -> Tensor:
+    """SciPy's `gaussian_filter1d` weights: radius int(truncate * sigma + 0.5), normalised to sum 1."""
+    radius = int(truncate * float(sigma) + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / float(sigma)) ** 2) if sigma > 0 else (t == 0).double()
+    return (k / k.sum()).to(device=device, dtype=torch.float32)
+
+
+def separable_filter(x: Tensor, kh: Tensor, kw: Tensor, mode: str = "nearest") -> Tensor:
+    """Correlate every channel of `x` (B, C, H, W) with the outer product of 1-D kernels `kh` x `kw`."""
+    b, c, h, w = x.shape
+    ph, pw = (kh.numel() - 1) // 2, (kw.numel() - 1) // 2
+    y = pad2d(x.reshape(b * c, 1, h, w), ph, pw, mode)
+    y = F.conv2d(y, kh.view(1, 1, -1, 1).to(y.dtype))
+    y = F.conv2d(y, kw.view(1, 1, 1, -1).to(y.dtype))
+    return y.reshape(b, c, h, w)
+
+
+def gaussian_blur(x: Tensor, sigma: float, mode: str = "nearest", truncate: float = 4.0) -> Tensor:
+    """Gaussian blur of each channel, equal to `scipy.ndimage.gaussian_filter(x, (0, 0, sigma, sigma), mode=mode)`.
+
+    `skimage.filters.gaussian` (used by the generators) is this with mode "nearest".
+    """
+    if sigma <= 0:
+        return x.clone()
+    k = gaussian_kernel1d(sigma, truncate, x.device)
+    return separable_filter(x, k, k, mode)
+
+
+def filter2d(x: Tensor, kernel: Tensor, mode: str = "reflect") -> Tensor:
+    """Correlate every channel of `x` with one 2-D `kernel` (odd sizes), SciPy boundary `mode`."""
+    b, c, h, w = x.shape
+    kh, kw = kernel.shape
+    y = pad2d(x.reshape(b * c, 1, h, w), (kh - 1) // 2, (kw - 1) // 2, mode)
+    return F.conv2d(y, kernel.view(1, 1, kh, kw).to(device=y.device, dtype=y.dtype)).reshape(b, c, h, w)
+
+
+def motion_blur(x: Tensor, radius: float, sigma: float, angle_deg: Tensor) -> Tensor:
+    """ImageMagick's `MotionBlurImage`, batched, one angle per image.
+
+    ImageMagick samples `width = 2*ceil(radius) + 1` points along a ray from each pixel (one-sided,
+    the pixel itself first), at integer offsets `(ceil(i*cos(a) - 0.5), ceil(i*sin(a) - 0.5))`,
+    weighted by a Gaussian `exp(-i^2 / (2 sigma^2))` normalised to sum 1; pixels outside the image
+    take the nearest edge value (its default virtual-pixel method).
+    `angle_deg` has one angle per image (shape (B,)).
+    """
+    b, c, h, w = x.shape
+    width = 2 * math.ceil(radius) + 1
+    i = torch.arange(width, device=x.device, dtype=torch.float64)
+    k = torch.exp(-(i**2) / (2.0 * sigma * sigma))
+    k = (k / k.sum()).to(x.dtype)
+    a = torch.deg2rad(angle_deg.to(device=x.device, dtype=torch.float64)).view(b, 1)
+    ox = torch.ceil(i * torch.cos(a) - 0.5).long()  # (B, width) column offsets
+    oy = torch.ceil(i * torch.sin(a) - 0.5).long()  # (B, width) row offsets
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    flat = x.reshape(b, c, h * w)
+    out = torch.zeros_like(flat)
+    for t in range(width):
+        r = (rows + oy[:, t].view(b, 1, 1)).clamp_(0, h - 1)
+        q = (cols + ox[:, t].view(b, 1, 1)).clamp_(0, w - 1)
+        idx = (r * w + q).reshape(b, 1, h * w).expand(b, c, h * w)
+        out.add_(flat.gather(2, idx), alpha=float(k[t]))
+    return out.reshape(b, c, h, w)
+
+
+def rgb_to_hsv(x: Tensor) -> Tensor:
+    """RGB (B, 3, H, W) in [0, 1] -> HSV in [0, 1], the convention of `skimage.color.rgb2hsv`."""
+    r, g, b = x.unbind(1)
+    v, _ = x.max(1)
+    mn, _ = x.min(1)
+    delta = v - mn
+    s = torch.where(v > 0, delta / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hr = (g - b) / safe
+    hg = 2.0 + (b - r) / safe
+    hb = 4.0 + (r - g) / safe
+    h = torch.where(x[:, 0] == v, hr, torch.where(x[:, 1] == v, hg, hb))
+    h = torch.where(delta > 0, (h / 6.0).remainder(1.0), torch.zeros_like(h))
+    return torch.stack((h, s, v), 1)
+
+
+def hsv_to_rgb(x: Tensor) -> Tensor:
+    """HSV (B, 3, H, W) in [0, 1] -> RGB, the inverse of `rgb_to_hsv` (`skimage.color.hsv2rgb`)."""
+    h, s, v = x.unbind(1)
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    i = i.long().remainder(6)
+    p = v * (1 - s)
+    q = v * (1 - f * s)
+    t = v * (1 - (1 - f) * s)
+    choices_r = torch.stack((v, q, p, p, t, v), 0)
+    choices_g = torch.stack((t, v, v, q, p, p), 0)
+    choices_b = torch.stack((p, p, t, v, v, q), 0)
+    idx = i.unsqueeze(0)
+    return torch.stack(
+        (choices_r.gather(0, idx)[0], choices_g.gather(0, idx)[0], choices_b.gather(0, idx)[0]), 1
+    )
+
+
+def uniform(shape: tuple[int, ...], low: float, high: float, g: torch.Generator, device: torch.device) -> Tensor:
+    """U(low, high) samples drawn from `g` on `device`."""
+    return torch.rand(shape, generator=g, device=device) * (high - low) + low

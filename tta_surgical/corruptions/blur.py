@@ -1,0 +1,1 @@
+"""Corruptions: blur (filled in by the corruption engine work)."""

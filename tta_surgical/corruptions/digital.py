@@ -1,0 +1,1 @@
+"""Corruptions: digital (filled in by the corruption engine work)."""

@@ -1,0 +1,1 @@
+"""Corruptions: noise (filled in by the corruption engine work)."""

@@ -1,0 +1,1 @@
+"""Corruptions: weather (filled in by the corruption engine work)."""
