@@ -33,6 +33,13 @@ def frost_dir(data_root: Path) -> Path:
     return data_root / "frost"
 
 
+@pytest.fixture(scope="session")
+def frost_or_none() -> Path | None:
+    """The shared frost folder, or None (tests of other corruptions must not need the real data)."""
+    root = _shared_data()
+    return root / "frost" if root is not None else None
+
+
 @pytest.fixture
 def images32() -> torch.Tensor:
     """A small batch of smooth-plus-texture 32x32 images in [0, 1] (random noise alone hides blur effects)."""

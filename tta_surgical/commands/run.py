@@ -1,0 +1,106 @@
+"""`tta-surgical run`: one method config over one stream, written to a resumable output folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..hub import DATA_ENV
+
+HELP = "adapt a model online over a stream (one config) and report error, latency and memory"
+DESCRIPTION = (
+    "Run one method config (configs/*.yaml) over one deployment stream (streams/*.yaml) and write "
+    "config.yaml, results.jsonl (one line per batch), summary.json and summary.md to the output folder. "
+    "A checkpoint is written at every domain boundary; --resume continues an interrupted run with identical results. "
+    "Trailing key=value arguments override config fields, e.g. optim.lr=1e-4 stream.n_examples=1000."
+)
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `run` and `compare`."""
+    parser.add_argument(
+        "--data-root",
+        metavar="DIR",
+        default=os.environ.get(DATA_ENV),
+        help=f"folder holding cifar-10-batches-py/, CIFAR-10-C/ and weights/ (default: ${DATA_ENV}; "
+        "unset means download into the cache)",
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default=None, help="where to run; sets runtime.device"
+    )
+    parser.add_argument(
+        "--frost-dir",
+        metavar="DIR",
+        default=None,
+        help="folder with the frost texture images frost1..5 (default: <data-root>/frost when present, "
+        "else the verified download cache)",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar (sets runtime.progress=false)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides as dotted keys, e.g. optim.lr=1e-4 method.blocks=[block1] stream.n_examples=1000",
+    )
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="method config YAML (e.g. configs/tent.yaml)")
+    parser.add_argument(
+        "--stream",
+        metavar="FILE",
+        default=None,
+        help="stream YAML (e.g. streams/cifar10c_reset.yaml); default: the config's stream section or the "
+        "built-in default stream",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", default=None, help="output folder (default: runs/<config-stem>-<stream-stem>)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished or partial run in --out")
+    add_common_options(parser)
+
+
+def resolve_overrides(args: argparse.Namespace) -> list[str]:
+    """Positional overrides, then the options that map onto config keys (options win)."""
+    overrides = list(args.overrides or [])
+    if args.device:
+        overrides.append(f"runtime.device={args.device}")
+    if args.no_progress:
+        overrides.append("runtime.progress=false")
+    return overrides
+
+
+def resolve_frost_dir(args: argparse.Namespace) -> Path | None:
+    if args.frost_dir:
+        return Path(args.frost_dir)
+    if args.data_root and (Path(args.data_root) / "frost").is_dir():
+        return Path(args.data_root) / "frost"
+    return None
+
+
+def default_out(config: str | os.PathLike, stream: str | os.PathLike | None) -> Path:
+    return Path("runs") / f"{Path(config).stem}-{Path(stream).stem if stream else 'default'}"
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..engine import run
+    from ..report import summary_markdown
+
+    cfg = load_config(args.config, stream=args.stream, overrides=resolve_overrides(args))
+    out = Path(args.out) if args.out else default_out(args.config, args.stream)
+    summary = run(
+        cfg,
+        out,
+        data_root=args.data_root,
+        resume=args.resume,
+        frost_dir=resolve_frost_dir(args),
+        overwrite=args.overwrite,
+    )
+    print(summary_markdown(summary))
+    print(f"results in {out}/ (summary.json, summary.md, results.jsonl)")
+    return 0

@@ -1,0 +1,355 @@
+"""Block maps: named, ordered groups of parameters (`input`, `block1..N`, `head`) and finer residual units.
+
+Surgical adaptation chooses *which* parameters adapt by block name, so every architecture declares
+its blocks explicitly as dotted name prefixes, matched on whole components (`layer1` matches
+`layer1.0.conv1.weight` but never `layer10.conv.weight`). Every parameter must fall in exactly one
+block: a parameter that matches none or several is an error naming it, never a silent catch-all.
+
+Two granularities share one vocabulary:
+
+- blocks: `input`, `block1`, ..., `blockN`, `head` (the stages of the network);
+- units: `input`, `block1.0`, `block1.1`, ..., `head` (single residual units; `blockK.i` is unit i of
+  block K), for finer surgery.
+
+Architectures provide a spec either with a `block_spec()` method (the models in this package) or
+through `register_block_spec(cls, fn)` (e.g. torchvision's `ResNet` and `VisionTransformer`, so plain
+torchvision models work too). `torch.compile` and `DataParallel` wrappers are looked through.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = [
+    "NORM_TYPES",
+    "BlockSpec",
+    "block_map",
+    "block_names",
+    "block_spec",
+    "norm_layers",
+    "register_block_spec",
+    "resolve_blocks",
+    "select_params",
+    "unit_map",
+    "unit_names",
+]
+
+# Modules whose affine parameters count as "norm" parameters (Tent adapts exactly these).
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+KINDS = ("all", "norm", "conv")
+# "affine" is accepted as a synonym of "norm" (the DESIGN.md selector vocabulary).
+_KIND_ALIASES = {"affine": "norm"}
+
+Groups = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """The block map of one architecture: ordered (name, prefixes) pairs at two granularities.
+
+    `blocks` must start with `input` and end with `head`; `units` refines the middle blocks into
+    residual units named `blockK.i` (and repeats `input` and `head` unchanged), so both lists
+    partition the parameters.
+    """
+
+    blocks: Groups
+    units: Groups
+
+    def __post_init__(self) -> None:
+        for kind, groups in (("blocks", self.blocks), ("units", self.units)):
+            names = [n for n, _ in groups]
+            if len(set(names)) != len(names):
+                raise ValueError(f"BlockSpec {kind} has duplicate names: {names}")
+            if not names or names[0] != "input" or names[-1] != "head":
+                raise ValueError(f"BlockSpec {kind} must run from 'input' to 'head', got {names}")
+            for name, prefixes in groups:
+                if not prefixes or any(not p or p.endswith(".") or p.startswith(".") for p in prefixes):
+                    raise ValueError(
+                        f"BlockSpec {kind}[{name!r}] needs dotted prefixes without edge dots, got {prefixes}"
+                    )
+        block_set = {n for n, _ in self.blocks}
+        for name, _ in self.units:
+            if name.split(".")[0] not in block_set:
+                raise ValueError(f"unit {name!r} does not belong to any block of {sorted(block_set)}")
+
+    def prefixed(self, prefix: str) -> BlockSpec:
+        """The same spec with `prefix` in front of every parameter prefix (for wrapped models)."""
+        if not prefix:
+            return self
+        add = lambda groups: tuple((n, tuple(prefix + p for p in ps)) for n, ps in groups)  # noqa: E731
+        return BlockSpec(add(self.blocks), add(self.units))
+
+
+# architecture class -> spec builder, for classes we do not own (torchvision's). Filled at import time.
+_SPEC_BUILDERS: dict[type, Callable[[nn.Module], BlockSpec]] = {}
+
+
+def register_block_spec(cls: type, fn: Callable[[nn.Module], BlockSpec]) -> None:
+    """Declare the block map of a model class you cannot add a `block_spec()` method to."""
+    if cls in _SPEC_BUILDERS:
+        raise KeyError(f"a block spec for {cls.__qualname__} is already registered")
+    _SPEC_BUILDERS[cls] = fn
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """Look through torch.compile / DataParallel wrappers; return the inner model and the name prefix they add."""
+    prefix = ""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model, prefix = inner, prefix + "_orig_mod."
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model, prefix = model.module, prefix + "module."
+        else:
+            return model, prefix
+
+
+def block_spec(model: nn.Module) -> BlockSpec:
+    """The `BlockSpec` of `model` (with wrapper prefixes applied); a clear error for unknown architectures."""
+    inner, prefix = _unwrap(model)
+    method = getattr(inner, "block_spec", None)
+    if callable(method):
+        spec = method()
+    else:
+        for cls in type(inner).__mro__:
+            if cls in _SPEC_BUILDERS:
+                spec = _SPEC_BUILDERS[cls](inner)
+                break
+        else:
+            raise TypeError(
+                f"no block map for {type(inner).__qualname__}: give the class a block_spec() method or call "
+                "tta_surgical.models.register_block_spec(cls, fn)"
+            )
+    return spec.prefixed(prefix)
+
+
+def _matches(name: str, prefix: str) -> bool:
+    """Whole-component prefix match: `layer1` matches `layer1` and `layer1.x`, never `layer10.x`."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _partition(model: nn.Module, groups: Groups, what: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {name: [] for name, _ in groups}
+    for pname, _ in model.named_parameters():
+        hits = [g for g, prefixes in groups if any(_matches(pname, p) for p in prefixes)]
+        if not hits:
+            raise ValueError(
+                f"parameter {pname!r} of {type(model).__qualname__} is in no {what}: the block spec is incomplete "
+                f"({what}s: {', '.join(out)})"
+            )
+        if len(hits) > 1:
+            raise ValueError(f"parameter {pname!r} of {type(model).__qualname__} is in several {what}s: {hits}")
+        out[hits[0]].append(pname)
+    empty = [g for g, names in out.items() if not names]
+    if empty:
+        raise ValueError(f"{what}(s) {empty} of {type(model).__qualname__} match no parameter: the block spec is stale")
+    return out
+
+
+def block_map(model: nn.Module) -> dict[str, list[str]]:
+    """Ordered `{block: [parameter names in model order]}`; raises if a parameter is in no block or in several."""
+    return _partition(model, block_spec(model).blocks, "block")
+
+
+def unit_map(model: nn.Module) -> dict[str, list[str]]:
+    """Like `block_map` at residual-unit granularity: `input`, `block1.0`, `block1.1`, ..., `head`."""
+    return _partition(model, block_spec(model).units, "unit")
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """The ordered block names of `model`: `input`, `block1`, ..., `head`."""
+    return [n for n, _ in block_spec(model).blocks]
+
+
+def unit_names(model: nn.Module) -> list[str]:
+    """The ordered unit names of `model`: `input`, `block1.0`, ..., `head`."""
+    return [n for n, _ in block_spec(model).units]
+
+
+def _canonical_order(spec: BlockSpec) -> list[str]:
+    """input, block1, block1.0, block1.1, ..., block2, ..., head: every selectable name once, in model order."""
+    order: list[str] = []
+    for block, _ in spec.blocks:
+        order.append(block)
+        order += [u for u, _ in spec.units if u != block and u.split(".")[0] == block]
+    return order
+
+
+def _split_spec(spec: str | Iterable[str]) -> list[str]:
+    items = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"block specs are strings, got {item!r} ({type(item).__name__})")
+        out += [s.strip() for s in item.split(",") if s.strip()]
+    return out
+
+
+def resolve_blocks(model: nn.Module, spec: str | Iterable[str]) -> list[str]:
+    """Turn a block spec into block/unit names, in model order, without duplicates.
+
+    Accepted: `all`; a block (`input`, `block2`, `head`); a unit (`block1.0`); a contiguous range of
+    blocks (`block1-2`, `block1-block3`, `input-block1`, `block3-head`); a list of these or one
+    comma-separated string (`"input,block1"`). A unit whose whole block is also selected is dropped.
+    Unknown names raise a `ValueError` listing the valid ones.
+    """
+    bs = block_spec(model)
+    blocks = [n for n, _ in bs.blocks]
+    units = [n for n, _ in bs.units]
+    valid = set(blocks) | set(units)
+    chosen: set[str] = set()
+    items = _split_spec(spec)
+    if not items:
+        raise ValueError(f"empty block spec; valid: all, {', '.join(_canonical_order(bs))}, or ranges like block1-2")
+    for item in items:
+        if item == "all":
+            chosen.update(blocks)
+        elif item in valid:
+            chosen.add(item)
+        elif "-" in item:
+            lo, hi = item.split("-", 1)
+            if re.fullmatch(r"\d+", hi) and lo.startswith("block"):
+                hi = "block" + hi
+            if lo not in blocks or hi not in blocks:
+                raise ValueError(
+                    f"bad block range {item!r}: both ends must be blocks ({', '.join(blocks)}), e.g. block1-2"
+                )
+            i, j = blocks.index(lo), blocks.index(hi)
+            if i > j:
+                raise ValueError(f"bad block range {item!r}: {lo} comes after {hi} (write {hi}-{lo})")
+            chosen.update(blocks[i : j + 1])
+        else:
+            raise ValueError(
+                f"unknown block {item!r} for {type(_unwrap(model)[0]).__qualname__}; valid: all, "
+                f"{', '.join(_canonical_order(bs))}, or ranges like block1-2"
+            )
+    # a unit inside a selected block adds nothing
+    chosen = {c for c in chosen if c in blocks or c.split(".")[0] not in chosen}
+    return [n for n in _canonical_order(bs) if n in chosen]
+
+
+def _prefixes_for(model: nn.Module, spec: str | Iterable[str] | None) -> list[str]:
+    bs = block_spec(model)
+    if spec is None:
+        return [p for _, ps in bs.blocks for p in ps]
+    table = dict(bs.units) | dict(bs.blocks)
+    return [p for name in resolve_blocks(model, spec) for p in table[name]]
+
+
+def _norm_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+
+
+def select_params(
+    model: nn.Module, blocks: str | Iterable[str] = "all", kind: str = "all"
+) -> list[tuple[str, nn.Parameter]]:
+    """The `(name, parameter)` pairs of the chosen blocks, in model order.
+
+    `blocks` is anything `resolve_blocks` accepts. `kind`: `all` (every parameter of the blocks),
+    `norm` (alias `affine`: the affine weight/bias of BatchNorm/GroupNorm/LayerNorm/InstanceNorm
+    modules), `conv` (every non-norm parameter: conv and linear weights and biases, and for ViT also
+    the class token, position embedding and attention projections).
+    """
+    kind = _KIND_ALIASES.get(kind, kind)
+    if kind not in KINDS:
+        raise ValueError(f"unknown parameter kind {kind!r}; valid: {', '.join(KINDS)}, affine")
+    block_map(model)  # validates the partition, so a broken spec never selects silently
+    prefixes = _prefixes_for(model, blocks)
+    norm_ids = _norm_param_ids(model) if kind != "all" else set()
+    out = []
+    for name, p in model.named_parameters():
+        if not any(_matches(name, pre) for pre in prefixes):
+            continue
+        if kind == "norm" and id(p) not in norm_ids or kind == "conv" and id(p) in norm_ids:
+            continue
+        out.append((name, p))
+    return out
+
+
+def norm_layers(model: nn.Module, blocks: str | Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The `(name, module)` normalisation layers (types in `NORM_TYPES`) of the chosen blocks, in model order.
+
+    `blocks=None` means every norm layer of the model (including any without affine parameters).
+    Useful to switch BatchNorm statistics (train/eval, momentum, reset) block by block.
+    """
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, NORM_TYPES)]
+    if blocks is None:
+        return mods
+    prefixes = _prefixes_for(model, blocks)
+    return [(n, m) for n, m in mods if any(_matches(n, p) for p in prefixes)]
+
+
+# ----------------------------------------------------------------------------- spec helpers for architectures
+
+
+def stage_spec(model: nn.Module, stem: Sequence[str], stages: Sequence[str], head: Sequence[str]) -> BlockSpec:
+    """A spec for stage-structured nets: `input`=stem, `blockK`=stages[K-1], units = children of each stage.
+
+    Each stage must be an `nn.Sequential`-like module whose children are the residual units.
+    """
+    blocks: list[tuple[str, tuple[str, ...]]] = [("input", tuple(stem))]
+    units: list[tuple[str, tuple[str, ...]]] = [("input", tuple(stem))]
+    for k, stage in enumerate(stages, 1):
+        blocks.append((f"block{k}", (stage,)))
+        mod = model.get_submodule(stage)
+        for i, (child, _) in enumerate(mod.named_children()):
+            units.append((f"block{k}.{i}", (f"{stage}.{child}",)))
+    blocks.append(("head", tuple(head)))
+    units.append(("head", tuple(head)))
+    return BlockSpec(tuple(blocks), tuple(units))
+
+
+def _torchvision_resnet_spec(model: nn.Module) -> BlockSpec:
+    stages = [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, n)]
+    return stage_spec(model, ("conv1", "bn1"), stages, ("fc",))
+
+
+VIT_GROUPS = 4
+
+
+def _torchvision_vit_spec(model: nn.Module) -> BlockSpec:
+    """ViT: input = patch projection + class token + position embedding; the encoder layers are grouped into
+    `VIT_GROUPS` (4) contiguous blocks (ViT-B/16: 12 layers -> 3 per block, mirroring ResNet-50's 4 stages);
+    units are single encoder layers; head = final LayerNorm + classifier."""
+    layers = [f"encoder.layers.{n}" for n, _ in model.get_submodule("encoder.layers").named_children()]
+    stem = ("conv_proj", "class_token", "encoder.pos_embedding")
+    head = ("encoder.ln", "heads")
+    n_groups = min(VIT_GROUPS, len(layers))
+    base, extra = divmod(len(layers), n_groups)
+    blocks: list[tuple[str, tuple[str, ...]]] = [("input", stem)]
+    units: list[tuple[str, tuple[str, ...]]] = [("input", stem)]
+    start = 0
+    for k in range(1, n_groups + 1):
+        size = base + (1 if k <= extra else 0)
+        group = layers[start : start + size]
+        blocks.append((f"block{k}", tuple(group)))
+        units += [(f"block{k}.{i}", (name,)) for i, name in enumerate(group)]
+        start += size
+    blocks.append(("head", head))
+    units.append(("head", head))
+    return BlockSpec(tuple(blocks), tuple(units))
+
+
+def _register_torchvision() -> None:
+    from torchvision.models import ResNet, VisionTransformer
+
+    register_block_spec(ResNet, _torchvision_resnet_spec)
+    register_block_spec(VisionTransformer, _torchvision_vit_spec)
+
+
+_register_torchvision()
