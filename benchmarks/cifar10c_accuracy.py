@@ -35,7 +35,7 @@ def error_rate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, d
     """Top-1 error (%) of `model` on uint8 NHWC images."""
     wrong = 0
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)
+        x = torch.from_numpy(np.array(images[i : i + batch_size])).to(device)
         x = x.permute(0, 3, 1, 2).float().div_(255)
         pred = model(x).argmax(1).cpu().numpy()
         wrong += int((pred != labels[i : i + batch_size]).sum())

@@ -307,8 +307,10 @@ def test_motion_blur_matches_imagecorruptions(ic, preset: str, size: int) -> Non
         angles = torch.rand(3, generator=make_generator(11)) * 90 - 45  # motion_blur's only draw
         for i in range(3):
             ref = np.clip(ic._motion_blur(imgs[i], radius, sigma, float(angles[i])), 0, 255)
-            # ImageMagick writes 8-bit output: ours is the reference rounded to the nearest level
-            assert np.abs(ours[i] - ref).max() <= 0.5 + 1e-3, f"{preset} s{s}"
+            # ImageMagick 6.9 (Q16) writes 8-bit output truncated: ours is the reference floored to its level,
+            # except where the float sum lies within float32 noise of a whole level (truncation may flip there).
+            d = np.abs(ours[i] - np.floor(ref + 1e-3))
+            assert d.max() <= 1 + 1e-3 and (d > 1e-3).mean() < 0.01, f"{preset} s{s}"
             assert np.allclose(ours[i], np.round(ours[i]), atol=1e-3)
 
 

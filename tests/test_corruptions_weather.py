@@ -72,8 +72,13 @@ def test_severity_grows(frost_dir: Path) -> None:
     def dist(name: str, s: int) -> float:
         return (_run(x, name, s, 11, frost_dir) - x).abs().mean().item()
 
-    for name, sevs in (("snow", [1, 2, 3, 4, 5]), ("fog", [1, 2, 3, 4, 5]), ("frost", [1, 2, 3]),
-                       ("spatter", [1, 2, 3]), ("spatter", [4, 5])):
+    for name, sevs in (
+        ("snow", [1, 2, 3, 4, 5]),
+        ("fog", [1, 2, 3, 4, 5]),
+        ("frost", [1, 2, 3]),
+        ("spatter", [1, 2, 3]),
+        ("spatter", [4, 5]),
+    ):
         d = [dist(name, s) for s in sevs]
         assert all(a < b for a, b in zip(d, d[1:])), f"{name} severities {sevs}: {d}"
 
@@ -253,8 +258,9 @@ def _pil(x: torch.Tensor):
 
 
 def _img224() -> torch.Tensor:
-    x = torch.nn.functional.interpolate(torch.rand(1, 3, 14, 14, generator=torch.Generator().manual_seed(0)), 224,
-                                        mode="bilinear")
+    x = torch.nn.functional.interpolate(
+        torch.rand(1, 3, 14, 14, generator=torch.Generator().manual_seed(0)), 224, mode="bilinear"
+    )
     return to_uint8(x).float() / 255  # exact uint8 values, as the generator sees them
 
 
@@ -270,7 +276,9 @@ def test_fog_matches_imagecorruptions(severity: int, draws) -> None:
 
 @pytest.mark.parametrize("severity", [1, 3, 5])
 def test_snow_matches_imagecorruptions(severity: int, draws) -> None:
-    """imagecorruptions blurs the float layer (the generator: the layer truncated to uint8), so allow 2 levels.
+    """imagecorruptions blurs the float layer (the generator: the layer truncated to uint8) and keeps the blurred
+    layer in float (ImageMagick writes it truncated to 8 bits, about half a level lower on average), so allow
+    2 levels at most and 0.6 on average.
 
     Where the zoomed field is 225 wide (severities 1, 4, 5), imagecorruptions motion-blurs it before
     trimming to 224 (the generator after), which changes a band as wide as the blur along the border:
@@ -284,7 +292,7 @@ def test_snow_matches_imagecorruptions(severity: int, draws) -> None:
     diff = np.abs(ours - ref)
     if severity != 3:
         diff = diff[26:-26, 26:-26]
-    assert diff.max() <= 2.01 and diff.mean() < 0.3
+    assert diff.max() <= 2.01 and diff.mean() < 0.6
     assert np.abs(ours - _as_hwc255(x)).mean() > 10  # and the snow is there
 
 
@@ -378,8 +386,12 @@ def test_distance_transform_matches_cv2() -> None:
 def test_equalize_hist_matches_cv2() -> None:
     cv2 = pytest.importorskip("cv2")
     rng = np.random.default_rng(3)
-    imgs = [rng.integers(0, 21, (32, 32), dtype=np.uint8), rng.integers(0, 256, (32, 32), dtype=np.uint8),
-            np.full((32, 32), 7, np.uint8), np.where(rng.random((32, 32)) < 0.9, 20, 3).astype(np.uint8)]
+    imgs = [
+        rng.integers(0, 21, (32, 32), dtype=np.uint8),
+        rng.integers(0, 256, (32, 32), dtype=np.uint8),
+        np.full((32, 32), 7, np.uint8),
+        np.where(rng.random((32, 32)) < 0.9, 20, 3).astype(np.uint8),
+    ]
     ours = W.equalize_hist(torch.from_numpy(np.stack(imgs)).long()[:, None])[:, 0].numpy()
     assert np.array_equal(ours, np.stack([cv2.equalizeHist(a) for a in imgs]))
 

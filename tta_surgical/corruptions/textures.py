@@ -61,9 +61,7 @@ def frost_paths(frost_dir: str | os.PathLike | None = None, names: tuple[str, ..
     for name in names:
         url = FROST_URL.format(name=name)
         paths.append(
-            hub.fetch(
-                name, url, FROST_FILES[name], folder=frost_dir, cache_sub=CACHE_SUB, offline_hint=_hint(name)
-            )
+            hub.fetch(name, url, FROST_FILES[name], folder=frost_dir, cache_sub=CACHE_SUB, offline_hint=_hint(name))
         )
     return paths
 

@@ -51,9 +51,10 @@ def load_cifar10(root: str | Path, split: str = "test") -> tuple[np.ndarray, np.
         try:
             with open(path, "rb") as f:
                 d = pickle.load(f, encoding="latin1")
+            d = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
             data = np.asarray(d["data"], dtype=np.uint8)
             lab = np.asarray(d["labels"], dtype=np.int64)
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as err:
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as err:
             raise OSError(f"CIFAR-10 file {path} is truncated or corrupt ({err!r}); {_HOW_TO_GET}") from None
         if data.ndim != 2 or data.shape[1] != 3072 or len(lab) != len(data):
             raise OSError(
