@@ -197,7 +197,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
         (lambda: MethodConfig(name="tnet"), "source, norm, tent, surgical"),
         (lambda: MethodConfig(name="surgical", kind="bias"), "all, norm, conv"),
         (lambda: MethodConfig(bn_stats="running"), "batch, source"),
-        (lambda: MethodConfig(weighting="auto-rgn"), "weighting"),
+        (lambda: MethodConfig(weighting="auto-snr"), "none, auto-rgn"),
         (lambda: MethodConfig(steps=0), "steps"),
         (lambda: MethodConfig(name="norm", prior_strength=-1.0), "prior_strength"),
         (lambda: MethodConfig(name="surgical", bn_stats="source", prior_strength=16.0), "bn_stats=batch"),

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 COMMANDS: dict[str, str] = {
     "run": "tta_surgical.commands.run",
     "compare": "tta_surgical.commands.compare",
+    "finetune": "tta_surgical.commands.finetune",
+    "report": "tta_surgical.commands.report",
     "make-cifar10c": "tta_surgical.commands.make_cifar10c",
     "blocks": "tta_surgical.commands.blocks",
     "corruptions": "tta_surgical.commands.corruptions",

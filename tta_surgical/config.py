@@ -50,7 +50,9 @@ T = TypeVar("T")
 METHOD_NAMES = ("source", "norm", "tent", "surgical")
 PARAM_KINDS = ("all", "norm", "conv")
 BN_STATS = ("batch", "source")
-WEIGHTINGS = ("none",)
+WEIGHTINGS = ("none", "auto-rgn")
+# methods whose optimiser a weighting can drive (the ones with a gradient update)
+WEIGHTED_METHODS = ("tent", "surgical")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
@@ -93,6 +95,11 @@ class MethodConfig:
     `tent` is the surgical method fixed to blocks=[all], kind=norm, bn_stats=batch; `prior_strength` N mixes
     the source BN statistics into the test-batch ones (Schneider et al. 2020):
     mu = N/(N+n) mu_source + n/(N+n) mu_batch, the same for the variance, n the batch size; 0 = batch only.
+
+    `weighting` (tent/surgical only): `none`, every adapted tensor at optim.lr; `auto-rgn`, one optimiser group
+    per tensor with lr = optim.lr x its auto-RGN weight (||g||/||theta|| of the entropy gradient, divided by the
+    max over tensors; `tta_surgical.autotune`), computed at the first batch and every `weighting_every` batches
+    after it (and after every reset).
     """
 
     name: str = "tent"
@@ -103,15 +110,21 @@ class MethodConfig:
     steps: int = 1
     episodic: bool = False
     weighting: str = "none"
+    weighting_every: int = 50
 
     def __post_init__(self) -> None:
         _check_choice("method", "name", self.name, METHOD_NAMES)
         _check_choice("method", "kind", self.kind, PARAM_KINDS)
         _check_choice("method", "bn_stats", self.bn_stats, BN_STATS)
-        if self.weighting != "none":
+        _check_choice("method", "weighting", self.weighting, WEIGHTINGS)
+        if self.weighting != "none" and self.name not in WEIGHTED_METHODS:
             raise ConfigError(
-                f"method.weighting={self.weighting!r} is not supported yet (auto-rgn is reserved for a later "
-                "release); use method.weighting=none"
+                f"method.weighting={self.weighting} sets per-tensor learning rates, so it needs a method that updates "
+                f"parameters ({', '.join(WEIGHTED_METHODS)}), not method.name={self.name}; use method.weighting=none"
+            )
+        if self.weighting_every < 1:
+            raise ConfigError(
+                f"method.weighting_every must be >= 1 (refresh the weights every N batches), got {self.weighting_every}"
             )
         if not self.blocks or not all(isinstance(b, str) and b for b in self.blocks):
             raise ConfigError(f"method.blocks must be a non-empty list of block names, got {list(self.blocks)!r}")

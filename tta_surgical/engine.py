@@ -66,9 +66,9 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"runtime.device={name} but no CUDA device is available; use runtime.device=cpu or auto")
+        raise ValueError(f"device {name!r} asked for, but no CUDA device is available; use cpu or auto")
     if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"runtime.device must be auto, cpu or cuda[:N], got {name!r}")
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}")
     return torch.device(name)
 
 

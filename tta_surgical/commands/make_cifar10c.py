@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 HELP = "generate CIFAR-10-C (official .npy layout) from the CIFAR-10 test set"
 DESCRIPTION = (
@@ -40,7 +41,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=1000, help="images corrupted per call (default 1000)")
     parser.add_argument(
-        "--frost-dir", default=None, help="folder with frost1.png..frost5.jpg (default: the verified download cache)"
+        "--frost-dir",
+        default=None,
+        help="folder with frost1.png..frost5.jpg (default: <data-root>/frost when present, else the verified "
+        "download cache)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -58,19 +62,10 @@ def parse_corruptions(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    return name
-
-
 def main(args: argparse.Namespace) -> int:
     from ..data.cifar import find_cifar10
     from ..data.make_cifar10c import make_cifar10c
+    from ..engine import pick_device
 
     try:
         severities = [int(s) for s in _csv(args.severities)]
@@ -78,6 +73,9 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--severities must be integers in 1..5 separated by commas, got {args.severities!r}"
         ) from None
+    frost_dir = args.frost_dir
+    if frost_dir is None and args.data_root and (Path(args.data_root) / "frost").is_dir():
+        frost_dir = Path(args.data_root) / "frost"  # the shared data layout: textures beside the datasets
     status = make_cifar10c(
         find_cifar10(args.data_root),
         args.out,
@@ -85,9 +83,9 @@ def main(args: argparse.Namespace) -> int:
         severities=severities,
         limit=args.limit,
         seed=args.seed,
-        device=resolve_device(args.device),
+        device=pick_device(args.device),
         batch_size=args.batch_size,
-        frost_dir=args.frost_dir,
+        frost_dir=frost_dir,
         progress=not args.no_progress,
     )
     written = [c for c, s in status.items() if s == "written"]

@@ -40,9 +40,10 @@ def resolve_autocast_dtype(dtype: torch.dtype | str | None) -> torch.dtype | Non
 
 
 def build_optimizer(
-    params: Iterable[nn.Parameter | tuple[str, nn.Parameter]], cfg: OptimConfig
+    params: Iterable[nn.Parameter | tuple[str, nn.Parameter] | dict[str, Any]], cfg: OptimConfig
 ) -> torch.optim.Optimizer:
-    """The optimiser `cfg` names over `params` (Parameters or (name, Parameter) pairs), one parameter group."""
+    """The optimiser `cfg` names over `params`: Parameters or (name, Parameter) pairs (one parameter group), or
+    parameter-group dicts (e.g. `tta_surgical.autotune.weighted_param_groups`; keys they omit take `cfg`'s values)."""
     plist = [p[1] if isinstance(p, tuple) else p for p in params]
     if not plist:
         raise ValueError("build_optimizer got no parameters to optimise")
@@ -140,12 +141,17 @@ class Method:
             finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
         ok = bool(finite)
         if ok:
+            self._before_optimizer_step()
             self.optimizer.step()
             self.n_updates += 1
         else:
             self.n_skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         return ok
+
+    def _before_optimizer_step(self) -> None:
+        """Hook: `update` calls it after a finite backward, right before `optimizer.step()` (gradients are in
+        `p.grad`). Default: nothing; the entropy methods set their auto-RGN learning rates here."""
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

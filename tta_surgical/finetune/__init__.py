@@ -1,0 +1,56 @@
+"""Supervised few-shot surgical fine-tuning (Lee et al., ICLR 2023) and its summaries.
+
+    from tta_surgical.finetune import load_finetune_config, run_finetune
+    cfg = load_finetune_config("configs/finetune_cifar10c.yaml", ["finetune.corruptions=[fog]"])
+    summary = run_finetune(cfg, "runs/finetune", data_root="/data")
+
+Modules: `config` (the frozen config tree), `data` (seeded class-balanced splits, target images generated
+exactly as make-cifar10c or read from CIFAR-10-C / ImageNet-C folders), `core` (the per-cell protocol, the
+resumable run), `summary` (means, standard errors, average ranks, Markdown, auto-RGN plot).
+"""
+
+from .config import AUTO_OPTIONS, FinetuneConfig, FinetuneSection, load_finetune_config
+from .core import (
+    CellData,
+    build_rgn_optimizer,
+    epoch_permutation,
+    evaluate,
+    finetune_cell,
+    guarded_step,
+    option_params,
+    read_results,
+    run_finetune,
+    select_best,
+    validate_options,
+)
+from .data import Split, TargetData, per_class_train, split_indices, write_cifar10c_subset
+from .summary import average_ranks, plot_rgn_weights, rank_row, standard_error, summarize, summary_markdown
+
+__all__ = [
+    "AUTO_OPTIONS",
+    "CellData",
+    "FinetuneConfig",
+    "FinetuneSection",
+    "Split",
+    "TargetData",
+    "average_ranks",
+    "build_rgn_optimizer",
+    "epoch_permutation",
+    "evaluate",
+    "finetune_cell",
+    "guarded_step",
+    "load_finetune_config",
+    "option_params",
+    "per_class_train",
+    "plot_rgn_weights",
+    "rank_row",
+    "read_results",
+    "run_finetune",
+    "select_best",
+    "split_indices",
+    "standard_error",
+    "summarize",
+    "summary_markdown",
+    "validate_options",
+    "write_cifar10c_subset",
+]

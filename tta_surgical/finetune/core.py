@@ -1,0 +1,606 @@
+"""Supervised few-shot surgical fine-tuning (Lee et al., ICLR 2023): the per-cell protocol and the resumable run.
+
+One *cell* = (corruption, option, seed). For each cell:
+
+1. a seeded class-balanced split of the target set into disjoint labeled train / val / test (`split_indices`;
+   the same indices for every corruption and option of that seed);
+2. for each learning rate of the grid: restore the pretrained weights exactly (`load_state_dict` of a copy
+   taken once), select the tensors of the option, Adam(lr, weight_decay) for `epochs` epochs over the
+   training images (one seeded shuffle per epoch, identical for every lr and option), and after every epoch
+   the validation and test accuracy;
+3. report the test accuracy at the (lr, epoch) with the best validation accuracy (`select_best`: ties go to the
+   lower learning rate, then the earlier epoch, i.e. to the smaller departure from the pretrained model).
+
+Options: block specs (`input`, `block1`, `block1-2`, `block1.0`, `head`, `all`, ...), selected with
+`select_params(model, resolve_blocks(model, option), kind)`; `auto-rgn` (every tensor of `kind` trains, with a
+per-tensor learning rate base_lr x RGN weight recomputed on the first `rgn_batches` batches at the start of
+every epoch, and Adam rebuilt each epoch, as the official code does); `auto-snr` (tensors whose normalised
+gradient SNR on the training set, computed once at the pretrained weights, is below `snr_threshold` stay frozen).
+
+BatchNorm: `bn_mode=source` keeps every BatchNorm layer in eval mode with the source running statistics (the
+paper's setting); `batch` normalises with each batch's statistics and never writes the running buffers.
+A step whose loss or gradients are not finite is skipped and counted (`n_skipped`).
+
+Output folder: `config.yaml`, `results.jsonl` (one line per finished cell, flushed at once), `summary.json`,
+`summary.md` (and `rgn_weights.png` with `plot=True`). `resume=True` skips the cells already in results.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from .config import AUTO_OPTIONS, FinetuneConfig, FinetuneSection
+from .data import Split, TargetData, per_class_train, split_indices
+
+__all__ = [
+    "CellData",
+    "build_rgn_optimizer",
+    "evaluate",
+    "finetune_cell",
+    "guarded_step",
+    "option_params",
+    "read_results",
+    "run_finetune",
+    "select_best",
+    "validate_options",
+]
+
+CONFIG_FILE = "config.yaml"
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
+SUMMARY_MD = "summary.md"
+_TAG_SHUFFLE = 0x5A0F
+
+LrHook = Callable[[float, nn.Module], None]
+
+
+# ----------------------------------------------------------------------------------------------- pure helpers
+
+
+def select_best(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The history entry with the best validation accuracy; ties -> lower lr, then earlier epoch.
+
+    Each entry needs `lr`, `epoch` and `val_correct` (an integer count, so ties are exact) or `val_acc`.
+    Why this tie rule: among equally good settings, prefer the one that moved least from the pretrained model.
+    """
+    if not history:
+        raise ValueError("select_best got an empty history (no (lr, epoch) was evaluated)")
+
+    def key(h: Mapping[str, Any]) -> tuple[float, float, int]:
+        val = h["val_correct"] if "val_correct" in h else h["val_acc"]
+        return (-float(val), float(h["lr"]), int(h["epoch"]))
+
+    return min(history, key=key)
+
+
+def validate_options(model: nn.Module, options: Iterable[str], kind: str = "all") -> None:
+    """Fail before any training when an option is unknown or selects no tensor, listing the valid options."""
+    from ..models import block_spec, resolve_blocks, select_params
+
+    for option in options:
+        if option in AUTO_OPTIONS:
+            continue
+        try:
+            names = resolve_blocks(model, option)
+        except ValueError as err:
+            spec = block_spec(model)
+            valid = ", ".join(
+                [*AUTO_OPTIONS, "all", *(n for n, _ in spec.blocks), *(n for n, _ in spec.units if "." in n)]
+            )
+            raise ValueError(
+                f"unknown finetune option {option!r} ({err}); valid options: {valid}, or block ranges like block1-2"
+            ) from None
+        if not select_params(model, names, kind):
+            raise ValueError(
+                f"finetune option {option!r} with kind={kind} selects no tensors (e.g. kind=norm on a block without "
+                "norm layers); choose another option or finetune.kind=all"
+            )
+
+
+def option_params(model: nn.Module, option: str, kind: str = "all") -> list[tuple[str, nn.Parameter]]:
+    """The (name, parameter) candidates of an option: its blocks' tensors, or every tensor for auto options."""
+    from ..models import resolve_blocks, select_params
+
+    if option in AUTO_OPTIONS:
+        return select_params(model, "all", kind)
+    return select_params(model, resolve_blocks(model, option), kind)
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], loss: Tensor) -> bool:
+    """Backward and step unless the loss or a gradient is not finite (then nothing changes); True if stepped."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    finite = torch.isfinite(loss.detach())
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    ok = bool(finite)
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ok
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> int:
+    """Number of correct predictions on uint8 images `x` (scaled to [0, 1] here) with labels `y`."""
+    correct = 0
+    for a in range(0, len(x), batch_size):
+        xb = x[a : a + batch_size]
+        logits = model(xb.to(_device_of(model), non_blocking=True).float().div_(255))
+        correct += int((logits.argmax(1) == y[a : a + batch_size].to(logits.device)).sum().item())
+    return correct
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits.float(), y)
+
+
+def build_rgn_optimizer(
+    model: nn.Module,
+    params: Sequence[tuple[str, nn.Parameter]],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    lr: float,
+    weight_decay: float,
+    n_batches: int,
+) -> tuple[torch.optim.Optimizer, dict[str, float]]:
+    """Adam with one group per tensor at lr x RGN weight (`tta_surgical.autotune.rgn_weights` on `batches`)."""
+    from ..autotune import rgn_weights, weighted_param_groups
+
+    weights = rgn_weights(model, list(params), batches, cross_entropy, n_batches=n_batches)
+    for _, p in params:
+        p.grad = None  # the RGN pass must leave no gradient behind for the first training step
+    groups = weighted_param_groups(list(params), weights, lr, weight_decay=weight_decay)
+    if not groups:
+        raise FloatingPointError("auto-RGN: no tensor has a nonzero relative gradient norm (nothing to train)")
+    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay), dict(weights)
+
+
+# ----------------------------------------------------------------------------------------------- one cell
+
+
+class CellData:
+    """The images (uint8 (n, 3, H, W), on the device when small) and labels of one corruption x split."""
+
+    def __init__(self, images: Mapping[str, Tensor], labels: Mapping[str, Tensor], split: Split | None = None):
+        for part in ("train", "val", "test"):
+            if part not in images or part not in labels:
+                raise ValueError(f"CellData needs train, val and test images and labels; {part!r} is missing")
+            if len(images[part]) != len(labels[part]):
+                raise ValueError(f"{part}: {len(images[part])} images but {len(labels[part])} labels")
+            if len(images[part]) == 0:
+                raise ValueError(f"the labeled {part} set is empty; every split needs at least one image per class")
+        self.x = dict(images)
+        self.y = dict(labels)
+        self.split = split
+
+
+def _configure(model: nn.Module, params: Sequence[tuple[str, nn.Parameter]], bn_mode: str) -> None:
+    """Eval mode, everything frozen but `params`, BatchNorm statistics per `bn_mode` (never written)."""
+    from ..methods.bn import set_bn_stats
+
+    model.eval()
+    model.requires_grad_(False)
+    for _, p in params:
+        p.requires_grad_(True)
+    set_bn_stats(model, bn_mode)
+
+
+def _batches(perm: Tensor, batch_size: int, drop_single: bool) -> list[Tensor]:
+    out = [perm[a : a + batch_size] for a in range(0, len(perm), batch_size)]
+    if drop_single and out and len(out[-1]) == 1 and len(out) > 1:
+        out.pop()  # batch statistics of one image are undefined: BatchNorm in batch mode cannot take it
+    return out
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The training order of one epoch: a function of (seed, epoch) only, so every lr and option sees the same."""
+    g = torch.Generator().manual_seed(
+        int(
+            np.random.SeedSequence([int(seed), _TAG_SHUFFLE, int(epoch)]).generate_state(1, np.uint64)[0]
+            & ((1 << 63) - 1)
+        )
+    )
+    return torch.randperm(n, generator=g)
+
+
+def finetune_cell(
+    model: nn.Module,
+    pretrained: Mapping[str, Tensor],
+    option: str,
+    data: CellData,
+    section: FinetuneSection,
+    seed: int,
+    *,
+    on_lr_start: LrHook | None = None,
+    on_lr_done: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Run the lr grid of one (option, data, seed) and return its record (chosen lr and epoch, accuracies, ...).
+
+    `pretrained` is a state_dict copy restored before every learning rate (and at the end), so the cell
+    leaves the model as it found it. `on_lr_start(lr, model)` is called right after the restore.
+    """
+    from ..engine import seed_everything
+
+    device = _device_of(model)
+    kind, bn_mode = section.kind, section.bn_mode
+    xt, yt = data.x["train"], data.y["train"].to(device)
+    n_train = len(xt)
+    history: list[dict[str, Any]] = []
+    rgn_tables: dict[float, list[dict[str, float]]] = {}
+    extra: dict[str, Any] = {}
+    n_skipped_total = n_steps_total = n_rgn_failed = 0
+    t0 = time.perf_counter()
+
+    def train_batches(epoch: int) -> list[tuple[Tensor, Tensor]]:
+        perm = epoch_permutation(n_train, seed, epoch)
+        out = []
+        for idx in _batches(perm, section.batch_size, drop_single=bn_mode == "batch"):
+            dev_idx = idx.to(xt.device)
+            out.append((xt[dev_idx].to(device, non_blocking=True).float().div_(255), yt[idx.to(device)]))
+        return out
+
+    model.load_state_dict(pretrained)
+    candidates = option_params(model, option, kind)
+    if not candidates:
+        raise ValueError(f"finetune option {option!r} with kind={kind} selects no tensors")
+    if option == "auto-snr":
+        # Scores once, at the pretrained weights, on the whole training set (the official code's choice).
+        from ..autotune import snr_mask, snr_scores
+
+        _configure(model, candidates, bn_mode)
+        x_all = xt.to(device).float().div_(255)
+        scores = snr_scores(model, candidates, x_all, yt, loss_fn=cross_entropy)
+        mask = snr_mask(scores, section.snr_threshold)
+        del x_all
+        for _, p in candidates:
+            p.grad = None
+        kept = [(n, p) for n, p in candidates if mask.get(n, False)]
+        if not kept:
+            raise ValueError(
+                f"auto-snr froze every tensor (threshold {section.snr_threshold}); lower finetune.snr_threshold"
+            )
+        extra["snr_frozen"] = [n for n, _ in candidates if not mask.get(n, False)]
+        extra["snr_scores"] = {n: float(scores[n]) for n, _ in candidates}
+        candidates = kept
+        model.load_state_dict(pretrained)
+
+    for lr in section.lrs:
+        model.load_state_dict(pretrained)
+        seed_everything(seed)
+        _configure(model, candidates, bn_mode)
+        if on_lr_start is not None:
+            on_lr_start(lr, model)
+        plist = [p for _, p in candidates]
+        optimizer = None
+        if option != "auto-rgn":
+            optimizer = torch.optim.Adam(plist, lr=lr, weight_decay=section.weight_decay)
+        for epoch in range(1, section.epochs + 1):
+            batches = train_batches(epoch)
+            if option == "auto-rgn":
+                from ..autotune import block_weight_table
+
+                try:
+                    optimizer, weights = build_rgn_optimizer(
+                        model,
+                        candidates,
+                        batches[: section.rgn_batches],
+                        lr,
+                        section.weight_decay,
+                        section.rgn_batches,
+                    )
+                    rgn_tables.setdefault(lr, []).append(dict(block_weight_table(model, weights)))
+                except FloatingPointError:
+                    # The loss diverged at this lr (non-finite gradients): keep last epoch's weights and
+                    # optimiser; every step of a diverged model is skipped by the guard anyway.
+                    n_rgn_failed += 1
+                    if optimizer is None:
+                        optimizer = torch.optim.Adam(plist, lr=lr, weight_decay=section.weight_decay)
+            loss_sum, loss_n, skipped = 0.0, 0, 0
+            with torch.enable_grad():
+                for xb, yb in batches:
+                    loss = cross_entropy(model(xb), yb)
+                    if guarded_step(optimizer, plist, loss):
+                        loss_sum += float(loss.detach()) * len(yb)
+                        loss_n += len(yb)
+                    else:
+                        skipped += 1
+            n_skipped_total += skipped
+            n_steps_total += len(batches)
+            val_c = evaluate(model, data.x["val"], data.y["val"], section.eval_batch_size)
+            test_c = evaluate(model, data.x["test"], data.y["test"], section.eval_batch_size)
+            history.append(
+                {
+                    "lr": lr,
+                    "epoch": epoch,
+                    "val_correct": val_c,
+                    "val_acc": 100.0 * val_c / len(data.y["val"]),
+                    "test_acc": 100.0 * test_c / len(data.y["test"]),
+                    "train_loss": loss_sum / loss_n if loss_n else None,
+                    "skipped": skipped,
+                }
+            )
+        if on_lr_done is not None:
+            on_lr_done(lr)
+    model.load_state_dict(pretrained)
+    from ..methods.bn import set_bn_stats
+
+    set_bn_stats(model, "source")
+    model.requires_grad_(False)
+
+    best = select_best(history)
+    record: dict[str, Any] = {
+        "lr": best["lr"],
+        "best_epoch": best["epoch"],
+        "val_acc": best["val_acc"],
+        "test_acc": best["test_acc"],
+        "n_tensors": len(candidates),
+        "tuned_params": int(sum(p.numel() for _, p in candidates)),
+        "n_skipped": n_skipped_total,
+        "n_steps": n_steps_total,
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "history": history,
+        **extra,
+    }
+    if option == "auto-rgn" and rgn_tables.get(best["lr"]):
+        record["rgn_failed_epochs"] = n_rgn_failed
+        tables = rgn_tables[best["lr"]]
+        blocks = list(tables[0])
+        # Reported per-block weights: the mean over all epochs of the chosen lr's run (and epoch 1 alone).
+        record["rgn_block_weights"] = {b: float(np.mean([t[b] for t in tables])) for b in blocks}
+        record["rgn_block_weights_epoch1"] = {b: float(tables[0][b]) for b in blocks}
+    return record
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The complete JSON lines of results.jsonl (a torn last line from a crash is dropped and cut off the file)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records, good_bytes = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good_bytes += len(line) + (1 if i < len(lines) - 1 else 0)
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn write: everything from here on is lost work, redone on resume
+        good_bytes += len(line) + 1
+    if good_bytes < len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(min(good_bytes, len(raw)))
+    return records
+
+
+def cell_key(rec: Mapping[str, Any]) -> tuple[str, str, int]:
+    return (str(rec["corruption"]), str(rec["option"]), int(rec["seed"]))
+
+
+def _check_resume(out: Path, cfg: FinetuneConfig) -> None:
+    from ..engine import config_differences, plain_config
+
+    config_path = out / CONFIG_FILE
+    if not config_path.is_file():
+        return
+    with open(config_path) as f:
+        saved = yaml.safe_load(f) or {}
+    diffs = config_differences(saved, plain_config(cfg))
+    if diffs:
+        raise ValueError(
+            f"cannot resume {out}: the config differs from the saved {config_path}:\n  "
+            + "\n  ".join(diffs)
+            + "\nrun with the saved config, or choose another --out to start a new run"
+        )
+
+
+def run_finetune(
+    cfg: FinetuneConfig,
+    out_dir: str | os.PathLike,
+    *,
+    data_root: str | os.PathLike | None = None,
+    frost_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    plot: bool = False,
+    target: TargetData | None = None,
+) -> dict[str, Any]:
+    """Run every (corruption, option, seed) cell of `cfg`, append each record to results.jsonl, write the summary.
+
+    resume: skip the cells already recorded in `out_dir/results.jsonl` (the config must equal the saved one).
+    Without it, a folder that already holds results is an error unless `overwrite`.
+    target: a prepared `TargetData` (else built from the config); lets callers share generated images.
+    Returns the summary dict (also written to summary.json).
+    """
+    from ..config import dump_yaml
+    from ..engine import pick_device
+    from ..models import create_model
+    from .summary import summarize, summary_markdown
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_FILE
+    sec, rt = cfg.finetune, cfg.runtime
+    if resume:
+        _check_resume(out, cfg)
+        done_records = read_results(results_path)
+    elif not overwrite and any((out / n).exists() for n in (RESULTS_FILE, SUMMARY_FILE)):
+        raise FileExistsError(
+            f"{out} already holds finetune results; pass --resume to continue, --overwrite to replace them, "
+            "or choose another --out"
+        )
+    else:
+        done_records = []
+        results_path.write_bytes(b"")
+        (out / SUMMARY_FILE).unlink(missing_ok=True)
+    dump_yaml(cfg, out / CONFIG_FILE)
+    done = {cell_key(r) for r in done_records}
+
+    device = pick_device(rt.device)
+    if frost_dir is None:
+        from .. import hub
+
+        local = hub.data_root(data_root)
+        if local is not None and (local / "frost").is_dir():
+            frost_dir = local / "frost"
+    model, info = create_model(
+        cfg.model.name, pretrained=cfg.model.pretrained, data_root=data_root, allow_random=cfg.model.allow_random
+    )
+    model = model.to(device)
+    validate_options(model, sec.options, sec.kind)
+    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if target is None:
+        target = TargetData(sec, data_root=data_root, frost_dir=frost_dir, device=device)
+    n_classes = target.n_classes
+    per_class = per_class_train(sec.n_train, n_classes)
+    splits = {
+        s: split_indices(target.labels, per_class, sec.n_val_per_class, sec.n_test_per_class, s) for s in sec.seeds
+    }
+
+    cells = [(c, o, s) for c in sec.corruptions for o in sec.options for s in sec.seeds]
+    todo = [cell for cell in cells if cell not in done]
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress must never break a run
+        tqdm = None
+    n_lr = len(sec.lrs)
+    bar = (
+        tqdm(
+            total=len(cells) * n_lr,
+            initial=(len(cells) - len(todo)) * n_lr,
+            desc="finetune",
+            unit="lr",
+            disable=not rt.progress,
+        )
+        if tqdm is not None
+        else None
+    )
+    try:
+        with open(results_path, "a", encoding="utf-8") as results:
+            for corruption in sec.corruptions:
+                mine = [cell for cell in todo if cell[0] == corruption]
+                if not mine:
+                    continue
+                need = np.unique(
+                    np.concatenate(
+                        [
+                            np.concatenate([sp.train, sp.val, sp.test])
+                            for s, sp in splits.items()
+                            if any(c[2] == s for c in mine)
+                        ]
+                    )
+                )
+                pool = target.images(corruption, need)
+                row_of = {int(i): k for k, i in enumerate(need.tolist())}
+                labels_t = torch.as_tensor(target.labels, dtype=torch.long)
+                # Small sets (CIFAR: ~1,200 images, 4 MB) live on the device; ImageNet-sized ones stay in host RAM.
+                keep_on = device if pool.numel() < (1 << 31) else torch.device("cpu")
+                source_acc: dict[int, tuple[float, float]] = {}
+                for _, option, seed in mine:
+                    sp = splits[seed]
+                    data = CellData(
+                        {
+                            p: pool[torch.as_tensor([row_of[int(i)] for i in getattr(sp, p)])].to(keep_on)
+                            for p in ("train", "val", "test")
+                        },
+                        {p: labels_t[torch.as_tensor(getattr(sp, p))] for p in ("train", "val", "test")},
+                        sp,
+                    )
+                    if seed not in source_acc:
+                        model.load_state_dict(pretrained)
+                        _configure(model, [], sec.bn_mode)
+                        source_acc[seed] = tuple(
+                            100.0 * evaluate(model, data.x[p], data.y[p], sec.eval_batch_size) / len(data.y[p])
+                            for p in ("val", "test")
+                        )
+                    if bar is not None:
+                        bar.set_postfix_str(f"{corruption} {option} seed {seed}")
+                    rec = finetune_cell(
+                        model,
+                        pretrained,
+                        option,
+                        data,
+                        sec,
+                        seed,
+                        on_lr_done=(lambda _lr: bar.update(1)) if bar is not None else None,
+                    )
+                    rec = {
+                        "corruption": corruption,
+                        "option": option,
+                        "seed": seed,
+                        "severity": sec.severity,
+                        "kind": sec.kind,
+                        "bn_mode": sec.bn_mode,
+                        "source_val_acc": source_acc[seed][0],
+                        "source_test_acc": source_acc[seed][1],
+                        "split": sp.sizes(),
+                        "device": str(device),
+                        **rec,
+                    }
+                    results.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
+                    results.flush()
+                    os.fsync(results.fileno())
+                    done_records.append(rec)
+                del pool
+    finally:
+        if bar is not None:
+            bar.close()
+
+    summary = summarize(done_records, sec.options, sec.corruptions, sec.seeds)
+    summary.update(
+        {
+            "model": cfg.model.name,
+            "model_pretrained": bool(info.pretrained),
+            "model_warnings": list(info.warnings),
+            "source": sec.source,
+            "severity": sec.severity,
+            "kind": sec.kind,
+            "bn_mode": sec.bn_mode,
+            "n_classes": n_classes,
+            "split_per_class": {"train": per_class, "val": sec.n_val_per_class, "test": sec.n_test_per_class},
+        }
+    )
+    summary = _json_safe(summary)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (out / SUMMARY_MD).write_text(summary_markdown(summary), encoding="utf-8")
+    if plot and summary.get("rgn_block_weights"):
+        from .summary import plot_rgn_weights
+
+        try:
+            summary["plot"] = str(plot_rgn_weights(summary, out / "rgn_weights.png"))
+        except ImportError as err:
+            print(f"no plot: {err}")
+    return summary
+
+
+def _json_safe(v: Any) -> Any:
+    """NaN / inf -> None, tuples -> lists: strict JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v

@@ -1,0 +1,236 @@
+"""Labeled target data for supervised few-shot fine-tuning: seeded class-balanced splits and corrupted images.
+
+The split is a function of the labels and the seed only (not of the corruption), so for one seed every
+corruption uses the same image indices: train, validation and test hold the same source images under each
+corruption, and the online comparison (`tta-surgical report`) can use one labels file for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import FinetuneSection
+
+__all__ = ["Split", "TargetData", "split_indices", "write_cifar10c_subset"]
+
+_TAG_SPLIT = 0x5F17
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Disjoint, sorted index arrays (int64) into the target set's rows."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    seed: int
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def split_indices(
+    labels: np.ndarray,
+    n_train_per_class: int,
+    n_val_per_class: int,
+    n_test_per_class: int,
+    seed: int,
+) -> Split:
+    """A seeded class-balanced split of `labels` into disjoint train / val / test index sets.
+
+    Every class present in `labels` gives exactly n_*_per_class images to each split (a random
+    permutation of the class's rows, cut in three). Raises when a split is empty or larger than the data.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise ValueError(f"the target set has no labeled images (labels shape {labels.shape})")
+    for name, n in (("train", n_train_per_class), ("val", n_val_per_class), ("test", n_test_per_class)):
+        if n < 1:
+            raise ValueError(
+                f"the {name} split would be empty ({n} images per class); every split needs >= 1 image per class"
+            )
+    need = n_train_per_class + n_val_per_class + n_test_per_class
+    classes, counts = np.unique(labels, return_counts=True)
+    short = [(int(c), int(k)) for c, k in zip(classes, counts) if k < need]
+    if short:
+        shown = ", ".join(f"class {c}: {k}" for c, k in short[:5]) + (" ..." if len(short) > 5 else "")
+        raise ValueError(
+            f"the split asks for {n_train_per_class} + {n_val_per_class} + {n_test_per_class} = {need} images per "
+            f"class but the target set has fewer ({shown}; {len(labels)} images in all); lower finetune.n_train, "
+            "n_val_per_class or n_test_per_class"
+        )
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _TAG_SPLIT]))
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for c in classes:
+        members = rng.permutation(np.flatnonzero(labels == c))
+        cuts = np.cumsum([n_train_per_class, n_val_per_class, n_test_per_class])
+        parts[0].append(members[: cuts[0]])
+        parts[1].append(members[cuts[0] : cuts[1]])
+        parts[2].append(members[cuts[1] : cuts[2]])
+    train, val, test = (np.sort(np.concatenate(p)).astype(np.int64) for p in parts)
+    # Disjointness is what makes the test accuracy honest: check it rather than trust the slicing.
+    assert not (
+        set(train.tolist()) & set(val.tolist())
+        or set(train.tolist()) & set(test.tolist())
+        or set(val.tolist()) & set(test.tolist())
+    ), "train / val / test splits overlap"
+    return Split(train, val, test, int(seed))
+
+
+def per_class_train(n_train: int, n_classes: int) -> int:
+    """n_train / n_classes, or a clear error when the labeled set cannot be class-balanced."""
+    if n_train < n_classes:
+        raise ValueError(
+            f"finetune.n_train={n_train} is too small for a class-balanced training set over {n_classes} classes "
+            f"(need at least one image per class: n_train >= {n_classes})"
+        )
+    if n_train % n_classes:
+        raise ValueError(
+            f"finetune.n_train={n_train} does not split evenly over {n_classes} classes; use a multiple of "
+            f"{n_classes} (e.g. {n_train - n_train % n_classes})"
+        )
+    return n_train // n_classes
+
+
+class TargetData:
+    """The labeled target set of one finetune config: its labels and, per corruption, uint8 images on demand.
+
+    `labels` are those of the source rows (the CIFAR-10 test set, a CIFAR-10-C severity block, or the sorted
+    ImageNet-C file list). `images(corruption, indices)` returns uint8 (n, 3, H, W) on the CPU, reading or
+    generating only what is needed (for source cifar10, the whole generation batches that hold `indices`,
+    since each batch's noise comes from one generator).
+    """
+
+    def __init__(
+        self,
+        section: FinetuneSection,
+        *,
+        data_root: str | os.PathLike | None = None,
+        frost_dir: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        from .. import hub
+
+        self.section = section
+        self.device = torch.device(device)
+        self.frost_dir = frost_dir
+        src = section.source
+        self._clean: np.ndarray | None = None
+        self._index = None
+        if section.path:
+            self.root: Path | None = Path(section.path).expanduser()
+        else:
+            base = hub.data_root(data_root)
+            sub = {"cifar10": "", "cifar10c": "CIFAR-10-C", "imagenetc": "ImageNet-C"}[src]
+            self.root = (base / sub if sub else base) if base is not None else None
+        if src == "cifar10":
+            from ..data.cifar import find_cifar10, load_cifar10
+
+            images, labels = load_cifar10(self.root if self.root is not None else find_cifar10(None), "test")
+            if section.limit is not None:
+                images, labels = images[: section.limit], labels[: section.limit]
+            self._clean = images
+            self.labels = labels.astype(np.int64)
+        elif self.root is None:
+            raise FileNotFoundError(
+                f"finetune.source={src} needs data: set finetune.path to the dataset folder, or pass --data-root "
+                f"(a folder holding {'CIFAR-10-C' if src == 'cifar10c' else 'ImageNet-C'}/)"
+            )
+        elif src == "cifar10c":
+            from ..data.cifar import load_cifar10c
+
+            _, labels = load_cifar10c(self.root, section.corruptions[0], section.severity)
+            self.labels = np.asarray(labels, dtype=np.int64)
+        else:
+            from ..data.imagenet import scan_imagenetc
+
+            for c in section.corruptions:  # fail now, not after the first corruption's hour of training
+                scan_imagenetc(self.root, c, section.severity)
+            self._index = scan_imagenetc(self.root, section.corruptions[0], section.severity)
+            self.labels = self._index.labels
+
+    @property
+    def n_classes(self) -> int:
+        return int(len(np.unique(self.labels)))
+
+    def images(self, corruption: str, indices: Sequence[int] | np.ndarray) -> Tensor:
+        """uint8 (n, 3, H, W) CPU tensor of `corruption` at the configured severity, rows `indices` in order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        sec = self.section
+        if sec.source == "cifar10":
+            return self._generate(corruption, idx)
+        if sec.source == "cifar10c":
+            from ..data.cifar import load_cifar10c
+
+            imgs, labs = load_cifar10c(self.root, corruption, sec.severity)
+            if len(labs) != len(self.labels) or not np.array_equal(labs, self.labels):
+                raise ValueError(
+                    f"CIFAR-10-C labels of {corruption!r} differ from those of {sec.corruptions[0]!r} in {self.root}; "
+                    "the folder mixes incompatible files"
+                )
+            return torch.from_numpy(np.ascontiguousarray(imgs[idx])).permute(0, 3, 1, 2).contiguous()
+        from ..data.imagenet import iter_image_folder, scan_imagenetc
+
+        index = scan_imagenetc(self.root, corruption, sec.severity)
+        if index.relpaths != self._index.relpaths:
+            raise ValueError(
+                f"ImageNet-C folder {self.root}/{corruption}/{sec.severity} lists other files than "
+                f"{sec.corruptions[0]}/{sec.severity}; every corruption folder must hold the same images"
+            )
+        parts = [x.cpu() for x, _ in iter_image_folder(index, batch_size=256, indices=idx, device="cpu")]
+        return torch.cat(parts) if parts else torch.zeros(0, 3, 224, 224, dtype=torch.uint8)
+
+    def _generate(self, corruption: str, idx: np.ndarray) -> Tensor:
+        """Corrupt exactly like `make_cifar10c` (same batches, generator seeds, preset and uint8 rounding)."""
+        from ..corruptions import corrupt, make_generator, to_uint8
+        from ..data.make_cifar10c import batch_seed
+
+        sec = self.section
+        bs = sec.generation_batch_size
+        out = torch.empty((len(idx), 3, 32, 32), dtype=torch.uint8)
+        starts = np.unique(idx // bs * bs)
+        for start in starts.tolist():
+            clean = torch.from_numpy(self._clean[start : start + bs]).to(self.device).permute(0, 3, 1, 2)
+            x = clean.float().div_(255)
+            g = make_generator(batch_seed(sec.generation_seed, corruption, sec.severity, start), self.device)
+            y = to_uint8(corrupt(x, corruption, sec.severity, g, preset="cifar", frost_dir=self.frost_dir)).cpu()
+            where = np.flatnonzero((idx >= start) & (idx < start + bs))
+            out[torch.from_numpy(where)] = y[torch.from_numpy(idx[where] - start)]
+        return out
+
+
+def write_cifar10c_subset(
+    folder: str | os.PathLike, corruption: str, severity: int, images: Tensor, labels: np.ndarray, meta: dict
+) -> Path:
+    """Write `images` (uint8 (n, 3, 32, 32)) as `<folder>/<corruption>.npy` in the CIFAR-10-C layout with a sidecar
+    saying that rows [0, n) hold `severity`, plus `labels.npy`; a stream with source cifar10c reads it as-is.
+
+    Files are written under temporary names and renamed, so a reader never sees half a file.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = int(images.shape[0])
+    arr = images.permute(0, 2, 3, 1).contiguous().numpy().astype(np.uint8)
+    labels = np.asarray(labels)
+    # uint8 as in the official labels.npy when the classes fit (CIFAR), else int64.
+    labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 and labels.min(initial=0) >= 0 else np.int64)
+    for name, data in ((f"{corruption}.npy", arr), ("labels.npy", labels)):
+        tmp = folder / f"{name}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.save(f, data)
+        os.replace(tmp, folder / name)
+    side = dict(
+        meta, corruption=corruption, severities=[int(severity)], rows={str(severity): [0, n]}, n_images=n, complete=True
+    )
+    tmp = folder / f"{corruption}.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(side, indent=1))
+    os.replace(tmp, folder / f"{corruption}.json")
+    return folder / f"{corruption}.npy"
