@@ -46,20 +46,41 @@ def time_ours(x: torch.Tensor, name: str, severity: int, repeats: int, frost_dir
     return len(x) / statistics.median(times)
 
 
+def _imagecorruptions():
+    """Import imagecorruptions (its `corrupt` entry point) with two shims for current libraries (it predates
+    NumPy 2 and scikit-image 0.19): `np.float_` and `gaussian(..., multichannel=True)`. The shims only rename
+    arguments; its algorithms run as is."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import imagecorruptions
+            import imagecorruptions.corruptions as ic
+        except ImportError:
+            return None
+    if not hasattr(np, "float_"):
+        np.float_ = np.float64
+    skimage_gaussian = ic.gaussian
+
+    def gaussian(image, sigma=1, multichannel=None, **kw):
+        if multichannel:
+            kw["channel_axis"] = -1
+        return skimage_gaussian(image, sigma=sigma, **kw)
+
+    ic.gaussian = gaussian
+    return imagecorruptions
+
+
 def time_reference(images: np.ndarray, name: str, severity: int) -> float | None:
     """images/s of imagecorruptions on uint8 HWC images, one at a time; None when the package is absent."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from imagecorruptions import corrupt as ic_corrupt
-    except ImportError:
+    ic = _imagecorruptions()
+    if ic is None:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ic_corrupt(images[0], corruption_name=name, severity=severity)  # warm-up (file reads, imports)
+        ic.corrupt(images[0], corruption_name=name, severity=severity)  # warm-up (file reads, imports)
         t0 = time.perf_counter()
         for img in images:
-            ic_corrupt(img, corruption_name=name, severity=severity)
+            ic.corrupt(img, corruption_name=name, severity=severity)
         return len(images) / (time.perf_counter() - t0)
 
 

@@ -10,6 +10,7 @@ vectorised over the batch and written to match the originals' boundary handling:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -66,15 +67,33 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device: torch.device 
     return (k / k.sum()).to(device=device, dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=256)
+def _axis_matrix(n: int, taps: tuple[float, ...], mode: str, device: str) -> Tensor:
+    """The (n, n) matrix of a 1-D correlation with `taps` along an axis of length n, boundary `mode` folded in.
+
+    Row i holds the weight of every source pixel for output i (padding resolved by `pad_index`), so filtering
+    an axis is one matrix product: exact (same taps, same boundary) and far faster on CPU than a 1-channel
+    convolution for long kernels.
+    """
+    r = (len(taps) - 1) // 2
+    k = torch.tensor(taps, dtype=torch.float64)
+    src = pad_index(n, r, r, "nearest" if mode == "constant" else mode).unfold(0, len(taps), 1)  # (n, taps)
+    m = torch.zeros(n, n, dtype=torch.float64)
+    weights = k.expand(n, -1)
+    if mode == "constant":  # taps falling outside the image read zeros
+        pos = torch.arange(n).view(n, 1) + torch.arange(-r, r + 1).view(1, -1)
+        weights = torch.where((pos >= 0) & (pos < n), weights, torch.zeros(()))
+    m.scatter_add_(1, src, weights)
+    return m.to(device=device, dtype=torch.float32)
+
+
 def separable_filter(x: Tensor, kh: Tensor, kw: Tensor, mode: str = "nearest") -> Tensor:
     """Correlate every channel of `x` (B, C, H, W) with the outer product of 1-D kernels `kh` x `kw`."""
-    b, c, h, w = x.shape
-    ph, pw = (kh.numel() - 1) // 2, (kw.numel() - 1) // 2
-    y = pad2d(x.reshape(b * c, 1, h, w), ph, pw, mode)
+    h, w = x.shape[-2:]
+    mh = _axis_matrix(h, tuple(kh.double().tolist()), mode, str(x.device))
+    mw = _axis_matrix(w, tuple(kw.double().tolist()), mode, str(x.device))
     with _exact_conv():
-        y = F.conv2d(y, kh.view(1, 1, -1, 1).to(y.dtype))
-        y = F.conv2d(y, kw.view(1, 1, 1, -1).to(y.dtype))
-    return y.reshape(b, c, h, w)
+        return torch.matmul(torch.matmul(mh.to(x.dtype), x), mw.to(x.dtype).t())
 
 
 def gaussian_blur(x: Tensor, sigma: float, mode: str = "nearest", truncate: float = 4.0) -> Tensor:
@@ -89,12 +108,24 @@ def gaussian_blur(x: Tensor, sigma: float, mode: str = "nearest", truncate: floa
 
 
 def filter2d(x: Tensor, kernel: Tensor, mode: str = "reflect") -> Tensor:
-    """Correlate every channel of `x` with one 2-D `kernel` (odd sizes), SciPy boundary `mode`."""
+    """Correlate every channel of `x` with one 2-D `kernel` (odd sizes), SciPy boundary `mode`.
+
+    Small kernels use a direct convolution; large ones (e.g. ImageNet-C's 21x21 defocus disks) an FFT product
+    of the padded image, which is exact up to float32 rounding (~1e-6) and many times faster on CPU.
+    """
     b, c, h, w = x.shape
     kh, kw = kernel.shape
     y = pad2d(x.reshape(b * c, 1, h, w), (kh - 1) // 2, (kw - 1) // 2, mode)
-    with _exact_conv():
-        return F.conv2d(y, kernel.view(1, 1, kh, kw).to(device=y.device, dtype=y.dtype)).reshape(b, c, h, w)
+    kernel = kernel.to(device=y.device, dtype=y.dtype)
+    if kh * kw <= 49:
+        with _exact_conv():
+            return F.conv2d(y, kernel.view(1, 1, kh, kw)).reshape(b, c, h, w)
+    ph, pw = y.shape[-2:]
+    # Correlation = convolution with the flipped kernel; a linear (not circular) FFT product keeps the valid part.
+    size = (ph + kh - 1, pw + kw - 1)
+    spec = torch.fft.rfft2(y, s=size) * torch.fft.rfft2(kernel.flip(0, 1), s=size)
+    full = torch.fft.irfft2(spec, s=size)
+    return full[..., kh - 1 : kh - 1 + h, kw - 1 : kw - 1 + w].reshape(b, c, h, w).contiguous()
 
 
 def motion_blur(x: Tensor, radius: float, sigma: float, angle_deg: Tensor) -> Tensor:
