@@ -39,6 +39,7 @@ from .metrics import (
     count_correct,
     domain_key,
     group_correct,
+    json_safe,
     peak_memory,
     reset_peak_memory,
 )
@@ -438,7 +439,7 @@ def run(
         "resumed_from_batch": start if checkpoint is not None else None,
         "versions": {"tta_surgical": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
-    summary = _json_safe(summary)
+    summary = json_safe(summary)
     _atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     _atomic_write_text(out / SUMMARY_MD, summary_markdown(summary))
     return summary
@@ -451,17 +452,6 @@ def _closing(bar: Any) -> Iterator[None]:
     finally:
         if bar is not None:
             bar.close()
-
-
-def _json_safe(v: Any) -> Any:
-    """NaN / inf -> None, so summary.json is strict JSON."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 def _account(rec: dict[str, Any], errors: ErrorMeter, latency: LatencyMeter, totals: dict[str, int]) -> None:
@@ -498,4 +488,16 @@ def load_summary(out_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no {SUMMARY_FILE} in {out_dir}: the run has not finished (resume it with --resume)")
     with open(path) as f:
+        return json.load(f)
+
+
+def finished_summary(folder: Path, cfg: Any) -> dict[str, Any] | None:
+    """The summary of a finished run in `folder` made with exactly `cfg`, else None."""
+    if not ((folder / SUMMARY_FILE).is_file() and (folder / CONFIG_FILE).is_file()):
+        return None
+    with open(folder / CONFIG_FILE) as f:
+        saved = yaml.safe_load(f)
+    if config_differences(saved, plain_config(cfg)):
+        return None
+    with open(folder / SUMMARY_FILE) as f:
         return json.load(f)

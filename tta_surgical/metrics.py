@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -167,3 +168,14 @@ def group_correct(correct: Iterable[bool], keys: Iterable[str]) -> dict[str, tup
         c[0] += int(bool(ok))
         c[1] += 1
     return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def json_safe(v: Any) -> Any:
+    """NaN / inf -> None, tuples -> lists: values `json.dumps(..., allow_nan=False)` accepts."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v

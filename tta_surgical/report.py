@@ -107,6 +107,13 @@ def plot_errors(summaries: Mapping[str, Mapping[str, Any]], path: str | os.PathL
     ax.set_xticklabels(domains, rotation=45, ha="right")
     ax.set_ylabel("error (%)")
     ax.legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out, save (creating the folder) and close a matplotlib figure; return the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,25 +36,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_common_options(parser)
 
 
-def _finished_summary(folder: Path, cfg: Any) -> dict[str, Any] | None:
-    """The summary of a finished run in `folder` made with exactly `cfg`, else None."""
-    import yaml
-
-    from ..engine import CONFIG_FILE, SUMMARY_FILE, config_differences, plain_config
-
-    if not ((folder / SUMMARY_FILE).is_file() and (folder / CONFIG_FILE).is_file()):
-        return None
-    with open(folder / CONFIG_FILE) as f:
-        saved = yaml.safe_load(f)
-    if config_differences(saved, plain_config(cfg)):
-        return None
-    with open(folder / SUMMARY_FILE) as f:
-        return json.load(f)
-
-
 def main(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..engine import run
+    from ..engine import finished_summary, run
     from ..report import compare_markdown, plot_errors
 
     # argparse gives `--configs` every following word, so `key=value` overrides written straight after the
@@ -77,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     summaries: dict[str, dict[str, Any]] = {}
     for stem, cfg in configs.items():
         folder = out / stem
-        previous = None if args.fresh else _finished_summary(folder, cfg)
+        previous = None if args.fresh else finished_summary(folder, cfg)
         if previous is not None:
             print(f"[{stem}] reusing the finished run in {folder}")
             summaries[stem] = previous

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..hub import DATA_ENV
+from .run import resolve_overrides
 
 HELP = "supervised few-shot surgical fine-tuning (Lee et al. 2023): which blocks to tune, per corruption"
 DESCRIPTION = (
@@ -46,19 +47,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def overrides_of(args: argparse.Namespace) -> list[str]:
-    overrides = list(args.overrides or [])
-    if args.device:
-        overrides.append(f"runtime.device={args.device}")
-    if args.no_progress:
-        overrides.append("runtime.progress=false")
-    return overrides
-
-
 def main(args: argparse.Namespace) -> int:
     from ..finetune import load_finetune_config, run_finetune, summary_markdown
 
-    cfg = load_finetune_config(args.config, overrides_of(args))
+    cfg = load_finetune_config(args.config, resolve_overrides(args))
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     summary = run_finetune(
         cfg,

@@ -166,22 +166,6 @@ def _link_imagenetc(target: Any, corruption: str, severity: int, test: np.ndarra
         os.symlink(index.root / rel, dst)
 
 
-def _finished(folder: Path, cfg: Any) -> dict[str, Any] | None:
-    """The summary of a finished online run made with exactly `cfg` in `folder`, else None."""
-    import yaml
-
-    from ..engine import CONFIG_FILE, SUMMARY_FILE, config_differences, plain_config
-
-    if not ((folder / SUMMARY_FILE).is_file() and (folder / CONFIG_FILE).is_file()):
-        return None
-    with open(folder / CONFIG_FILE) as f:
-        saved = yaml.safe_load(f)
-    if config_differences(saved, plain_config(cfg)):
-        return None
-    with open(folder / SUMMARY_FILE) as f:
-        return json.load(f)
-
-
 def online_options_filter(options: Sequence[str]) -> list[str]:
     """The options with an online counterpart: block specs always, auto-rgn when the online method supports it."""
     return [o for o in options if o in online_options() or o not in ("auto-rgn", "auto-snr")]
@@ -304,6 +288,8 @@ def report_markdown(comp: Mapping[str, Any], title: str = "") -> str:
 
 def plot_report(comp: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Grouped bars: accuracy per option, online and supervised (matplotlib optional, imported only here)."""
+    from ..report import save_figure
+
     try:
         import matplotlib
 
@@ -323,16 +309,11 @@ def plot_report(comp: Mapping[str, Any], path: str | os.PathLike) -> Path:
     ax.set_xticklabels(opts)
     ax.set_ylabel("accuracy (%)")
     ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..engine import pick_device, run
+    from ..engine import finished_summary, pick_device, run
     from ..finetune import (
         TargetData,
         load_finetune_config,
@@ -393,7 +374,7 @@ def main(args: argparse.Namespace) -> int:
                 continue
             cfg = online_config(ft_cfg, option, data_dir, seed, onl_over)
             folder = out / "online" / f"seed{seed}" / option.replace(",", "+")
-            summary = _finished(folder, cfg)
+            summary = finished_summary(folder, cfg)
             if summary is None:
                 print(f"[online] {option} seed {seed} -> {folder}")
                 summary = run(cfg, folder, data_root=args.data_root, resume=True, frost_dir=frost_dir)

@@ -28,7 +28,6 @@ Output folder: `config.yaml`, `results.jsonl` (one line per finished cell, flush
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from ..metrics import json_safe
 from .config import AUTO_OPTIONS, FinetuneConfig, FinetuneSection
 from .data import Split, TargetData, per_class_train, split_indices
 
@@ -559,7 +559,7 @@ def run_finetune(
                         "device": str(device),
                         **rec,
                     }
-                    results.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
+                    results.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
                     results.flush()
                     os.fsync(results.fileno())
                     done_records.append(rec)
@@ -582,7 +582,7 @@ def run_finetune(
             "split_per_class": {"train": per_class, "val": sec.n_val_per_class, "test": sec.n_test_per_class},
         }
     )
-    summary = _json_safe(summary)
+    summary = json_safe(summary)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     (out / SUMMARY_MD).write_text(summary_markdown(summary), encoding="utf-8")
     if plot and summary.get("rgn_block_weights"):
@@ -595,12 +595,3 @@ def run_finetune(
     return summary
 
 
-def _json_safe(v: Any) -> Any:
-    """NaN / inf -> None, tuples -> lists: strict JSON."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v

@@ -205,6 +205,8 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 
 def plot_rgn_weights(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Save a bar chart of the mean auto-RGN weight per block (matplotlib is optional, imported only here)."""
+    from ..report import save_figure
+
     try:
         import matplotlib
 
@@ -223,9 +225,4 @@ def plot_rgn_weights(summary: Mapping[str, Any], path: str | os.PathLike) -> Pat
     ax.bar(list(mean), list(mean.values()))
     ax.set_ylabel("mean RGN weight")
     ax.set_title(f"auto-RGN weights per block ({summary.get('model', '?')})")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path)
