@@ -16,7 +16,6 @@ their difference (target: within 0.3 points):
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -29,29 +28,16 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
 
+try:
+    from tta_surgical.bench import PlainTent, plain_entropy, prepare_plain_tent
+except ImportError:  # a checkout that is not installed: use the package next to this script
+    sys.path.insert(0, str(REPO))
+    from tta_surgical.bench import PlainTent, plain_entropy, prepare_plain_tent
 
-def _prepare(source: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
-    """A copy of `source` set up for Tent: batch statistics in every BN, gradients only for BN affines."""
-    model = copy.deepcopy(source)
-    model.train()  # BN layers in train mode normalise with the batch's statistics
-    model.requires_grad_(False)
-    params: list[nn.Parameter] = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            # Drop the source statistics: with no running buffers, BN always uses batch statistics.
-            m.track_running_stats = False
-            m.running_mean = None
-            m.running_var = None
-            if m.affine:
-                m.weight.requires_grad_(True)
-                m.bias.requires_grad_(True)
-                params += [m.weight, m.bias]
-    return model, params
-
-
-def entropy(logits: Tensor) -> Tensor:
-    """Mean Shannon entropy of the softmax predictions of a batch."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+# The plain loop lives in `tta_surgical.bench` (the latency harness times it against the engine's tent); it
+# shares no code with `tta_surgical.methods`, so it stays an independent oracle. Old names kept for callers.
+_prepare = prepare_plain_tent
+entropy = plain_entropy
 
 
 def reference_tent(
@@ -66,21 +52,15 @@ def reference_tent(
     Returns the predicted labels of every image in stream order (CPU, int64) and the final adapted
     model's state_dict (BN affine parameters included). `model` itself is not modified.
     """
-    adapted, params = _prepare(model)
-    opt = torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=0.0)
+    tent = PlainTent(model, lr=lr, betas=betas)
     preds: list[Tensor] = []
     for i, item in enumerate(batches):
         x = item.x if hasattr(item, "x") else item
         if i > 0 and getattr(item, "reset_before", False):
-            adapted, params = _prepare(model)
-            opt = torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=0.0)
-        x = x.to(next(model.parameters()).device)
-        logits = adapted(x)
-        loss = entropy(logits)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        preds.append(logits.detach().argmax(1).cpu())
+            tent.reset()
+        logits = tent.step(x.to(next(model.parameters()).device))
+        preds.append(logits.argmax(1).cpu())
+    adapted = tent.model
     state = {k: v.detach().clone() for k, v in adapted.state_dict().items()}
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long), state
 

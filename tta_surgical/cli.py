@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "compare": "tta_surgical.commands.compare",
     "finetune": "tta_surgical.commands.finetune",
     "report": "tta_surgical.commands.report",
+    "bench": "tta_surgical.commands.bench",
     "make-cifar10c": "tta_surgical.commands.make_cifar10c",
     "blocks": "tta_surgical.commands.blocks",
     "corruptions": "tta_surgical.commands.corruptions",

@@ -1,0 +1,312 @@
+"""The latency harness (`tta_surgical.bench`, `tta-surgical bench`): tiny CPU grids, contracts, failures, autograd."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tta_surgical import bench
+from tta_surgical.bench import BenchSpec, attach_ratios, autograd_report, parse_method, quick_spec, run_bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+CELL_KEYS = {
+    "model",
+    "method",
+    "batch_size",
+    "device",
+    "precision",
+    "channels_last",
+    "compile",
+    "latency_ms",
+    "images_per_s",
+    "peak_memory_mb",
+    "peak_memory_kind",
+    "ratio_to_inference",
+    "ratio_to_reference",
+    "error",
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread (what the harness is asked for here; it also keeps these tests fast on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw) -> BenchSpec:
+    base = {"batch_sizes": (4,), "warmup": 1, "iters": 2, "autograd": False}
+    base.update(kw)
+    return quick_spec(**base)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    n = torch.get_num_threads()
+    try:  # module-scoped: runs before the per-test thread fixture, so restore the count itself
+        result = run_bench(quick_spec(batch_sizes=(8,), warmup=1, iters=3), out, threads=1, log=None)
+    finally:
+        torch.set_num_threads(n)
+    return out, result
+
+
+def test_quick_grid_writes_every_contract_key(quick_run):
+    out, result = quick_run
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk == json.loads(json.dumps(bench.json_safe(result)))
+    cells = on_disk["cells"]
+    assert [c["method"] for c in cells] == ["inference", "tent", "surgical:block1", "reference_tent"]
+    for c in cells:
+        assert CELL_KEYS <= set(c), CELL_KEYS - set(c)
+        assert c["error"] is None, c["error"]
+        assert (c["model"], c["batch_size"], c["device"], c["precision"]) == ("resnet20", 8, "cpu", "fp32")
+        assert c["channels_last"] is False and c["compile"] is False
+        lat = c["latency_ms"]
+        assert set(lat) == {"p50", "p95", "p99", "mean"}
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+        # images/s follows from the timed steps: batch / mean latency
+        assert c["images_per_s"] == pytest.approx(8 / (lat["mean"] / 1000), rel=1e-6)
+        assert c["peak_memory_mb"] > 0 and c["peak_memory_kind"] == "cpu_process_peak_rss"
+        assert c["input_size"] == 32
+    meta = on_disk["meta"]
+    for key in ("date", "machine", "versions", "threads", "git", "device", "spec", "timing", "memory"):
+        assert key in meta
+    assert meta["threads"] == 1 and meta["finished"] is True
+    assert meta["versions"]["torch"] == torch.__version__
+    assert (out / "bench.md").read_text().count("| resnet20 |") == 4
+
+
+def test_ratios_inference_is_one_and_tent_is_compared_with_the_reference(quick_run):
+    cells = {c["method"]: c for c in quick_run[1]["cells"]}
+    assert cells["inference"]["ratio_to_inference"] == 1.0
+    for name in ("tent", "surgical:block1", "reference_tent"):
+        c = cells[name]
+        assert c["ratio_to_inference"] == pytest.approx(
+            c["latency_ms"]["p50"] / cells["inference"]["latency_ms"]["p50"]
+        )
+    tent, ref = cells["tent"], cells["reference_tent"]
+    assert tent["ratio_to_reference"] == pytest.approx(tent["images_per_s"] / ref["images_per_s"])
+    assert ref["ratio_to_reference"] == 1.0
+    assert cells["surgical:block1"]["ratio_to_reference"] is None
+
+
+def test_adapting_cells_carry_the_autograd_report(quick_run):
+    cells = {c["method"]: c for c in quick_run[1]["cells"]}
+    assert "saved_tensors" not in cells["inference"]
+    # Tent adapts the 19 BatchNorm layers of ResNet-20 (scale and shift): ours and the plain loop agree.
+    for name in ("tent", "reference_tent"):
+        assert cells[name]["grad_params"] == 38 and cells[name]["adapted_tensors"] == 38
+    assert cells["surgical:block1"]["grad_blocks"] == {"block1": 18}
+    assert cells["surgical:block1"]["saved_mb"] < cells["tent"]["saved_mb"]
+    assert cells["tent"]["skipped_updates"] == 0
+
+
+def test_failing_cells_record_the_error_and_the_grid_goes_on(tmp_path, monkeypatch):
+    real = bench._build_runner
+
+    def build(model, ms, dtype):
+        if ms.label == "tent":
+            raise RuntimeError("boom: forced failure")
+        return real(model, ms, dtype)
+
+    monkeypatch.setattr(bench, "_build_runner", build)
+    spec = tiny(models=("resnet20", "no_such_model"), methods=("tent", "reference_tent"))
+    result = run_bench(spec, tmp_path, threads=1, log=None)
+    cells = json.loads((tmp_path / "bench.json").read_text())["cells"]
+    assert len(cells) == len(result["cells"]) == 6  # (inference, tent, reference_tent) x 2 models
+    by = {(c["model"], c["method"]): c for c in cells}
+    tent = by["resnet20", "tent"]
+    assert tent["error"] == "RuntimeError: boom: forced failure" and tent["error_stage"] == "build"
+    assert tent["latency_ms"] is None and tent["ratio_to_inference"] is None and tent["ratio_to_reference"] is None
+    assert by["resnet20", "reference_tent"]["error"] is None  # the cell after the failure ran
+    assert by["resnet20", "reference_tent"]["latency_ms"]["p50"] > 0
+    for m in ("inference", "tent", "reference_tent"):
+        err = by["no_such_model", m]["error"]
+        assert "unknown model 'no_such_model'" in err and "resnet20" in err  # it lists the valid names
+    assert "boom" in (tmp_path / "bench.md").read_text()
+
+
+def test_compile_failure_is_recorded_per_cell(tmp_path, monkeypatch):
+    def broken_compile(self, *a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", broken_compile)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
+    result = run_bench(tiny(methods=("inference",), compile=True), tmp_path, threads=1, log=None)
+    (cell,) = result["cells"]
+    assert cell["compile"] is True and cell["error_stage"] == "compile" and "no compiler here" in cell["error"]
+
+
+def test_results_are_written_after_every_cell(tmp_path):
+    seen = []
+
+    def cell_fn(*args):
+        seen.append(len(json.loads((tmp_path / "bench.json").read_text())["cells"]))
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # an interrupted bench keeps what it measured
+        return bench.run_cell(*args)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny(methods=("inference", "norm", "tent")), tmp_path, threads=1, log=None, cell_fn=cell_fn)
+    assert seen == [0, 1, 2]
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert [c["method"] for c in saved["cells"]] == ["inference", "norm"]
+    assert saved["meta"]["finished"] is False
+
+
+def test_inference_is_always_measured_first():
+    spec = BenchSpec(methods=("tent", "inference", "tent", "norm"))
+    assert spec.grid_methods() == ("inference", "tent", "norm")
+    assert spec.n_cells() == len(spec.batch_sizes) * 3
+
+
+def test_parse_method_and_early_validation():
+    s = parse_method("surgical:block1+block2")
+    assert s.cfg.name == "surgical" and s.cfg.blocks == ("block1", "block2") and s.cfg.kind == "all" and s.adapts
+    a = parse_method("autorgn")
+    assert a.cfg.weighting == "auto-rgn" and a.cfg.blocks == ("all",) and a.cfg.kind == "all"
+    assert parse_method("tent").cfg.kind == "norm"
+    assert not parse_method("norm").adapts and not parse_method("inference").adapts
+    assert parse_method("reference_tent").adapts
+    with pytest.raises(ValueError, match="valid: inference"):
+        parse_method("tnet")
+    with pytest.raises(ValueError, match="names no block"):
+        parse_method("surgical:")
+    with pytest.raises(ValueError, match="unknown bench method"):
+        BenchSpec(methods=("tent", "bogus"))
+    with pytest.raises(ValueError, match="precision"):
+        BenchSpec(precisions=("fp16",))
+    with pytest.raises(ValueError, match="iters"):
+        BenchSpec(iters=0)
+
+
+def test_attach_ratios_groups_by_model_batch_device_precision():
+    def cell(method, p50, ips, bs=16, prec="fp32", error=None):
+        c = bench._new_cell("m", method, bs, torch.device("cpu"), prec, BenchSpec())
+        if error:
+            c["error"] = error
+        else:
+            c["latency_ms"] = {"p50": p50, "p95": p50, "p99": p50, "mean": p50}
+            c["images_per_s"] = ips
+        return c
+
+    cells = [
+        cell("inference", 10.0, 1600.0),
+        cell("tent", 25.0, 640.0),
+        cell("reference_tent", 20.0, 800.0),
+        cell("tent", 30.0, 100.0, prec="bf16"),  # no bf16 baseline in this run
+        cell("inference", None, None, bs=64, error="OutOfMemoryError: ..."),
+        cell("norm", 40.0, 1600.0, bs=64),
+    ]
+    attach_ratios(cells)
+    assert [c["ratio_to_inference"] for c in cells] == [1.0, 2.5, 2.0, None, None, None]
+    assert [c["ratio_to_reference"] for c in cells] == [None, 0.8, 1.0, None, None, None]
+
+
+def test_autograd_report_block1_saves_less_and_grads_only_block1():
+    from tta_surgical.models import block_map, create_model
+
+    torch.manual_seed(0)
+    model, _ = create_model("resnet20", pretrained=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rep = {m: autograd_report(model, m, x) for m in ("surgical:block1", "surgical:all", "tent")}
+    for k, v in model.state_dict().items():  # reports run on copies
+        assert torch.equal(v, before[k]), k
+
+    b1, full, tent = rep["surgical:block1"], rep["surgical:all"], rep["tent"]
+    block1 = block_map(model)["block1"]
+    assert b1["grad_blocks"] == {"block1": len(block1)} and b1["grad_params"] == len(block1) == 18
+    assert b1["grad_numel"] == sum(dict(model.named_parameters())[n].numel() for n in block1)
+    assert full["grad_params"] == len(list(model.parameters())) == 59
+    assert tent["grad_params"] == 38
+    assert b1["frozen_with_grad"] == full["frozen_with_grad"] == tent["frozen_with_grad"] == 0
+    # Autograd records nothing before the first tensor that requires a gradient: adapting block 1 skips the stem.
+    assert b1["saved_tensors"] < full["saved_tensors"] and b1["saved_mb"] < full["saved_mb"]
+    assert b1["unpacked_tensors"] == b1["saved_tensors"]  # the backward reads everything it saved
+    # Weight gradients only where parameters adapt: block 1's backward is cheaper than all blocks'.
+    assert 0 < b1["backward_gflops"] < full["backward_gflops"]
+    assert b1["forward_gflops"] == full["forward_gflops"] > 0
+
+
+def test_autograd_report_on_a_built_method_resets_it():
+    from tta_surgical.config import MethodConfig
+    from tta_surgical.methods import build_method
+    from tta_surgical.models import create_model
+
+    torch.manual_seed(0)
+    model, _ = create_model("resnet20", pretrained=False)
+    method = build_method(model, MethodConfig(name="surgical", blocks=("block3",), kind="norm"))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = autograd_report(model, method, batch_size=2)
+    assert rep["grad_blocks"] == {"block3": 12} and rep["autograd_batch_size"] == 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, start[k]), k
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    from tta_surgical.commands import bench as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.configure(parser)
+    parser.set_defaults(_main=cmd.main)
+    return parser
+
+
+def test_cli_options_map_onto_the_spec():
+    from tta_surgical.commands.bench import spec_from_args
+
+    args = _bench_parser().parse_args(
+        ["--models", "resnet20,resnet32", "--methods", "tent", "surgical:block1,autorgn", "--batch-sizes", "1,16",
+         "64", "--precision", "fp32,bf16", "--channels-last", "--warmup", "3", "--iters", "7", "--device", "cpu"]
+    )  # fmt: skip
+    spec = spec_from_args(args)
+    assert spec.models == ("resnet20", "resnet32")
+    assert spec.methods == ("tent", "surgical:block1", "autorgn")
+    assert spec.batch_sizes == (1, 16, 64) and spec.precisions == ("fp32", "bf16")
+    assert spec.channels_last and not spec.compile and (spec.warmup, spec.iters) == (3, 7)
+    quick = spec_from_args(_bench_parser().parse_args(["--quick", "--iters", "1"]))
+    assert quick.methods == bench.QUICK_METHODS and quick.batch_sizes == (16,) and quick.device == "cpu"
+    assert (quick.warmup, quick.iters) == (2, 1)
+    with pytest.raises(ValueError, match="integers"):
+        spec_from_args(_bench_parser().parse_args(["--batch-sizes", "big"]))
+
+
+def test_cli_end_to_end_quick(tmp_path, monkeypatch, capsys):
+    from tta_surgical import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "bench", "tta_surgical.commands.bench")
+    out = tmp_path / "q"
+    rc = cli.main(["bench", "--quick", "--threads", "1", "--warmup", "0", "--iters", "1", "--no-autograd",
+                   "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert [c["method"] for c in data["cells"]] == list(bench.QUICK_METHODS)
+    assert all(c["error"] is None and c["batch_size"] == 16 for c in data["cells"])
+    assert data["cells"][0]["ratio_to_inference"] == 1.0
+    assert not any(isinstance(v, float) and math.isnan(v) for c in data["cells"] for v in c["latency_ms"].values())
+    printed = capsys.readouterr().out
+    assert "| resnet20 | reference_tent | 16 |" in printed and "4 cells, 0 failed" in printed
+    assert (out / "bench.md").is_file()
+
+
+def test_latency_script_wraps_the_cli(tmp_path):
+    spec = importlib.util.spec_from_file_location("latency_script", REPO / "benchmarks" / "latency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.DEFAULT_OUT == REPO / "benchmarks" / "out" / "latency"
+    rc = mod.main(["--quick", "--methods", "inference", "--warmup", "0", "--iters", "1", "--threads", "1",
+                   "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    cells = json.loads((tmp_path / "bench.json").read_text())["cells"]
+    assert [c["method"] for c in cells] == ["inference"]

@@ -1,0 +1,443 @@
+"""Run the cells of a sweep: in this process, in local worker subprocesses, or as Ray tasks; then merge.
+
+Launchers differ only in where `execute_cell` runs:
+
+- local, one slot (default without several GPUs): cells one after another in this process.
+- local, N slots (`max_parallel=N`, or one per GPU when several exist): N long-lived worker subprocesses
+  (`tta_surgical.sweep.worker`), each with `CUDA_VISIBLE_DEVICES` set to its GPU when there are GPUs and
+  `OMP_NUM_THREADS` to the cell's CPU count. A worker that dies mid-cell (killed, out of memory, segfault) is
+  replaced and the cell resubmitted, up to `retries` more times.
+- ray: one Ray task per cell with the sweep's `num_cpus` / `num_gpus` and `max_retries=retries` (Ray re-runs a
+  task whose worker died); Ray is imported only here.
+
+A Python exception inside a cell is deterministic (a bug, a bad path): the cell fails at once, without retries,
+as Ray does by default. Finished cells (a `DONE` file in `OUT/cells/<id>/`) are skipped with `resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cell import DONE_FILE, LOG_FILE, execute_cell, read_done, runner_path, runner_spec, write_result
+from .merge import CELLS_DIR, cell_dir, merge
+from .spec import Cell, Sweep
+
+__all__ = ["LAUNCHERS", "Failure", "SweepResult", "cell_tasks", "gpu_ids", "run_sweep"]
+
+LAUNCHERS = ("local", "ray")
+RAY_HINT = "the ray launcher needs Ray: pip install 'tta-surgical[ray]' (or pip install 'ray>=2.9')"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A cell that did not finish: why, and where its log is."""
+
+    cell: Cell
+    reason: str
+    log: Path
+
+
+@dataclass
+class SweepResult:
+    """What a sweep session did: cells run now, skipped as finished, failed; the merged lines."""
+
+    out: Path
+    n_cells: int
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def gpu_ids() -> list[str]:
+    """The GPUs a local launcher may hand out: `CUDA_VISIBLE_DEVICES` when set, else 0..count-1."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no torch CUDA build, no driver: no GPUs to hand out
+        return []
+
+
+def cell_tasks(
+    sweep: Sweep,
+    out: Path,
+    cells: Sequence[Cell],
+    *,
+    data_root: str | os.PathLike | None = None,
+    frost_dir: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """The plain-data task of each cell (what `execute_cell` takes), with absolute paths."""
+    return [
+        {
+            "id": c.id,
+            "index": c.index,
+            "kind": sweep.kind,
+            "config": c.config,
+            "out_dir": str(cell_dir(out, c).resolve()),
+            "data_root": str(Path(data_root).resolve()) if data_root else None,
+            "frost_dir": str(Path(frost_dir).resolve()) if frost_dir else None,
+            "threads": sweep.resources.threads,
+        }
+        for c in cells
+    ]
+
+
+def _write_plan(sweep: Sweep, out: Path) -> None:
+    """OUT/plan.json: the expanded cells (index, id, axis values), for people and tools reading the folder."""
+    from .cell import atomic_write_text
+
+    plan = {
+        "name": sweep.name,
+        "kind": sweep.kind,
+        "source": str(sweep.source) if sweep.source else None,
+        "base": str(sweep.base) if sweep.base else None,
+        "stream": str(sweep.stream) if sweep.stream else None,
+        "overrides": list(sweep.overrides),
+        "axes": list(sweep.axis_keys),
+        "resources": {"num_gpus": sweep.resources.num_gpus, "num_cpus": sweep.resources.num_cpus},
+        "retries": sweep.retries,
+        "cells": [{"cell": c.index, "id": c.id, "axes": c.axes} for c in sweep.cells],
+    }
+    atomic_write_text(out / "plan.json", json.dumps(plan, indent=1) + "\n")
+
+
+def run_sweep(
+    sweep: Sweep,
+    out: str | os.PathLike,
+    *,
+    launcher: str = "local",
+    max_parallel: int | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    data_root: str | os.PathLike | None = None,
+    frost_dir: str | os.PathLike | None = None,
+    runner: Callable[..., Any] | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Run every unfinished cell of `sweep` into `out/cells/<id>/`, then merge into `out/sweep.jsonl` etc.
+
+    launcher: `local` or `ray` (see the module docstring). max_parallel: local worker subprocesses (default:
+    one per GPU when several exist, else 1 = in this process); for ray, the CPUs of a cluster started on demand
+    and a cap on cells in flight. address: a running Ray cluster (`HEAD:6379` or `auto`).
+    resume: skip finished cells; without it, an `out` that already holds cells is an error.
+    runner: `runner(kind, config, out_dir, data_root=, frost_dir=) -> summary` (default: `run_cell`, the real
+    engine / finetune); the local subprocess launcher needs it importable by module path.
+    """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher {launcher!r} is not valid; choose one of: {', '.join(LAUNCHERS)}")
+    if max_parallel is not None and max_parallel < 1:
+        raise ValueError(f"max_parallel must be >= 1, got {max_parallel}")
+    out = Path(out)
+    cells_root = out / CELLS_DIR
+    if not resume and cells_root.is_dir() and any(cells_root.iterdir()):
+        raise FileExistsError(
+            f"{out} already holds sweep cells; pass --resume to skip the finished ones and continue the others, "
+            "or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    _write_plan(sweep, out)
+    result = SweepResult(out=out, n_cells=len(sweep.cells))
+    todo = []
+    for cell in sweep.cells:
+        if read_done(cell_dir(out, cell)) is not None:
+            result.skipped.append(cell.id)
+        else:
+            todo.append(cell)
+    tasks = cell_tasks(sweep, out, todo, data_root=data_root, frost_dir=frost_dir)
+    by_id = {c.id: c for c in todo}
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress must never break a sweep
+        tqdm = None
+    bar = (
+        tqdm(total=len(sweep.cells), initial=len(result.skipped), desc=sweep.name, unit="cell", disable=not progress)
+        if tqdm is not None
+        else None
+    )
+
+    def finished(cell_id: str, error: str | None) -> None:
+        if error is None:
+            result.ran.append(cell_id)
+        else:
+            cell = by_id[cell_id]
+            result.failed.append(Failure(cell, error, cell_dir(out, cell) / LOG_FILE))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(failed=len(result.failed), refresh=False)
+
+    t0 = time.perf_counter()
+    session: dict[str, Any] = {"launcher": launcher}
+    try:
+        if tasks:
+            if launcher == "ray":
+                session.update(_launch_ray(sweep, tasks, runner, address, max_parallel, finished))
+            else:
+                gpus = gpu_ids()
+                n = max_parallel if max_parallel is not None else (len(gpus) if len(gpus) > 1 else 1)
+                session["workers"] = n
+                if n == 1 and len(gpus) <= 1:
+                    _launch_inline(tasks, runner, finished)
+                else:
+                    session["gpus"] = gpus
+                    _launch_pool(tasks, runner, n, gpus, sweep.retries, out, finished)
+    finally:
+        if bar is not None:
+            bar.close()
+        result.wall_s = time.perf_counter() - t0
+        session["wall_s"] = round(result.wall_s, 3)
+        session["cells_run"] = len(result.ran)
+        result.lines = merge(sweep, out, failed=[f.cell.id for f in result.failed], session=session)
+    # Report failures in sweep order, whatever order they happened in.
+    result.failed.sort(key=lambda f: f.cell.index)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- local, inline
+
+
+def _launch_inline(tasks: list[dict[str, Any]], runner: Callable[..., Any] | None, finished: Callable) -> None:
+    for task in tasks:
+        try:
+            execute_cell(task, runner)
+        except Exception as err:  # one failed cell must not stop the others; its traceback is in its log
+            finished(task["id"], f"{type(err).__name__}: {err}")
+        else:
+            finished(task["id"], None)
+
+
+# ---------------------------------------------------------------------------------------------- local, workers
+
+
+def _worker_env(gpu: str | None, threads: int, extra_path: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    package_root = str(Path(__file__).resolve().parents[2])
+    paths = [p for p in (extra_path, package_root, env.get("PYTHONPATH")) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def _launch_pool(
+    tasks: list[dict[str, Any]],
+    runner: Callable[..., Any] | None,
+    n_workers: int,
+    gpus: list[str],
+    retries: int,
+    out: Path,
+    finished: Callable,
+) -> None:
+    """N slots, each a thread driving one worker subprocess; dead workers are replaced, their cell resubmitted."""
+    from .cell import atomic_write_text, run_cell
+
+    runner = runner or run_cell
+    spec, extra_path = runner_spec(runner), runner_path(runner)
+    pending: deque[tuple[dict[str, Any], int]] = deque((t, 1) for t in tasks)
+    events: queue.Queue[tuple[str, str | None]] = queue.Queue()
+    cond = threading.Condition()
+    left = [len(tasks)]
+    procs: dict[int, subprocess.Popen] = {}
+    logs_dir = out / "workers"
+    logs_dir.mkdir(parents=True, exist_ok=True)
+
+    def spawn(slot: int, threads: int) -> subprocess.Popen:
+        gpu = gpus[slot % len(gpus)] if gpus else None
+        log = open(logs_dir / f"worker{slot}.log", "ab")  # noqa: SIM115 (the child owns it; closed below)
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", "tta_surgical.sweep.worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=_worker_env(gpu, threads, extra_path),
+                text=True,
+                bufsize=1,
+            )
+        finally:
+            log.close()
+
+    def slot_loop(slot: int) -> None:
+        proc: subprocess.Popen | None = None
+        try:
+            while True:
+                with cond:
+                    while not pending and left[0] > 0:
+                        cond.wait()
+                    if not pending:
+                        return
+                    task, attempt = pending.popleft()
+                task = {**task, "runner": spec, "sys_path": [extra_path] if extra_path else [], "attempt": attempt}
+                task_path = Path(task["out_dir"]) / "task.json"
+                atomic_write_text(task_path, json.dumps(task) + "\n")
+                if proc is None or proc.poll() is not None:
+                    proc = spawn(slot, int(task["threads"]))
+                    procs[slot] = proc
+                try:
+                    proc.stdin.write(str(task_path) + "\n")
+                    proc.stdin.flush()
+                    line = proc.stdout.readline()
+                except (BrokenPipeError, OSError):
+                    line = ""
+                if not line:  # the worker died mid-cell
+                    code = proc.wait()
+                    proc = None
+                    if attempt <= retries:
+                        with cond:
+                            pending.append((task, attempt + 1))
+                            cond.notify_all()
+                        continue
+                    events.put((task["id"], f"worker died (exit code {code}) on all {attempt} attempts"))
+                else:
+                    reply = json.loads(line)
+                    events.put((task["id"], None if reply.get("status") == "done" else reply.get("error", "failed")))
+                with cond:
+                    left[0] -= 1
+                    cond.notify_all()
+        except BaseException as err:  # never leave the main loop waiting on a dead slot thread
+            with cond:
+                left[0] = 0
+                cond.notify_all()
+            events.put(("", f"slot {slot} crashed: {err!r}"))
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    threads = [threading.Thread(target=slot_loop, args=(i,), daemon=True) for i in range(min(n_workers, len(tasks)))]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(len(tasks)):
+            cell_id, error = events.get()
+            if not cell_id:
+                raise RuntimeError(error)
+            finished(cell_id, error)
+    finally:
+        with cond:
+            if left[0] > 0:  # interrupted: stop the workers, the cells stay resumable
+                pending.clear()
+                left[0] = 0
+                for proc in procs.values():
+                    if proc.poll() is None:
+                        proc.kill()
+            cond.notify_all()
+        for t in threads:
+            t.join(timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------- ray
+
+
+def _ray_execute(task: dict[str, Any], runner: Callable[..., Any] | dict[str, Any] | None) -> dict[str, Any]:
+    """The body of a Ray task: the same `execute_cell` as the local launchers.
+
+    runner: None (the real `run_cell`), a callable Ray shipped by value, or {"spec": "module:name", "path": dir}
+    for a module-level runner outside this package (imported here; Ray would pickle it by module name, which a
+    worker can import only when the module is on its path).
+    """
+    if isinstance(runner, dict):
+        from .cell import resolve_runner
+
+        if runner.get("path") and runner["path"] not in sys.path:
+            sys.path.insert(0, runner["path"])
+        runner = resolve_runner(runner["spec"])
+    return execute_cell(task, runner)
+
+
+def _ray_runner(runner: Callable[..., Any] | None) -> Callable[..., Any] | dict[str, Any] | None:
+    if runner is None:
+        return None
+    try:
+        spec = runner_spec(runner)
+    except ValueError:  # defined in __main__ or a closure: cloudpickle ships the function itself
+        return runner
+    path = runner_path(runner)
+    return {"spec": spec, "path": path} if path else runner
+
+
+def _launch_ray(
+    sweep: Sweep,
+    tasks: list[dict[str, Any]],
+    runner: Callable[..., Any] | None,
+    address: str | None,
+    max_parallel: int | None,
+    finished: Callable,
+) -> dict[str, Any]:
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError(RAY_HINT) from err
+    res = sweep.resources
+    started = not ray.is_initialized()
+    if started:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=max_parallel or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    try:
+        total = ray.cluster_resources()
+        if res.num_gpus > total.get("GPU", 0):
+            raise ValueError(
+                f"each cell asks for {res.num_gpus:g} GPU(s) (resources.num_gpus) but the Ray cluster has "
+                f"{total.get('GPU', 0):g}; add GPU workers (ray start --address=... --num-gpus=N) or set "
+                "resources.num_gpus=0"
+            )
+        if res.num_cpus > total.get("CPU", 0):
+            raise ValueError(
+                f"each cell asks for {res.num_cpus:g} CPUs (resources.num_cpus) but the Ray cluster has "
+                f"{total.get('CPU', 0):g}; lower resources.num_cpus or add workers"
+            )
+        remote = ray.remote(_ray_execute).options(
+            num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=sweep.retries, retry_exceptions=False
+        )
+        shipped = _ray_runner(runner)
+        waiting = deque(tasks)
+        limit = max_parallel if (max_parallel and address) else len(tasks)
+        running: dict[Any, dict[str, Any]] = {}
+        while waiting or running:
+            while waiting and len(running) < limit:
+                task = waiting.popleft()
+                running[remote.remote(task, shipped)] = task
+            ready, _ = ray.wait(list(running), num_returns=1)
+            task = running.pop(ready[0])
+            try:
+                value = ray.get(ready[0])
+            except ray.exceptions.RayError as err:
+                cause = getattr(err, "cause", None)
+                text = f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(err).__name__}"
+                finished(task["id"], text.splitlines()[0][:500])
+                continue
+            # Without a shared filesystem the task wrote DONE on its node; record it here too.
+            folder = Path(task["out_dir"])
+            if not (folder / DONE_FILE).is_file():
+                write_result(folder, value["done"], value["timing"])
+            finished(task["id"], None)
+        return {"ray_address": "on-demand" if started and not address else "cluster" if address else "existing"}
+    finally:
+        if started:
+            ray.shutdown()
