@@ -83,8 +83,26 @@ def _dry_run(sweep, out: Path) -> int:
         n_done += done
         values = "  ".join(f"{k}={format_value(v)}" for k, v in cell.axes.items())
         print(f"  {cell.index:4d}  {cell.id}  {'done ' if done else '     '} {values}")
-    print(f"{n_done} finished, {len(sweep.cells) - n_done} to run")
+    left = len(sweep.cells) - n_done
+    print(f"{n_done} finished, {left} to run")
+    mean = _mean_cell_seconds(out)
+    if mean is not None and left:
+        print(
+            f"estimated cost: {left} cells x {mean:.1f} s (mean wall time of the finished cells, timings.json) = "
+            f"{left * mean / 3600:.2f} worker-hours; divide by the number of parallel workers"
+        )
     return 0
+
+
+def _mean_cell_seconds(out: Path) -> float | None:
+    """The mean per-cell wall time recorded in OUT/timings.json by an earlier session, if any."""
+    import json
+
+    try:
+        value = json.loads((out / "timings.json").read_text(encoding="utf-8")).get("cell_wall_s_mean")
+    except (OSError, ValueError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def main(args: argparse.Namespace) -> int:

@@ -231,11 +231,15 @@ def _pil_resample_axis(x: Tensor, out_size: int, dim: int) -> Tensor:
     cumulative sums. int32 is exact: weight * window sum <= 255 * (2**22 + window) < 2**31.
     """
     lo, hi, wt, single = _pil_box_windows(x.shape[dim], out_size, x.device)
+
+    def take(t: Tensor, idx: Tensor) -> Tensor:  # advanced indexing: index_select on dim -2 is ~20x slower on CPU
+        return t[..., idx] if dim == -1 else t[..., idx, :]
+
     if single:  # weight 2**22: (v * 2**22 + 2**21) >> 22 == v
-        return x.index_select(dim, lo)
+        return take(x, lo)
     zero = torch.zeros_like(x.narrow(dim, 0, 1))
     cs = torch.cat((zero, x.cumsum(dim, dtype=torch.int32)), dim)
-    window = cs.index_select(dim, hi) - cs.index_select(dim, lo)
+    window = take(cs, hi) - take(cs, lo)
     wt = wt if dim == -1 else wt.view(-1, 1)
     return ((window * wt + (1 << (_PIL_PRECISION_BITS - 1))) >> _PIL_PRECISION_BITS).clamp_(0, 255)
 

@@ -59,8 +59,10 @@ def _cell_text(v: Any) -> str:
     return format_value(v).replace("|", "\\|")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], n_left: int) -> str:
-    sep = ["---" if i < n_left else "---:" for i in range(len(header))]
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], n_left: int, n_right: int | None = None) -> str:
+    """A Markdown table: the first `n_left` columns left-aligned, the next `n_right` (default: all) right-aligned."""
+    n_right = len(header) - n_left if n_right is None else n_right
+    sep = ["---:" if n_left <= i < n_left + n_right else "---" for i in range(len(header))]
     return "\n".join(["| " + " | ".join(r) + " |" for r in [list(header), sep, *rows]])
 
 
@@ -104,7 +106,7 @@ def summary_markdown(sweep: Sweep, lines: Sequence[Mapping[str, Any]]) -> str:
         rows.append([str(line["cell"]), f"`{line['id']}`", *axes, *[_fmt(get(m)) for _, get, _ in columns], *status])
     width = 2 + len(keys) + len(columns)
     rows = [r + [""] * (width + 1 - len(r)) for r in rows]
-    parts.append(_table(["#", "id", *keys, *[c for c, _, _ in columns], "note"], rows, 2 + len(keys)))
+    parts.append(_table(["#", "id", *keys, *[c for c, _, _ in columns], "note"], rows, 2 + len(keys), len(columns)))
 
     seeds = [k for k in sweep.seed_axes]
     group_keys = [k for k in keys if k not in seeds]
