@@ -270,6 +270,23 @@ def test_merge_is_independent_of_completion_order(tmp_path):
     assert "mean error % over stream.seed" in md and "stream.domains (rows) x method.blocks (columns)" in md
 
 
+def test_finetune_sweep_merges_per_option_accuracy(tmp_path):
+    sweep = load_sweep(REPO / "configs" / "sweeps" / "finetune_blocks_small.yaml")
+    assert sweep.seed_axes == ("finetune.seeds",)
+    assert sweep.cells[1].config["finetune"]["corruptions"] == ["gaussian_noise"]
+    assert sweep.cells[1].config["finetune"]["seeds"] == [1]
+    for cell in sweep.cells:
+        acc = {"input": 50.0 + cell.index, "all": 60.0 - cell.index}
+        write_result(
+            cell_dir(tmp_path, cell), {"id": cell.id, "kind": "finetune", "metrics": {"mean_accuracy": acc}}, {}
+        )
+    merge(sweep, tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| acc % input | acc % all |" in md
+    assert "acc % input over finetune.seeds" in md
+    assert "| gaussian_noise | 50.50 | 0.71 | 2 |" in md  # cells 0 and 1: 50 and 51
+
+
 def fake_runner_metrics(cell) -> dict:
     h = int(cell.id[:6], 16)
     return {"mean_error": h % 100 / 3, "online_error": 1.0, "errors": {"x": 1.0}}

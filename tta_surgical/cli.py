@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "run": "tta_surgical.commands.run",
     "compare": "tta_surgical.commands.compare",
     "finetune": "tta_surgical.commands.finetune",
+    "sweep": "tta_surgical.commands.sweep",
     "report": "tta_surgical.commands.report",
     "bench": "tta_surgical.commands.bench",
     "make-cifar10c": "tta_surgical.commands.make_cifar10c",

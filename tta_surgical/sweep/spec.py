@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..config import ConfigError, load_yaml, parse_override, to_dict
 
 __all__ = [
@@ -316,7 +318,11 @@ def sweep_from_dict(
 def load_sweep(path: str | Path, *, overrides: Iterable[str] = (), check_models: bool = True) -> Sweep:
     """Read and validate a sweep file; `check_models` also checks block names / finetune options per model."""
     path = Path(path)
-    sweep = sweep_from_dict(load_yaml(path), source=path.resolve(), extra_overrides=overrides)
+    try:
+        data = load_yaml(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    sweep = sweep_from_dict(data, source=path.resolve(), extra_overrides=overrides)
     if check_models:
         check_cells(sweep)
     return sweep
