@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -67,7 +68,11 @@ def reference_tent(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compare the engine's tent with a plain reference Tent loop.")
-    parser.add_argument("--data-root", default=None, help="folder holding cifar-10-batches-py/ and weights/")
+    parser.add_argument(
+        "--data-root",
+        default=os.environ.get("TTA_SURGICAL_DATA"),
+        help="folder holding cifar-10-batches-py/, weights/ and frost/ (default $TTA_SURGICAL_DATA)",
+    )
     parser.add_argument("--frost-dir", default=None, help="frost textures folder (default <data-root>/frost)")
     parser.add_argument("--stream", default=str(REPO / "streams" / "cifar10c_reset.yaml"), help="stream YAML")
     parser.add_argument("--config", default=str(REPO / "configs" / "tent.yaml"), help="tent config YAML")
