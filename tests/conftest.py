@@ -19,6 +19,16 @@ def _shared_data() -> Path | None:
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tests use tiny tensors: one intra-op thread is faster than a contended pool on small shared machines
+    (10-30x here) and makes timings of the suite predictable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The shared real-data folder; tests that need it are skipped with a clear reason when it is absent."""

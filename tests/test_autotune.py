@@ -28,14 +28,6 @@ from tta_surgical.models import BlockSpec, block_map, block_names, create_model,
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyNet(nn.Module):
     """conv-bn stem, one conv stage, linear head; non-trivial BN statistics and affines."""
 

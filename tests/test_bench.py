@@ -34,15 +34,6 @@ CELL_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread (what the harness is asked for here; it also keeps these tests fast on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> BenchSpec:
     base = {"batch_sizes": (4,), "warmup": 1, "iters": 2, "autograd": False}
     base.update(kw)

@@ -25,15 +25,6 @@ from tta_surgical.corruptions.params import PRESETS
 NAMES = ("snow", "frost", "fog", "spatter")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared machine, contended thread pools make these tiny ops 10-100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _run(x, name, s, seed, frost_dir, preset="auto"):
     return corrupt(x, name, s, make_generator(seed), frost_dir=frost_dir if name == "frost" else None, preset=preset)
 

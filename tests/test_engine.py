@@ -42,14 +42,6 @@ SUMMARY_KEYS = {
 LINE_KEYS = {"batch_index", "domain", "severity", "correct", "count", "loss", "latency_ms", "n_skipped"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _need_corruptions(*names: str) -> None:
     from tta_surgical.corruptions import CORRUPTIONS
 

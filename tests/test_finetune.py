@@ -32,8 +32,6 @@ from tta_surgical.finetune import (
 from tta_surgical.finetune import core as ft_core
 from tta_surgical.models import create_model, select_params
 
-torch.set_num_threads(1)
-
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "finetune.corruptions=[gaussian_noise,contrast]",

@@ -29,15 +29,6 @@ LABELS = np.repeat(np.arange(10), 100)  # 1,000 images, 100 per class, class-sor
 RNG_LABELS = np.random.default_rng(0).permutation(LABELS)  # an i.i.d.-looking test-set order
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only add contention (30x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def need(*names: str) -> None:
     missing = [n for n in names if n not in CORRUPTIONS]
     if missing:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from tta_surgical.config import ConfigError
@@ -32,14 +31,6 @@ from tta_surgical.sweep.cell import write_result
 REPO = Path(__file__).resolve().parents[1]
 BASE = str(REPO / "configs" / "surgical_block1.yaml")
 STREAM = str(REPO / "streams" / "cifar10c_reset.yaml")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
