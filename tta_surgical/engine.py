@@ -19,7 +19,6 @@ import math
 import os
 import platform
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ import yaml
 
 from . import __version__, hub
 from .config import Config, dump_yaml, to_dict
+from .fileio import atomic_write_bytes, atomic_write_text
 from .metrics import (
     BatchTimer,
     ErrorMeter,
@@ -147,24 +147,6 @@ def _normalise_tree(d: Any) -> Any:
     return d
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via a temporary file in the same folder and rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def _truncate_lines(path: Path, n_lines: int) -> list[dict[str, Any]]:
     """Keep the first `n_lines` lines of a JSONL file (drop what came after the checkpoint); return them."""
     if not path.is_file():
@@ -177,7 +159,7 @@ def _truncate_lines(path: Path, n_lines: int) -> list[dict[str, Any]]:
     kept = [line for line in raw if line.strip()][:n_lines]
     if len(kept) < n_lines:
         raise OSError(f"{path} holds {len(kept)} complete lines but the checkpoint expects {n_lines}; start afresh")
-    _atomic_write_bytes(path, lambda f: f.write(b"".join(line + b"\n" for line in kept)))
+    atomic_write_bytes(path, lambda f: f.write(b"".join(line + b"\n" for line in kept)))
     return [json.loads(line) for line in kept]
 
 
@@ -340,7 +322,7 @@ def run(
             "peak_memory_mb": max(peak, peak_before),
             "stream_fingerprint": fingerprint,
         }
-        _atomic_write_bytes(state_path, lambda f: torch.save(state, f))
+        atomic_write_bytes(state_path, lambda f: torch.save(state, f))
 
     reset_peak_memory(device)
     t_wall = time.perf_counter()
@@ -440,8 +422,8 @@ def run(
         "versions": {"tta_surgical": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     summary = json_safe(summary)
-    _atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    _atomic_write_text(out / SUMMARY_MD, summary_markdown(summary))
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / SUMMARY_MD, summary_markdown(summary))
     return summary
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..corruptions import ALL_CORRUPTIONS, CORRUPTIONS, check_severity, corrupt, make_generator, to_uint8
+from ..fileio import atomic_write_text
 from .cifar import load_cifar10, sidecar_path
 
 FORMAT_VERSION = 1
@@ -66,12 +67,6 @@ def _is_complete(out: Path, corruption: str, settings: dict) -> bool:
         and same
         and arr.shape == (len(settings["severities"]) * settings["n_images"], 32, 32, 3)
     )
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def make_cifar10c(
@@ -136,7 +131,7 @@ def make_cifar10c(
         del arr
         os.replace(tmp, out / f"{c}.npy")
         meta = dict(settings, complete=True, device=str(device), torch=torch.__version__, tta_surgical=__version__)
-        _atomic_json(sidecar_path(out, c), meta)
+        atomic_write_text(sidecar_path(out, c), json.dumps(meta, indent=1))
         status[c] = "written"
     bar.close()
     return status

@@ -13,12 +13,13 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
+
+from ..fileio import atomic_write_text
 
 __all__ = [
     "DONE_FILE",
@@ -116,21 +117,6 @@ def key_metrics(kind: str, summary: Mapping[str, Any]) -> dict[str, Any]:
 
 def timing_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in TIMING_METRICS if k in summary}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and `os.replace`, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_done(folder: Path) -> dict[str, Any] | None:
