@@ -83,7 +83,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.name:
-            raise ConfigError("model.name must be a non-empty model name (see `tta-surgical blocks --list`)")
+            raise ConfigError("model.name must be a non-empty model name (see `tta-surgical blocks --help`)")
         if isinstance(self.pretrained, str) and not self.pretrained:
             raise ConfigError("model.pretrained must be true, false or a checkpoint path, got an empty string")
 

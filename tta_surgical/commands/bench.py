@@ -31,7 +31,11 @@ def _ints(values: list[str] | None) -> tuple[int, ...] | None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--models", nargs="+", metavar="NAME", default=None, help="model names (default resnet20; see `blocks --list`)"
+        "--models",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="model names (default resnet20; see `tta-surgical blocks --help`)",
     )
     parser.add_argument(
         "--methods",
