@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tta_surgical.corruptions import BENCHMARK_CORRUPTIONS, corrupt, make_generator, to_uint8
+from tta_surgical.corruptions.textures import default_frost_dir
 from tta_surgical.data.cifar import find_cifar10, load_cifar10, load_cifar10c
 from tta_surgical.data.make_cifar10c import batch_seed
 from tta_surgical.models import create_model
@@ -71,7 +72,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     root = find_cifar10(args.data_root)
-    frost_dir = args.frost_dir or (str(Path(args.data_root) / "frost") if args.data_root else None)
+    frost_dir = default_frost_dir(args.frost_dir, args.data_root)
     model, info = create_model(args.model, data_root=args.data_root)
     model.eval().to(device)
     clean, labels = load_cifar10(root)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from tta_surgical.corruptions import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, corrupt, make_generator
+from tta_surgical.corruptions.textures import default_frost_dir
 
 
 def _sync(device: torch.device) -> None:
@@ -121,7 +122,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.batch32, args.batch224, args.repeats, args.ref_images = 100, 8, 1, 1
-    frost_dir = args.frost_dir or (str(Path(args.data_root) / "frost") if args.data_root else None)
+    frost_dir = default_frost_dir(args.frost_dir, args.data_root)
     names = list(ALL_CORRUPTIONS) if args.corruptions == "all" else args.corruptions.split(",")
     device = torch.device(args.device)
     x32 = sample_images(args.batch32, 32, args.data_root).to(device)

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tta_surgical.corruptions.textures import default_frost_dir
+
 REPO = Path(__file__).resolve().parents[1]
 
 try:
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, stream=args.stream, overrides=overrides)
     if cfg.method.name != "tent":
         raise SystemExit(f"{args.config} is not a tent config (method.name={cfg.method.name})")
-    frost = args.frost_dir or (str(Path(args.data_root) / "frost") if args.data_root else None)
+    frost = default_frost_dir(args.frost_dir, args.data_root)
     device = pick_device(cfg.runtime.device)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -50,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from tta_surgical.corruptions.textures import default_frost_dir
     from tta_surgical.sweep import load_sweep, run_sweep
 
     overrides = [o for o in args.overrides if "=" in o]
     sweep = load_sweep(args.file, overrides=overrides)
     data_root = args.data_root if args.data_root and Path(args.data_root).is_dir() else None
-    frost = str(Path(data_root) / "frost") if data_root and (Path(data_root) / "frost").is_dir() else None
+    frost = default_frost_dir(None, data_root)
     print(f"sweep {sweep.name}: {len(sweep.cells)} cells, launcher {args.launcher}, workers {args.workers}")
     rows, merged = [], {}
     with tempfile.TemporaryDirectory(prefix="sweep_wall_") as tmp:

@@ -133,3 +133,17 @@ def test_cuda_parity(name: str, images32: torch.Tensor, frost_or_none) -> None:
         else:
             dc, dg = (yc - x).abs().mean(), (yg.cpu() - x).abs().mean()
             assert abs(dc - dg) < 0.25 * dc + 1e-3
+
+
+def test_default_frost_dir(tmp_path, monkeypatch) -> None:
+    """Explicit folder wins; else <data root>/frost when it exists (explicit root or $TTA_SURGICAL_DATA); else None."""
+    from tta_surgical.corruptions.textures import default_frost_dir
+
+    monkeypatch.delenv("TTA_SURGICAL_DATA", raising=False)
+    assert default_frost_dir(None, tmp_path) is None
+    (tmp_path / "frost").mkdir()
+    assert default_frost_dir(None, tmp_path) == tmp_path / "frost"
+    assert default_frost_dir(tmp_path / "mine", tmp_path) == tmp_path / "mine"
+    assert default_frost_dir(None, None) is None
+    monkeypatch.setenv("TTA_SURGICAL_DATA", str(tmp_path))
+    assert default_frost_dir(None, None) == tmp_path / "frost"

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__, hub
+from . import __version__
 from .config import Config, dump_yaml, to_dict
+from .corruptions.textures import default_frost_dir
 from .fileio import atomic_write_bytes, atomic_write_text
 from .metrics import (
     BatchTimer,
@@ -270,9 +271,7 @@ def run(
     if rt.compile:
         # In-place compile keeps parameter names (block maps match on them) and the state_dict keys.
         model.compile()
-    local = hub.data_root(data_root)  # explicit, else $TTA_SURGICAL_DATA
-    if frost_dir is None and local is not None and (local / "frost").is_dir():
-        frost_dir = local / "frost"  # an offline data folder carries the textures too
+    frost_dir = default_frost_dir(frost_dir, data_root)
     stream = build_stream(cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir)
     n_batches = len(stream)
     multi = _multi_severity(stream, cfg.stream)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .run import add_common_options, resolve_frost_dir, resolve_overrides
+from .run import add_common_options, resolve_overrides
 
 HELP = "run several configs over the same stream and tabulate their errors side by side"
 DESCRIPTION = (
@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
             data_root=args.data_root,
             resume=not args.fresh,
             overwrite=args.fresh,
-            frost_dir=resolve_frost_dir(args),
+            frost_dir=args.frost_dir,
         )
 
     table = compare_markdown(summaries)

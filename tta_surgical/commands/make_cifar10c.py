@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 HELP = "generate CIFAR-10-C (official .npy layout) from the CIFAR-10 test set"
 DESCRIPTION = (
@@ -63,6 +62,7 @@ def parse_corruptions(text: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..corruptions.textures import default_frost_dir
     from ..data.cifar import find_cifar10
     from ..data.make_cifar10c import make_cifar10c
     from ..engine import pick_device
@@ -73,9 +73,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--severities must be integers in 1..5 separated by commas, got {args.severities!r}"
         ) from None
-    frost_dir = args.frost_dir
-    if frost_dir is None and args.data_root and (Path(args.data_root) / "frost").is_dir():
-        frost_dir = Path(args.data_root) / "frost"  # the shared data layout: textures beside the datasets
+    frost_dir = default_frost_dir(args.frost_dir, args.data_root)
     status = make_cifar10c(
         find_cifar10(args.data_root),
         args.out,

@@ -313,6 +313,7 @@ def plot_report(comp: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..corruptions.textures import default_frost_dir
     from ..engine import finished_summary, pick_device, run
     from ..finetune import (
         TargetData,
@@ -338,9 +339,7 @@ def main(args: argparse.Namespace) -> int:
         pre.append(f"finetune.corruptions={json.dumps(_csv(args.corruptions))}")
     ft_cfg = load_finetune_config(args.finetune_config, [*pre, *sup_over])
     sec = ft_cfg.finetune
-    frost_dir = args.frost_dir
-    if frost_dir is None and args.data_root and (Path(args.data_root) / "frost").is_dir():
-        frost_dir = str(Path(args.data_root) / "frost")
+    frost_dir = default_frost_dir(args.frost_dir, args.data_root)
     device = pick_device(ft_cfg.runtime.device)
     target = TargetData(sec, data_root=args.data_root, frost_dir=frost_dir, device=device)
     if args.n_online is not None:

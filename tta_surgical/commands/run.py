@@ -74,14 +74,6 @@ def resolve_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def resolve_frost_dir(args: argparse.Namespace) -> Path | None:
-    if args.frost_dir:
-        return Path(args.frost_dir)
-    if args.data_root and (Path(args.data_root) / "frost").is_dir():
-        return Path(args.data_root) / "frost"
-    return None
-
-
 def default_out(config: str | os.PathLike, stream: str | os.PathLike | None) -> Path:
     return Path("runs") / f"{Path(config).stem}-{Path(stream).stem if stream else 'default'}"
 
@@ -98,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         out,
         data_root=args.data_root,
         resume=args.resume,
-        frost_dir=resolve_frost_dir(args),
+        frost_dir=args.frost_dir,
         overwrite=args.overwrite,
     )
     print(summary_markdown(summary))

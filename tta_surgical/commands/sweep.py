@@ -61,14 +61,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _frost_dir(args: argparse.Namespace) -> str | None:
-    if args.frost_dir:
-        return args.frost_dir
-    if args.data_root and (Path(args.data_root) / "frost").is_dir():
-        return str(Path(args.data_root) / "frost")
-    return None
-
-
 def _dry_run(sweep, out: Path) -> int:
     from ..sweep import cell_dir, format_value, read_done
 
@@ -124,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
             address=args.address,
             resume=args.resume,
             data_root=args.data_root,
-            frost_dir=_frost_dir(args),
+            frost_dir=args.frost_dir,
             progress=not args.no_progress,
         )
     except ImportError as err:

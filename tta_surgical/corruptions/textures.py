@@ -40,6 +40,20 @@ def _hint(name: str) -> str:
     )
 
 
+def default_frost_dir(
+    frost_dir: str | os.PathLike | None, data_root: str | os.PathLike | None = None
+) -> Path | None:
+    """The frost folder to use: `frost_dir` when given, else `<data root>/frost` when it exists (the data root
+    explicit or `$TTA_SURGICAL_DATA`: an offline data folder carries the textures beside the datasets), else None
+    (the verified download cache)."""
+    if frost_dir is not None:
+        return Path(frost_dir)
+    local = hub.data_root(data_root)
+    if local is not None and (local / "frost").is_dir():
+        return local / "frost"
+    return None
+
+
 def frost_paths(frost_dir: str | os.PathLike | None = None, names: tuple[str, ...] = FROST_USED) -> list[Path]:
     """Verified local paths of the frost textures `names` (default: the five the generators use).
 

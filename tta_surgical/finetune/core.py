@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from ..corruptions.textures import default_frost_dir
 from ..metrics import json_safe
 from .config import AUTO_OPTIONS, FinetuneConfig, FinetuneSection
 from .data import Split, TargetData, per_class_train, split_indices
@@ -459,12 +460,7 @@ def run_finetune(
     done = {cell_key(r) for r in done_records}
 
     device = pick_device(rt.device)
-    if frost_dir is None:
-        from .. import hub
-
-        local = hub.data_root(data_root)
-        if local is not None and (local / "frost").is_dir():
-            frost_dir = local / "frost"
+    frost_dir = default_frost_dir(frost_dir, data_root)
     model, info = create_model(
         cfg.model.name, pretrained=cfg.model.pretrained, data_root=data_root, allow_random=cfg.model.allow_random
     )
