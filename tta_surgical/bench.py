@@ -21,6 +21,12 @@ Methods (`--methods`, see `parse_method`):
   methods (also the test oracle of `benchmarks/reference_tent.py`); the `tent` cell's `ratio_to_reference` is
   our tent's images/s over this loop's.
 
+The fast path (`BenchSpec.channels_last`, on by default as in the engine; `compile`; `optim_implementation`,
+fused Adam by default) applies to the package's methods only. `inference` and `reference_tent` always run
+plain: contiguous memory, eager, fp32 unless the cell's precision says bf16, torch's default Adam. So
+`ratio_to_inference` is the cost over inference done the obvious way; the `source` method's cell (eval mode,
+`inference_mode`, the fast path) shows what inference itself gains from it.
+
 Results are rewritten (atomically) after every cell, so an interrupted run keeps what it measured, and a
 failing cell (out of memory, an unknown model, a `torch.compile` failure) records `error` and the run goes
 on. For the adapting methods a cell also carries `autograd_report`'s figures for one step: how many
@@ -217,7 +223,9 @@ class _Inference:
             return self.model(x)
 
 
-def _build_runner(model: nn.Module, ms: MethodSpec, autocast_dtype: torch.dtype | None) -> Any:
+def _build_runner(
+    model: nn.Module, ms: MethodSpec, autocast_dtype: torch.dtype | None, optim_implementation: str = "auto"
+) -> Any:
     """An object with `.model` and `.step(x)` for the method of a cell (configures `model` in place)."""
     if ms.kind == "inference":
         return _Inference(model, autocast_dtype)
@@ -226,7 +234,7 @@ def _build_runner(model: nn.Module, ms: MethodSpec, autocast_dtype: torch.dtype 
     from .config import OptimConfig
     from .methods import build_method
 
-    return build_method(model, ms.cfg, OptimConfig(), autocast_dtype=autocast_dtype)
+    return build_method(model, ms.cfg, OptimConfig(implementation=optim_implementation), autocast_dtype=autocast_dtype)
 
 
 def _autocast_dtype(precision: str) -> torch.dtype | None:
@@ -370,8 +378,11 @@ class BenchSpec:
     batch_sizes: tuple[int, ...] = (16, 64, 200)
     device: str = "auto"
     precisions: tuple[str, ...] = ("fp32",)
-    channels_last: bool = False
+    # The fast path, applied to the package's methods only: `inference` and `reference_tent` stay plain
+    # (contiguous, eager, torch's default Adam) so that every ratio is against the straightforward way of doing it.
+    channels_last: bool = True
     compile: bool = False
+    optim_implementation: str = "auto"
     warmup: int = 5
     iters: int = 30
     seed: int = 0
@@ -387,6 +398,13 @@ class BenchSpec:
             parse_method(m)  # unknown names fail before anything runs
         for p in self.precisions:
             _autocast_dtype(p)
+        from .config import OPTIM_IMPLEMENTATIONS
+
+        if self.optim_implementation not in OPTIM_IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown optimiser implementation {self.optim_implementation!r}; valid: "
+                + ", ".join(OPTIM_IMPLEMENTATIONS)
+            )
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be integers >= 1, got {list(self.batch_sizes)}")
         if self.warmup < 0 or self.iters < 1:
@@ -431,14 +449,16 @@ def _free(device: torch.device, collect: bool = False) -> None:
 
 
 def _new_cell(model: str, method: str, batch_size: int, device: torch.device, precision: str, spec: BenchSpec):
+    fast = parse_method(method).kind == "method"  # the baselines never take the fast path
     return {
         "model": model,
         "method": method,
         "batch_size": int(batch_size),
         "device": str(device),
         "precision": precision,
-        "channels_last": bool(spec.channels_last),
-        "compile": bool(spec.compile),
+        "channels_last": bool(spec.channels_last and fast),
+        "compile": bool(spec.compile and fast),
+        "optim_implementation": spec.optim_implementation if fast else None,
         "latency_ms": None,
         "images_per_s": None,
         "peak_memory_mb": None,
@@ -482,12 +502,12 @@ def _measure(
     torch.manual_seed(spec.seed)
     model, info = create_model(model_name, pretrained=spec.pretrained)
     model = model.to(device)
-    if spec.channels_last:
+    if cell["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     size = info.input_size
     g = torch.Generator(device=device).manual_seed(spec.seed)
     x = torch.rand((batch_size, 3, size, size), generator=g, device=device)
-    if spec.channels_last:
+    if cell["channels_last"]:
         x = x.contiguous(memory_format=torch.channels_last)
     cell["input_size"] = size
 
@@ -500,7 +520,7 @@ def _measure(
         _free(device)
 
     stage[0] = "build"
-    runner = _build_runner(model, ms, dtype)
+    runner = _build_runner(model, ms, dtype, spec.optim_implementation)
     if isinstance(runner, PlainTent):
         tensors = list(runner.params)
     elif ms.kind == "method":
@@ -509,13 +529,13 @@ def _measure(
         tensors = []
     cell["adapted_tensors"] = len(tensors)
     cell["adapted_numel"] = int(sum(p.numel() for p in tensors))
-    if spec.compile:
+    if cell["compile"]:
         stage[0] = "compile"
         # A fresh dynamo cache per cell: otherwise the grid's many models, batch sizes and grad modes exhaust
         # the recompile limit and later cells silently fall back to eager.
         torch._dynamo.reset()
         runner.model.compile()  # in place, as the engine does: names and state_dict keys are unchanged
-    stage[0] = "compile" if spec.compile else "warmup"  # compilation happens lazily at the first call
+    stage[0] = "compile" if cell["compile"] else "warmup"  # compilation happens lazily at the first call
     with BatchTimer(device) as warm:
         for _ in range(spec.warmup):
             runner.step(x)
@@ -544,10 +564,10 @@ def _measure(
 def attach_ratios(cells: Sequence[dict[str, Any]]) -> None:
     """Fill `ratio_to_inference` (p50 latency over the same group's `inference` p50) and `ratio_to_reference`
     (on the `tent` cell: its images/s over the same group's `reference_tent`; 1.0 on the reference cell).
-    A group is model x batch size x device x precision x channels_last x compile."""
+    A group is model x batch size x device x precision (the baselines are plain whatever the fast-path flags)."""
 
     def key(c: Mapping[str, Any]) -> tuple:
-        return (c["model"], c["batch_size"], c["device"], c["precision"], c["channels_last"], c["compile"])
+        return (c["model"], c["batch_size"], c["device"], c["precision"])
 
     def ok(c: Mapping[str, Any] | None) -> bool:
         return c is not None and not c.get("error") and c.get("latency_ms") is not None

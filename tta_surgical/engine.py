@@ -54,8 +54,9 @@ SUMMARY_MD = "summary.md"
 STATE_VERSION = 1
 AUTO_CHECKPOINT_EVERY = 50  # batches, for streams without domain boundaries
 
-# Config keys that may differ between a run and its resumption (they change no number).
-_RESUME_IGNORED = {"runtime.progress"}
+# Config keys that may differ between a run and its resumption: they change how the run executes, not what it
+# computes (memory layout, compilation and optimiser kernels move results by floating-point rounding only).
+_RESUME_IGNORED = {"runtime.progress", "runtime.channels_last", "runtime.compile", "optim.implementation"}
 
 BatchHook = Callable[[int, dict[str, Any]], None]
 

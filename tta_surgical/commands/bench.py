@@ -50,9 +50,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", nargs="+", metavar="P", default=None, help="fp32 and/or bf16 autocast, e.g. fp32,bf16"
     )
-    parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last memory format")
     parser.add_argument(
-        "--compile", action="store_true", help="torch.compile the model in place (a failure is recorded per cell)"
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the package's methods run model and input in channels_last memory format (default on; "
+        "inference and reference_tent always stay plain contiguous eager fp32 baselines)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the package's methods' models in place (a failure is recorded per cell; compilation "
+        "time is in warmup_ms, not in the timed steps)",
+    )
+    parser.add_argument(
+        "--optim-impl",
+        choices=("auto", "fused", "foreach", "for-loop"),
+        default=None,
+        help="optimiser kernels of the package's methods (default auto = fused where supported, else foreach)",
     )
     parser.add_argument("--warmup", type=int, default=None, metavar="N", help="untimed steps per cell (default 5)")
     parser.add_argument("--iters", type=int, default=None, metavar="N", help="timed steps per cell (default 30)")
@@ -89,7 +104,13 @@ def spec_from_args(args: argparse.Namespace):
         "iters": args.iters,
         "seed": args.seed,
     }
-    flags = {"channels_last": args.channels_last, "compile": args.compile, "autograd": not args.no_autograd}
+    flags = {
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "optim_implementation": args.optim_impl,
+        "autograd": not args.no_autograd,
+    }
+    flags = {k: v for k, v in flags.items() if v is not None}
     if args.quick:
         return quick_spec(**given, **flags)
     return BenchSpec(**{k: v for k, v in given.items() if v is not None}, **flags)

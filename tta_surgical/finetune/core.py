@@ -41,6 +41,7 @@ import yaml
 from torch import Tensor, nn
 
 from ..corruptions.textures import default_frost_dir
+from ..methods.base import grads_finite
 from ..metrics import json_safe
 from .config import AUTO_OPTIONS, FinetuneConfig, FinetuneSection
 from .data import Split, TargetData, per_class_train, split_indices
@@ -123,11 +124,7 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter
     """Backward and step unless the loss or a gradient is not finite (then nothing changes); True if stepped."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    finite = torch.isfinite(loss.detach())
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
-    ok = bool(finite)
+    ok = grads_finite(loss, [p.grad for p in params if p.grad is not None])
     if ok:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..config import MethodConfig, OptimConfig
 from ..registry import Registry
 
-__all__ = ["METHODS", "Method", "build_method", "build_optimizer", "resolve_autocast_dtype"]
+__all__ = ["METHODS", "Method", "build_method", "build_optimizer", "grads_finite", "resolve_autocast_dtype"]
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
@@ -43,17 +43,47 @@ def build_optimizer(
     params: Iterable[nn.Parameter | tuple[str, nn.Parameter] | dict[str, Any]], cfg: OptimConfig
 ) -> torch.optim.Optimizer:
     """The optimiser `cfg` names over `params`: Parameters or (name, Parameter) pairs (one parameter group), or
-    parameter-group dicts (e.g. `tta_surgical.autotune.weighted_param_groups`; keys they omit take `cfg`'s values)."""
-    plist = [p[1] if isinstance(p, tuple) else p for p in params]
-    if not plist:
+    parameter-group dicts (e.g. `tta_surgical.autotune.weighted_param_groups`; keys they omit take `cfg`'s values).
+    `cfg.implementation` picks torch's fused / foreach / per-tensor kernels (`auto`: fused where supported)."""
+    items = list(params)
+    if not items:
         raise ValueError("build_optimizer got no parameters to optimise")
+    if isinstance(items[0], dict):
+        groups: list[Any] = items
+    else:
+        groups = [p[1] if isinstance(p, tuple) else p for p in items]
     if cfg.name == "adam":
-        return torch.optim.Adam(plist, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            plist, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
-        )
-    raise ValueError(f"unknown optimiser {cfg.name!r}; valid: adam, sgd")
+        kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
+        cls: type[torch.optim.Optimizer] = torch.optim.Adam
+    elif cfg.name == "sgd":
+        kwargs = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "nesterov": cfg.nesterov}
+        cls = torch.optim.SGD
+    else:
+        raise ValueError(f"unknown optimiser {cfg.name!r}; valid: adam, sgd")
+    impl = getattr(cfg, "implementation", "auto")
+    if impl == "auto":
+        try:
+            return cls(groups, **kwargs, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            # This torch has no fused kernel for these tensors' device/dtype (the constructor checks): foreach.
+            return cls(groups, **kwargs, foreach=True)
+    if impl == "fused":
+        return cls(groups, **kwargs, fused=True)  # unsupported device/dtype: torch's error says why
+    return cls(groups, **kwargs, foreach=impl == "foreach")
+
+
+def grads_finite(loss: Tensor, grads: Sequence[Tensor]) -> bool:
+    """True when `loss` and every tensor of `grads` are finite; one host sync.
+
+    One fused norm per tensor list instead of an `isfinite(...).all()` kernel pair per tensor (4x cheaper for
+    Tent's ~40 small tensors on the CPU): a NaN or Inf anywhere makes its tensor's norm, and so the sum,
+    non-finite. A finite gradient whose norm overflows float32 (> 3e38) also counts as non-finite, which is the
+    right call for an update anyway.
+    """
+    total = loss.detach().float().reshape(())
+    if grads:
+        total = total + torch.stack(torch._foreach_norm(list(grads))).float().sum()
+    return bool(torch.isfinite(total))
 
 
 class Method:
@@ -135,11 +165,7 @@ class Method:
         assert self.optimizer is not None, "update() needs an adapting method (one with an optimiser)"
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        finite = torch.isfinite(loss.detach())
-        grads = [p.grad for _, p in self._params if p.grad is not None]
-        if grads:
-            finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        ok = bool(finite)
+        ok = grads_finite(loss, [p.grad for _, p in self._params if p.grad is not None])
         if ok:
             self._before_optimizer_step()
             self.optimizer.step()
