@@ -144,3 +144,31 @@ def test_compiled_tent_matches_the_plain_loop():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     for name, p in params.items():
         torch.testing.assert_close(p, ref_params[name], rtol=0, atol=2e-4)
+
+
+def test_compile_mode_reaches_torch_compile_in_bench_and_engine(tmp_path, monkeypatch, data_root):
+    from tta_surgical import bench
+    from tta_surgical.config import load_config
+    from tta_surgical.engine import run
+
+    modes = []
+
+    def record(self, *a, **kw):  # stands in for nn.Module.compile: no compilation, just the arguments
+        modes.append(kw.get("mode"))
+
+    monkeypatch.setattr(torch.nn.Module, "compile", record)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: None)
+    spec = bench.quick_spec(methods=("tent",), batch_sizes=(2,), warmup=0, iters=1, autograd=False, compile=True,
+                            compile_mode="reduce-overhead")  # fmt: skip
+    cells = bench.run_bench(spec, tmp_path / "b", threads=1, log=None)["cells"]
+    assert [c["compile_mode"] for c in cells] == [None, "reduce-overhead"]  # inference stays eager
+    assert modes == ["reduce-overhead"]
+    with pytest.raises(ValueError, match="compile mode"):
+        bench.quick_spec(compile_mode="fastest")
+    with pytest.raises(ConfigError, match="compile_mode"):
+        load_config(overrides=["runtime.compile_mode=fastest"])
+    cfg = load_config(overrides=["runtime.compile=true", "runtime.compile_mode=max-autotune", "runtime.progress=false",
+                             "runtime.device=cpu", "stream.domains=[fog]", "stream.n_examples=8",
+                             "stream.batch_size=8"])  # fmt: skip
+    run(cfg, tmp_path / "run", data_root=data_root)
+    assert modes[-1] == "max-autotune"

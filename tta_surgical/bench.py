@@ -382,6 +382,7 @@ class BenchSpec:
     # (contiguous, eager, torch's default Adam) so that every ratio is against the straightforward way of doing it.
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"
     optim_implementation: str = "auto"
     warmup: int = 5
     iters: int = 30
@@ -398,7 +399,10 @@ class BenchSpec:
             parse_method(m)  # unknown names fail before anything runs
         for p in self.precisions:
             _autocast_dtype(p)
-        from .config import OPTIM_IMPLEMENTATIONS
+        from .config import COMPILE_MODES, OPTIM_IMPLEMENTATIONS
+
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile_mode!r}; valid: " + ", ".join(COMPILE_MODES))
 
         if self.optim_implementation not in OPTIM_IMPLEMENTATIONS:
             raise ValueError(
@@ -458,6 +462,7 @@ def _new_cell(model: str, method: str, batch_size: int, device: torch.device, pr
         "precision": precision,
         "channels_last": bool(spec.channels_last and fast),
         "compile": bool(spec.compile and fast),
+        "compile_mode": spec.compile_mode if spec.compile and fast else None,
         "optim_implementation": spec.optim_implementation if fast else None,
         "latency_ms": None,
         "images_per_s": None,
@@ -534,7 +539,7 @@ def _measure(
         # A fresh dynamo cache per cell: otherwise the grid's many models, batch sizes and grad modes exhaust
         # the recompile limit and later cells silently fall back to eager.
         torch._dynamo.reset()
-        runner.model.compile()  # in place, as the engine does: names and state_dict keys are unchanged
+        runner.model.compile(mode=spec.compile_mode)  # in place, as the engine does: names and state_dict keys are unchanged
     stage[0] = "compile" if cell["compile"] else "warmup"  # compilation happens lazily at the first call
     with BatchTimer(device) as warm:
         for _ in range(spec.warmup):

@@ -57,6 +57,8 @@ OPTIMIZERS = ("adam", "sgd")
 OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+# torch.compile modes; reduce-overhead adds CUDA graphs (fixed-shape batches on a GPU; no effect on the CPU).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -184,12 +186,14 @@ class RuntimeConfig:
     # floating-point tolerance.
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("runtime", "device", self.device, DEVICES)
         _check_choice("runtime", "precision", self.precision, PRECISIONS)
+        _check_choice("runtime", "compile_mode", self.compile_mode, COMPILE_MODES)
 
 
 @dataclass(frozen=True)

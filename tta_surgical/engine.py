@@ -56,7 +56,13 @@ AUTO_CHECKPOINT_EVERY = 50  # batches, for streams without domain boundaries
 
 # Config keys that may differ between a run and its resumption: they change how the run executes, not what it
 # computes (memory layout, compilation and optimiser kernels move results by floating-point rounding only).
-_RESUME_IGNORED = {"runtime.progress", "runtime.channels_last", "runtime.compile", "optim.implementation"}
+_RESUME_IGNORED = {
+    "runtime.progress",
+    "runtime.channels_last",
+    "runtime.compile",
+    "runtime.compile_mode",
+    "optim.implementation",
+}
 
 BatchHook = Callable[[int, dict[str, Any]], None]
 
@@ -271,7 +277,7 @@ def run(
     method = build_method(model, cfg.method, cfg.optim, autocast_dtype=autocast_dtype)
     if rt.compile:
         # In-place compile keeps parameter names (block maps match on them) and the state_dict keys.
-        model.compile()
+        model.compile(mode=rt.compile_mode)
     frost_dir = default_frost_dir(frost_dir, data_root)
     stream = build_stream(cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir)
     n_batches = len(stream)

@@ -64,6 +64,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "time is in warmup_ms, not in the timed steps)",
     )
     parser.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        default=None,
+        help="torch.compile mode with --compile (reduce-overhead = CUDA graphs for the fixed-shape batches on a GPU)",
+    )
+    parser.add_argument(
         "--optim-impl",
         choices=("auto", "fused", "foreach", "for-loop"),
         default=None,
@@ -107,6 +113,7 @@ def spec_from_args(args: argparse.Namespace):
     flags = {
         "channels_last": args.channels_last,
         "compile": args.compile,
+        "compile_mode": args.compile_mode,
         "optim_implementation": args.optim_impl,
         "autograd": not args.no_autograd,
     }
