@@ -539,7 +539,8 @@ def _measure(
         # A fresh dynamo cache per cell: otherwise the grid's many models, batch sizes and grad modes exhaust
         # the recompile limit and later cells silently fall back to eager.
         torch._dynamo.reset()
-        runner.model.compile(mode=spec.compile_mode)  # in place, as the engine does: names and state_dict keys are unchanged
+        # In place, as the engine does: names and state_dict keys are unchanged.
+        runner.model.compile(mode=spec.compile_mode)
     stage[0] = "compile" if cell["compile"] else "warmup"  # compilation happens lazily at the first call
     with BatchTimer(device) as warm:
         for _ in range(spec.warmup):
