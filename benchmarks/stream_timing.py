@@ -265,7 +265,8 @@ def imagenet_images(args: argparse.Namespace, data_root: str | None, out: Path, 
             "staging_s": 0.0,
         }
     size = resize_size(args.image_size)
-    folder, secs = stage_cifar_images(data_root, out / "images" / f"cifar10_test_{size}px", n, size)
+    n_stage = n if n > 0 else 10000  # 0 = all: the whole CIFAR-10 test set
+    folder, secs = stage_cifar_images(data_root, out / "images" / f"cifar10_test_{size}px", n_stage, size)
     return {
         "path": str(folder),
         "kind": f"CIFAR-10 test images upsampled (bicubic) to {size}x{size}, JPEG quality {STAGE_QUALITY}, "
@@ -348,7 +349,13 @@ def time_data_only(cfg: Config, data_root: str | None, frost_dir: Any, device: t
 
 
 def time_method(
-    cfg: Config, out_dir: Path, data_root: str | None, frost_dir: Any, device: torch.device
+    cfg: Config,
+    out_dir: Path,
+    data_root: str | None,
+    frost_dir: Any,
+    device: torch.device,
+    *,
+    keep_state: bool = False,
 ) -> dict[str, Any]:
     """One engine run of `cfg` into `out_dir`, timed and broken down (see the module docstring)."""
     ends: list[float] = []  # when each batch's line was written
@@ -365,6 +372,8 @@ def time_method(
         )
         _sync(device)
         total_s = time.perf_counter() - t0
+    if not keep_state:  # after the clock: a resnet50 checkpoint is ~100-300 MB per run, results stay
+        (out_dir / engine.STATE_FILE).unlink(missing_ok=True)
     lines = read_results(out_dir)
     step_ms = [float(r["latency_ms"]) for r in lines]
     stream_s = float(summary["wall_s_this_session"])
@@ -583,6 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed runs per method, interleaved; the run with the median stream time is reported (default 1)",
     )
     p.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="keep each engine run's checkpoint state.pt (deleted after the clock by default: ~100-300 MB each "
+        "for resnet50; results.jsonl, summary.json and config.yaml always stay)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -619,10 +634,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(err)) from None
 
     images: dict[str, Any] | None = None
-    if args.scenario == "imagenet":
-        images = imagenet_images(args, data_root, out, n)
-    image_path = images["path"] if images else None
-    configs = {m: build_config(args, scenario, m, domains=domains, n=n, image_path=image_path) for m in labels}
+    try:  # bad options (an unknown corruption, a wrong override, missing data) end with their message
+        if args.scenario == "imagenet":
+            images = imagenet_images(args, data_root, out, n)
+        image_path = images["path"] if images else None
+        configs = {m: build_config(args, scenario, m, domains=domains, n=n, image_path=image_path) for m in labels}
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
     first = configs["source"]
     print(
         f"stream timing, scenario {args.scenario}: {len(domains)} corruptions x {n or 'all'} images, batch "
@@ -634,20 +652,17 @@ def main(argv: list[str] | None = None) -> int:
         # Data first (one batch of every corruption: texture banks, kernels), then each method on two batches.
         time_data_only(shorten(first, 1, len(domains)), data_root, frost_dir, device)
         for m, cfg in configs.items():
-            engine.run(
-                shorten(cfg, 2, 1),
-                work / "warmup" / safe_label(m),
-                data_root=data_root,
-                frost_dir=frost_dir,
-                overwrite=True,
-            )
+            warm = work / "warmup" / safe_label(m)
+            engine.run(shorten(cfg, 2, 1), warm, data_root=data_root, frost_dir=frost_dir, overwrite=True)
+            if not args.keep_state:
+                (warm / engine.STATE_FILE).unlink(missing_ok=True)
     data_only = time_data_only(first, data_root, frost_dir, device) if args.data_pass else None
 
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in labels}
     for r in range(args.repeats):
         for m, cfg in configs.items():
             name = safe_label(m) + (f"_r{r}" if args.repeats > 1 else "")
-            row = time_method(cfg, work / "runs" / name, data_root, frost_dir, device)
+            row = time_method(cfg, work / "runs" / name, data_root, frost_dir, device, keep_state=args.keep_state)
             print(
                 f"  {m}: stream {row['stream_s']:.2f} s, steps {row['step_s']:.2f} s, error {row['online_error']:.2f}%"
             )
@@ -660,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = first.stream
     pretrained = all(r["model_pretrained"] for r in rows)
-    full_cifar = args.scenario == "cifar" and len(domains) == 15 and n == 10000 and first.model.name == "resnet20"
+    full_cifar = args.scenario == "cifar" and len(domains) == 15 and n in (0, 10000) and first.model.name == "resnet20"
     result = {
         "benchmark": "stream_timing",
         "scenario": args.scenario,

@@ -74,6 +74,8 @@ def test_cifar_json_is_complete_and_times_add_up(cifar_result):
         lines = [json.loads(x) for x in (Path(r["out_dir"]) / "results.jsonl").read_text().splitlines()]
         assert len(lines) == 4 and math.isclose(sum(x["latency_ms"] for x in lines) / 1000, r["step_s"])
         assert Path(r["out_dir"]).parent == out / "cifar" / "runs"
+        assert (Path(r["out_dir"]) / "summary.json").is_file()
+        assert not (Path(r["out_dir"]) / "state.pt").exists()  # checkpoints are dropped after the clock by default
     src, tent = res["methods"]
     assert src["stream_ratio_to_source"] == 1.0 and src["step_ratio_to_source"] == 1.0
     assert src["total_ratio_to_source"] == 1.0
@@ -139,6 +141,8 @@ def test_method_names_resolve_and_unknown_ones_are_refused(st):
     assert st.safe_label("surgical:block1+block2") == "surgical-block1+block2"
     with pytest.raises(SystemExit, match="unknown method 'tnet'"):
         st.main(["--methods", "source,tnet", "--out", "/nonexistent/never-written"])
+    with pytest.raises(SystemExit, match="unknown corruption"):
+        st.main(["--corruptions", "snowy", "--out", "/nonexistent/never-written"])
 
 
 def test_checkpoint_timer_counts_state_files_only_and_restores_the_engine(st, tmp_path):
