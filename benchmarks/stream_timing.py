@@ -22,16 +22,15 @@ Scenarios (continual: the corruptions follow each other at severity 5 and the mo
 Every method (a config of `configs/`: source, norm, tent, surgical_block1, ...; or `surgical:<block>[+<block>]`;
 or a YAML path) runs through `tta_surgical.engine.run` on the identical stream (same seed, same plan
 fingerprint). Per method:
-- stream_s: the engine's own wall time of its batch loop (`summary.wall_s_this_session`): on-the-fly corruption
-  generation, host/device copies, the adaptation steps, prediction counting (an `.item()` per batch, which also
-  synchronises the device), result lines and the checkpoints at domain boundaries;
-- step_s: the sum of the engine's per-batch step latencies (device-synchronised `BatchTimer`, every batch);
-- checkpoint_s: the checkpoints written inside the loop (timed by wrapping the engine's atomic writer);
-- other_s = stream_s - step_s - checkpoint_s: data (corruption generation, reading/decoding, copies) and
-  bookkeeping; the separate `data only` pass (the same stream iterated with no model) shows how much of it is
-  the data alone;
-- first_batch_wait_s: from the loop's start to the first prediction, less its step (data start-up: DataLoader
-  workers, first corruption's caches);
+- stream_s: the engine's own wall time of its batch loop and final checkpoint (`summary.wall_s_this_session`),
+  split by the engine (`summary.timing_this_session`) into
+  - step_s: the adaptation steps (sum of the device-synchronised per-batch `BatchTimer` latencies),
+  - data_s: waiting for the next batch (reading / decoding / corruption generation, including the DataLoader
+    workers' start-up before the first batch; on a GPU only the host side of queued kernels),
+  - checkpoint_s: the checkpoints written at domain boundaries and at the end (with fsync),
+  - other_s: the rest (copies to the device, prediction counting with one `.item()` per batch, which also
+    synchronises the device, result lines, progress bar);
+  the separate `data only` pass (the same stream iterated with no model) shows the data cost alone;
 - total_s: the whole `run()` call between two device synchronisations (adds model and weights loading, the
   clean set to the device, the final checkpoint and summary files);
 - images/s (images / stream_s), the error, and ratios of stream_s (and step_s) to the `source` run of the same
@@ -54,8 +53,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -159,31 +156,6 @@ def method_labels(methods: list[str]) -> list[str]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextmanager
-def timed_checkpoints() -> Iterator[list[float]]:
-    """Seconds of every checkpoint (`state.pt`) the engine writes while the block runs.
-
-    The engine writes them through `atomic_write_bytes` (with fsync) at every domain boundary and once after the
-    loop; it does not report their cost, so this wraps the name the engine module looks up, and restores it.
-    """
-    times: list[float] = []
-    original = engine.atomic_write_bytes
-
-    def wrapper(path: Any, write: Any) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return original(path, write)
-        finally:
-            if Path(path).name == engine.STATE_FILE:
-                times.append(time.perf_counter() - t0)
-
-    engine.atomic_write_bytes = wrapper
-    try:
-        yield times
-    finally:
-        engine.atomic_write_bytes = original
 
 
 def read_results(folder: Path) -> list[dict[str, Any]]:
@@ -358,32 +330,19 @@ def time_method(
     keep_state: bool = False,
 ) -> dict[str, Any]:
     """One engine run of `cfg` into `out_dir`, timed and broken down (see the module docstring)."""
-    ends: list[float] = []  # when each batch's line was written
     _sync(device)
-    with timed_checkpoints() as ckpt:
-        t0 = time.perf_counter()
-        summary = engine.run(
-            cfg,
-            out_dir,
-            data_root=data_root,
-            frost_dir=frost_dir,
-            overwrite=True,
-            on_batch=lambda _i, _rec: ends.append(time.perf_counter()),
-        )
-        _sync(device)
-        total_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    summary = engine.run(cfg, out_dir, data_root=data_root, frost_dir=frost_dir, overwrite=True)
+    _sync(device)
+    total_s = time.perf_counter() - t0
     if not keep_state:  # after the clock: a resnet50 checkpoint is ~100-300 MB per run, results stay
         (out_dir / engine.STATE_FILE).unlink(missing_ok=True)
     lines = read_results(out_dir)
     step_ms = [float(r["latency_ms"]) for r in lines]
     stream_s = float(summary["wall_s_this_session"])
-    step_s = sum(step_ms) / 1000.0
-    in_loop = ckpt[:-1]  # the last checkpoint is written after the loop, outside stream_s
-    checkpoint_s = sum(in_loop)
+    timing = summary["timing_this_session"]  # the engine's own breakdown of stream_s
+    step_s, checkpoint_s, data_s = float(timing["step_s"]), float(timing["checkpoint_s"]), float(timing["data_s"])
     images = sum(int(r["count"]) for r in lines)
-    # The engine's loop clock stops right after the last batch, so its start is (last batch end - stream_s); the
-    # wait before the first prediction, less its step, is the data start-up (DataLoader workers, first corruption).
-    first_wait = ends[0] - (ends[-1] - stream_s) - step_ms[0] / 1000.0 if ends and step_ms else None
     return {
         "method": cfg.method.name,
         "blocks": list(cfg.method.blocks),
@@ -394,10 +353,9 @@ def time_method(
         "stream_s": stream_s,
         "step_s": step_s,
         "checkpoint_s": checkpoint_s,
-        "n_checkpoints_in_stream": len(in_loop),
-        "other_s": stream_s - step_s - checkpoint_s,
+        "data_s": data_s,
+        "other_s": stream_s - step_s - checkpoint_s - data_s,
         "first_batch_step_ms": step_ms[0] if step_ms else None,
-        "first_batch_wait_s": first_wait,
         "images": images,
         "n_batches": len(lines),
         "images_per_s": images / stream_s if stream_s > 0 else None,
@@ -451,21 +409,21 @@ def markdown(result: dict[str, Any]) -> str:
         f"Model {result['model']} ({'pretrained' if result['model_pretrained'] else 'RANDOM INIT'}); device "
         f"{result['device']}; images: {s['images']}. Times in seconds; x source = stream time / source's.",
         "",
-        "| method | stream s | images/s | adapt steps s | checkpoints s | data + other s | x source | "
+        "| method | stream s | images/s | adapt steps s | data s | checkpoints s | other s | x source | "
         "steps x source | total s (with setup) | online error % | mean error % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["methods"]:
         lines.append(
             f"| {r['label']} | {_f(r['stream_s'])} | {_f(r['images_per_s'], '.0f')} | {_f(r['step_s'])} | "
-            f"{_f(r['checkpoint_s'])} | {_f(r['other_s'])} | {_f(r['stream_ratio_to_source'])} | "
+            f"{_f(r['data_s'])} | {_f(r['checkpoint_s'])} | {_f(r['other_s'])} | {_f(r['stream_ratio_to_source'])} | "
             f"{_f(r['step_ratio_to_source'])} | {_f(r['total_s'])} | {_f(r['online_error'])} | {_f(r['mean_error'])} |"
         )
     d = result.get("data_only")
     if d:
         lines.append(
-            f"| (data only: generation, no model) | {_f(d['stream_s'])} | {_f(d['images_per_s'], '.0f')} | - | - | "
-            f"{_f(d['stream_s'])} | - | - | {_f(d['build_s'] + d['stream_s'])} | - | - |"
+            f"| (data only: generation, no model) | {_f(d['stream_s'])} | {_f(d['images_per_s'], '.0f')} | - | "
+            f"{_f(d['stream_s'])} | - | - | - | - | {_f(d['build_s'] + d['stream_s'])} | - | - |"
         )
     t = result.get("target")
     if t and t.get("applies"):

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tta_surgical import engine
 from tta_surgical.config import load_config
 from tta_surgical.models import create_model
 from tta_surgical.streams import build_stream
@@ -62,17 +61,18 @@ def test_cifar_json_is_complete_and_times_add_up(cifar_result):
     for r in res["methods"]:
         assert r["images"] == 40 and r["n_batches"] == 4
         assert r["stream_fingerprint"] == s["fingerprint"]
-        assert math.isclose(r["step_s"] + r["checkpoint_s"] + r["other_s"], r["stream_s"], rel_tol=0, abs_tol=1e-9)
+        parts = r["step_s"] + r["data_s"] + r["checkpoint_s"] + r["other_s"]
+        assert math.isclose(parts, r["stream_s"], rel_tol=0, abs_tol=1e-9)
+        assert r["data_s"] > 0 and r["other_s"] >= 0
         assert 0 < r["step_s"] <= r["stream_s"] <= r["total_s"]
         assert math.isclose(r["setup_s"], r["total_s"] - r["stream_s"], abs_tol=1e-9)
-        assert r["n_checkpoints_in_stream"] == 1 and r["checkpoint_s"] > 0  # one domain boundary
-        assert r["first_batch_wait_s"] is not None and -0.05 < r["first_batch_wait_s"] < r["other_s"] + 0.05
+        assert r["checkpoint_s"] > 0  # one domain boundary and the final checkpoint
         assert math.isclose(r["images_per_s"], 40 / r["stream_s"])
         assert set(r["errors"]) == set(DOMAINS) and all(0 <= e <= 100 for e in r["errors"].values())
         assert math.isclose(r["online_error"], sum(r["errors"].values()) / 2)  # equal-sized domains
         # the step time is the sum of the engine's own per-batch latencies
         lines = [json.loads(x) for x in (Path(r["out_dir"]) / "results.jsonl").read_text().splitlines()]
-        assert len(lines) == 4 and math.isclose(sum(x["latency_ms"] for x in lines) / 1000, r["step_s"])
+        assert len(lines) == 4 and math.isclose(sum(x["latency_ms"] for x in lines) / 1000, r["step_s"], rel_tol=1e-4)
         assert Path(r["out_dir"]).parent == out / "cifar" / "runs"
         assert (Path(r["out_dir"]) / "summary.json").is_file()
         assert not (Path(r["out_dir"]) / "state.pt").exists()  # checkpoints are dropped after the clock by default
@@ -143,17 +143,6 @@ def test_method_names_resolve_and_unknown_ones_are_refused(st):
         st.main(["--methods", "source,tnet", "--out", "/nonexistent/never-written"])
     with pytest.raises(SystemExit, match="unknown corruption"):
         st.main(["--corruptions", "snowy", "--out", "/nonexistent/never-written"])
-
-
-def test_checkpoint_timer_counts_state_files_only_and_restores_the_engine(st, tmp_path):
-    original = engine.atomic_write_bytes
-    with st.timed_checkpoints() as times:
-        assert engine.atomic_write_bytes is not original
-        engine.atomic_write_bytes(tmp_path / engine.STATE_FILE, lambda f: f.write(b"x"))
-        engine.atomic_write_bytes(tmp_path / "other.bin", lambda f: f.write(b"y"))
-    assert engine.atomic_write_bytes is original
-    assert len(times) == 1 and times[0] >= 0
-    assert (tmp_path / engine.STATE_FILE).read_bytes() == b"x"
 
 
 def test_ratios_and_table(st):

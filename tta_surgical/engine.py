@@ -316,7 +316,13 @@ def run(
         (out / SUMMARY_FILE).unlink(missing_ok=True)
         n_lines = 0
 
+    # Where this session's loop time goes (summary["timing"]): waiting for the next batch (reading or generating
+    # it; on a GPU only the host side of generation, the queued kernels finish inside the next synchronised
+    # timer), the adaptation steps (BatchTimer), and checkpoint writes. The rest is bookkeeping.
+    timing = {"data_s": 0.0, "step_s": 0.0, "checkpoint_s": 0.0}
+
     def save_checkpoint(next_batch: int) -> None:
+        t_ckpt = time.perf_counter()
         peak, _ = peak_memory(device)
         state = {
             "version": STATE_VERSION,
@@ -329,6 +335,7 @@ def run(
             "stream_fingerprint": fingerprint,
         }
         atomic_write_bytes(state_path, lambda f: torch.save(state, f))
+        timing["checkpoint_s"] += time.perf_counter() - t_ckpt
 
     reset_peak_memory(device)
     t_wall = time.perf_counter()
@@ -345,7 +352,9 @@ def run(
     )
     batches: Iterator[Any] = stream.iter_from(start) if start else iter(stream)
     with open(results_path, "a", encoding="utf-8") as results, _closing(bar):
+        t_ready = time.perf_counter()
         for batch in batches:
+            timing["data_s"] += time.perf_counter() - t_ready
             segment = (int(getattr(batch, "domain_index", 0)), domain_key(batch.domain, batch.severity, multi))
             # A domain boundary: the state now is the end of the previous domain; checkpoint it before going on.
             boundary = prev_segment is not None and segment != prev_segment
@@ -362,6 +371,7 @@ def run(
                 x = x.contiguous(memory_format=torch.channels_last)
             with BatchTimer(device) as timer:
                 logits = method.step(x)
+            timing["step_s"] += float(timer.ms) / 1000.0
             ok = count_correct(logits.float(), batch.y)
             item_keys = _item_keys(batch, cfg.stream, multi)
             key = domain_key(batch.domain, batch.severity, multi)
@@ -393,8 +403,9 @@ def run(
                 bar.set_postfix(err=f"{errors.online_error():.1f}%", refresh=False)
             if on_batch is not None:
                 on_batch(int(batch.batch_index), rec)
-    wall_s = time.perf_counter() - t_wall
+            t_ready = time.perf_counter()
     save_checkpoint(n_batches)
+    wall_s = time.perf_counter() - t_wall
 
     peak, peak_kind = peak_memory(device)
     lat = latency.summary()
@@ -424,6 +435,10 @@ def run(
         "device": _device_name(device),
         "precision": rt.precision,
         "wall_s_this_session": wall_s,
+        "timing_this_session": {
+            **{k: round(v, 6) for k, v in timing.items()},
+            "other_s": round(max(wall_s - sum(timing.values()), 0.0), 6),
+        },
         "resumed_from_batch": start if checkpoint is not None else None,
         "versions": {"tta_surgical": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
