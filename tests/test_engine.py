@@ -404,3 +404,17 @@ def test_gpu_bf16_channels_last_close_to_cpu(baseline, tmp_path, data_root):
         data_root=data_root,
     )
     assert abs(fast["online_error"] - gpu["online_error"]) < 10
+
+
+def test_runtime_num_workers_reaches_the_stream(tmp_path, data_root, monkeypatch):
+    import tta_surgical.streams as streams
+
+    real, seen = streams.build_stream, []
+
+    def spy(*a, **kw):
+        seen.append(kw.get("num_workers"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(streams, "build_stream", spy)
+    run(tiny_cfg("source", "runtime.num_workers=0", n=16), tmp_path / "w", data_root=data_root)
+    assert seen == [0]

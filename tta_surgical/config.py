@@ -187,6 +187,9 @@ class RuntimeConfig:
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"
+    # DataLoader worker processes that read and decode ImageNet-style files (null = min(8, CPUs); 0 = in this
+    # process); CIFAR sources ignore it (their images are in memory).
+    num_workers: int | None = None
     seed: int = 0
     progress: bool = True
 
@@ -194,6 +197,8 @@ class RuntimeConfig:
         _check_choice("runtime", "device", self.device, DEVICES)
         _check_choice("runtime", "precision", self.precision, PRECISIONS)
         _check_choice("runtime", "compile_mode", self.compile_mode, COMPILE_MODES)
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"runtime.num_workers must be >= 0 or null, got {self.num_workers!r}")
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ _RESUME_IGNORED = {
     "runtime.channels_last",
     "runtime.compile",
     "runtime.compile_mode",
+    "runtime.num_workers",
     "optim.implementation",
 }
 
@@ -279,7 +280,9 @@ def run(
         # In-place compile keeps parameter names (block maps match on them) and the state_dict keys.
         model.compile(mode=rt.compile_mode)
     frost_dir = default_frost_dir(frost_dir, data_root)
-    stream = build_stream(cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir)
+    stream = build_stream(
+        cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir, num_workers=rt.num_workers
+    )
     n_batches = len(stream)
     multi = _multi_severity(stream, cfg.stream)
     if checkpoint_every is None and len({p.domain_index for p in stream.plan}) <= 1 < n_batches:
