@@ -306,3 +306,57 @@ def test_latency_script_wraps_the_cli(tmp_path):
     assert rc == 0
     cells = json.loads((tmp_path / "bench.json").read_text())["cells"]
     assert [c["method"] for c in cells] == ["inference"]
+
+
+def test_interleaved_group_times_methods_round_robin(tmp_path, monkeypatch):
+    order = []
+    real = bench._build_runner
+
+    def build(model, ms, *rest):
+        runner = real(model, ms, *rest)
+        step = runner.step
+
+        def spy(x):
+            order.append(ms.label)
+            return step(x)
+
+        runner.step = spy
+        return runner
+
+    monkeypatch.setattr(bench, "_build_runner", build)
+    spec = tiny(methods=("tent", "reference_tent"), warmup=1, iters=3, interleave=True)
+    cells = run_bench(spec, tmp_path, threads=1, log=None)["cells"]
+    assert [c["method"] for c in cells] == ["inference", "tent", "reference_tent"]
+    assert all(c["interleaved"] and c["error"] is None and c["latency_ms"]["p50"] > 0 for c in cells)
+    # Warm-up one method after another, then the timed steps in turn.
+    assert order[:3] == ["inference", "tent", "reference_tent"]
+    assert order[3:] == ["inference", "tent", "reference_tent"] * 3
+    assert cells[0]["ratio_to_inference"] == 1.0 and cells[1]["ratio_to_reference"] is not None
+    with pytest.raises(ValueError, match="interleave and compile"):
+        tiny(interleave=True, compile=True)
+
+
+def test_interleaved_failure_drops_only_that_cell(tmp_path, monkeypatch):
+    real = bench._build_runner
+
+    def build(model, ms, *rest):
+        runner = real(model, ms, *rest)
+        if ms.label == "tent":
+            calls = [0]
+            step = runner.step
+
+            def flaky(x):
+                calls[0] += 1
+                if calls[0] > 1:  # the warm-up step passes, the first timed step fails
+                    raise RuntimeError("out of memory (simulated)")
+                return step(x)
+
+            runner.step = flaky
+        return runner
+
+    monkeypatch.setattr(bench, "_build_runner", build)
+    cells = run_bench(tiny(methods=("tent", "norm"), warmup=1, iters=3, interleave=True), tmp_path, threads=1,
+                      log=None)["cells"]  # fmt: skip
+    by = {c["method"]: c for c in cells}
+    assert by["tent"]["error_stage"] == "measure" and "simulated" in by["tent"]["error"]
+    assert by["norm"]["error"] is None and by["inference"]["error"] is None

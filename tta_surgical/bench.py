@@ -27,6 +27,10 @@ plain: contiguous memory, eager, fp32 unless the cell's precision says bf16, tor
 `ratio_to_inference` is the cost over inference done the obvious way; the `source` method's cell (eval mode,
 `inference_mode`, the fast path) shows what inference itself gains from it.
 
+`interleave` (`--interleave`) times the methods of a group (model x batch size x precision) round-robin, one step
+of each in turn, after building and warming up all of them: on a shared machine whose speed drifts between cells
+(this project's 2-core CPU box drifts by +-20% over minutes) only this keeps the ratios honest.
+
 Results are rewritten (atomically) after every cell, so an interrupted run keeps what it measured, and a
 failing cell (out of memory, an unknown model, a `torch.compile` failure) records `error` and the run goes
 on. For the adapting methods a cell also carries `autograd_report`'s figures for one step: how many
@@ -386,6 +390,7 @@ class BenchSpec:
     optim_implementation: str = "auto"
     warmup: int = 5
     iters: int = 30
+    interleave: bool = False  # time the methods of a group round-robin (`run_group_interleaved`)
     seed: int = 0
     autograd: bool = True  # attach autograd_report figures to the adapting cells
     pretrained: bool = False  # latency does not depend on the weights; random init needs no files
@@ -411,6 +416,10 @@ class BenchSpec:
             )
         if not self.batch_sizes or any(int(b) < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be integers >= 1, got {list(self.batch_sizes)}")
+        if self.interleave and self.compile:
+            # Each compiled cell resets dynamo's cache (see _prepare); resident compiled models side by side
+            # would recompile inside the timed steps.
+            raise ValueError("interleave and compile cannot be combined; time compiled cells one after another")
         if self.warmup < 0 or self.iters < 1:
             raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={self.warmup}, iters={self.iters}")
 
@@ -483,9 +492,7 @@ def run_cell(
     try:
         _measure(cell, stage, model_name, parse_method(method), int(batch_size), precision, spec, device)
     except Exception as err:  # noqa: BLE001 - a failed cell is a result; the grid goes on
-        msg = f"{type(err).__name__}: {err}"
-        cell["error"] = msg if len(msg) <= 600 else msg[:600] + " ..."
-        cell["error_stage"] = stage[0]
+        _record_error(cell, stage[0], err)
     finally:
         _free(device, collect=True)
     return cell
@@ -501,6 +508,33 @@ def _measure(
     spec: BenchSpec,
     device: torch.device,
 ) -> None:
+    runner, x = _prepare(cell, stage, model_name, ms, batch_size, precision, spec, device)
+    stage[0] = "measure"
+    _sync(device)
+    _free(device)
+    reset_peak_memory(device)
+    base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    meter = LatencyMeter()
+    for _ in range(spec.iters):
+        with BatchTimer(device) as t:
+            runner.step(x)
+        meter.update(t.ms, batch_size)
+    peak_mb, kind = peak_memory(device)
+    _finish(cell, runner, meter, peak_mb, kind)
+    cell["base_memory_mb"] = base_mb  # CUDA: allocated before the timed steps (weights, snapshot, Adam state, input)
+
+
+def _prepare(
+    cell: dict[str, Any],
+    stage: list[str],
+    model_name: str,
+    ms: MethodSpec,
+    batch_size: int,
+    precision: str,
+    spec: BenchSpec,
+    device: torch.device,
+) -> tuple[Any, Tensor]:
+    """Build the cell's model, input and runner, attach the autograd report, compile, warm up."""
     from .models import create_model
 
     dtype = _autocast_dtype(precision)
@@ -546,25 +580,81 @@ def _measure(
         for _ in range(spec.warmup):
             runner.step(x)
     cell["warmup_ms"] = warm.ms  # all warm-up steps together (includes compilation with --compile)
-    stage[0] = "measure"
-    _sync(device)
-    _free(device)
-    reset_peak_memory(device)
-    base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    meter = LatencyMeter()
-    for _ in range(spec.iters):
-        with BatchTimer(device) as t:
-            runner.step(x)
-        meter.update(t.ms, batch_size)
-    peak_mb, kind = peak_memory(device)
+    return runner, x
+
+
+def _finish(cell: dict[str, Any], runner: Any, meter: LatencyMeter, peak_mb: float | None, kind: str) -> None:
     lat = meter.summary()
     cell["latency_ms"] = {k: lat[k] for k in ("p50", "p95", "p99", "mean")}
     cell["images_per_s"] = meter.images_per_s()
     cell["peak_memory_mb"] = peak_mb
     cell["peak_memory_kind"] = kind
-    cell["base_memory_mb"] = base_mb  # CUDA: allocated before the timed steps (weights, snapshot, Adam state, input)
     if hasattr(runner, "n_skipped"):
         cell["skipped_updates"] = int(runner.n_skipped)  # non-finite guard: a skipped step does less work
+
+
+def _record_error(cell: dict[str, Any], stage: str, err: BaseException) -> None:
+    msg = f"{type(err).__name__}: {err}"
+    cell["error"] = msg if len(msg) <= 600 else msg[:600] + " ..."
+    cell["error_stage"] = stage
+
+
+def run_group_interleaved(
+    model_name: str, methods: Sequence[str], batch_size: int, precision: str, spec: BenchSpec, device: torch.device
+) -> list[dict[str, Any]]:
+    """Measure the cells of one group (model x batch size x precision) together, one step of each in turn.
+
+    Every method is built and warmed up first; then the timed steps go round-robin (`inference`, `tent`, ...,
+    `inference`, `tent`, ...), so a change in machine load (a shared CPU, thermal or frequency drift) hits every
+    method of the group alike and their ratios stay meaningful. All models stay resident meanwhile: on CUDA a
+    cell's peak is its largest step-time allocation above what was allocated before that step, plus what its own
+    preparation left allocated (`peak_memory_kind` says so); on the CPU it is the process peak, as ever.
+    """
+    cells: list[dict[str, Any]] = []
+    live: list[tuple[dict[str, Any], Any, Tensor, LatencyMeter, list[float]]] = []
+    cuda = device.type == "cuda"
+    for method in methods:
+        cell = _new_cell(model_name, method, batch_size, device, precision, spec)
+        cell["interleaved"] = True
+        cells.append(cell)
+        stage = ["build"]
+        before = torch.cuda.memory_allocated(device) if cuda else 0
+        try:
+            ms = parse_method(method)
+            runner, x = _prepare(cell, stage, model_name, ms, int(batch_size), precision, spec, device)
+        except Exception as err:  # noqa: BLE001 - a failed cell is a result; the group goes on
+            _record_error(cell, stage[0], err)
+            _free(device, collect=True)
+            continue
+        _sync(device)
+        resident = (torch.cuda.memory_allocated(device) - before) / 2**20 if cuda else 0.0
+        cell["base_memory_mb"] = resident if cuda else None
+        live.append((cell, runner, x, LatencyMeter(), [0.0]))
+    for _ in range(spec.iters):
+        for item in list(live):
+            cell, runner, x, meter, step_peak = item
+            try:
+                if cuda:
+                    _sync(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    before = torch.cuda.memory_allocated(device)
+                with BatchTimer(device) as t:
+                    runner.step(x)
+                if cuda:
+                    step_peak[0] = max(step_peak[0], (torch.cuda.max_memory_allocated(device) - before) / 2**20)
+            except Exception as err:  # noqa: BLE001 - drop the cell from the rotation, keep the others going
+                _record_error(cell, "measure", err)
+                live.remove(item)
+                continue
+            meter.update(t.ms, batch_size)
+    for cell, runner, _x, meter, step_peak in live:
+        if cuda:
+            _finish(cell, runner, meter, cell["base_memory_mb"] + step_peak[0], "cuda_resident_plus_step_peak")
+        else:
+            _finish(cell, runner, meter, *peak_memory(device))
+    live.clear()
+    _free(device, collect=True)
+    return cells
 
 
 def attach_ratios(cells: Sequence[dict[str, Any]]) -> None:
@@ -785,8 +875,11 @@ def run_bench(
     for model in spec.models:
         for precision in spec.precisions:
             for bs in spec.batch_sizes:
-                for method in spec.grid_methods():
-                    cell = measure(model, method, int(bs), precision, spec, device)
+                if spec.interleave and cell_fn is None:
+                    group = run_group_interleaved(model, spec.grid_methods(), int(bs), precision, spec, device)
+                else:
+                    group = (measure(model, m, int(bs), precision, spec, device) for m in spec.grid_methods())
+                for cell in group:
                     cells.append(cell)
                     attach_ratios(cells)
                     result["meta"]["finished"] = len(cells) == n

@@ -64,6 +64,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "time is in warmup_ms, not in the timed steps)",
     )
     parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the methods of each model x batch size round-robin, one step each in turn, so drifting machine "
+        "load hits all alike (recommended on shared machines; not with --compile)",
+    )
+    parser.add_argument(
         "--compile-mode",
         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         default=None,
@@ -114,6 +120,7 @@ def spec_from_args(args: argparse.Namespace):
         "channels_last": args.channels_last,
         "compile": args.compile,
         "compile_mode": args.compile_mode,
+        "interleave": args.interleave or None,
         "optim_implementation": args.optim_impl,
         "autograd": not args.no_autograd,
     }
