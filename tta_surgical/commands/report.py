@@ -308,7 +308,9 @@ def plot_report(comp: Mapping[str, Any], path: str | os.PathLike) -> Path:
     ax.set_xticks(x)
     ax.set_xticklabels(opts)
     ax.set_ylabel("accuracy (%)")
-    ax.legend()
+    # Below the axes: inside, it would cover the first bars (accuracies fill the whole height).
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
