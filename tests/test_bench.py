@@ -360,3 +360,20 @@ def test_interleaved_failure_drops_only_that_cell(tmp_path, monkeypatch):
     by = {c["method"]: c for c in cells}
     assert by["tent"]["error_stage"] == "measure" and "simulated" in by["tent"]["error"]
     assert by["norm"]["error"] is None and by["inference"]["error"] is None
+
+
+@pytest.mark.gpu
+def test_gpu_bench_cells_interleaved_and_sequential(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    for interleave in (False, True):
+        spec = quick_spec(device="cuda", batch_sizes=(4,), warmup=2, iters=5, interleave=interleave,
+                          precisions=("fp32", "bf16"))  # fmt: skip
+        cells = run_bench(spec, tmp_path / str(interleave), log=None)["cells"]
+        assert len(cells) == 2 * len(bench.QUICK_METHODS)
+        for c in cells:
+            assert c["error"] is None, c["error"]
+            assert c["device"].startswith("cuda") and c["latency_ms"]["p50"] > 0
+            kind = "cuda_resident_plus_step_peak" if interleave else "cuda_max_allocated"
+            assert c["peak_memory_kind"] == kind and c["peak_memory_mb"] > 0
+        assert all(c["ratio_to_reference"] for c in cells if c["method"] == "tent")

@@ -172,3 +172,17 @@ def test_compile_mode_reaches_torch_compile_in_bench_and_engine(tmp_path, monkey
                              "stream.batch_size=8"])  # fmt: skip
     run(cfg, tmp_path / "run", data_root=data_root)
     assert modes[-1] == "max-autotune"
+
+
+@pytest.mark.gpu
+def test_fast_tent_matches_the_plain_loop_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    source, stream = _source().cuda(), [x.cuda() for x in _stream()]
+    ref_logits, ref_params = _run_plain(source, stream)
+    logits, params, method = _run_ours(source, stream, channels_last=True, implementation="auto")
+    assert method.optimizer.defaults.get("fused") is True  # CUDA always has the fused Adam kernel
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # cuDNN picks different algorithms per layout
+    for name, p in params.items():
+        torch.testing.assert_close(p, ref_params[name], rtol=0, atol=2e-4)
