@@ -50,7 +50,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,6 +63,7 @@ if importlib.util.find_spec("tta_surgical") is None:  # a checkout that is not i
     sys.path.insert(0, str(REPO))
 
 from tta_surgical import engine  # noqa: E402
+from tta_surgical.bench import git_revision  # noqa: E402
 from tta_surgical.config import Config, load_config  # noqa: E402
 from tta_surgical.corruptions import BENCHMARK_CORRUPTIONS  # noqa: E402
 from tta_surgical.corruptions.textures import default_frost_dir  # noqa: E402
@@ -162,15 +162,6 @@ def read_results(folder: Path) -> list[dict[str, Any]]:
     """The per-batch lines of an engine run's results.jsonl."""
     path = folder / engine.RESULTS_FILE
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _git_hash() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 # ----------------------------------------------------------------------------------------------------- images
@@ -683,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "git": _git_hash(),
+        "git": git_revision(),
     }
     result = json_safe(result)
     table = markdown(result)

@@ -18,22 +18,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from tta_surgical.bench import git_revision
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _git_hash() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "git": _git_hash(),
+        "git": git_revision(),
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

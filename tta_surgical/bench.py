@@ -72,6 +72,7 @@ __all__ = [
     "autograd_report",
     "bench_markdown",
     "bench_meta",
+    "git_revision",
     "parse_method",
     "plain_entropy",
     "plot_latency",
@@ -701,6 +702,11 @@ def _git(args: Sequence[str]) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_revision() -> str | None:
+    """The checkout's short commit hash (None outside a git checkout): benchmark JSON records what was measured."""
+    return _git(["rev-parse", "--short", "HEAD"])
 
 
 def bench_meta(device: torch.device, spec: BenchSpec) -> dict[str, Any]:
