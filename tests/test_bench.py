@@ -377,3 +377,11 @@ def test_gpu_bench_cells_interleaved_and_sequential(tmp_path):
             kind = "cuda_resident_plus_step_peak" if interleave else "cuda_max_allocated"
             assert c["peak_memory_kind"] == kind and c["peak_memory_mb"] > 0
         assert all(c["ratio_to_reference"] for c in cells if c["method"] == "tent")
+
+
+def test_cli_choices_match_the_config_vocabulary():
+    # The bench command spells the choices out (importing the config would import torch for --help).
+    from tta_surgical.config import COMPILE_MODES, OPTIM_IMPLEMENTATIONS
+
+    choices = {a.dest: tuple(a.choices) for a in _bench_parser()._actions if a.choices}
+    assert choices["compile_mode"] == COMPILE_MODES and choices["optim_impl"] == OPTIM_IMPLEMENTATIONS
