@@ -156,8 +156,8 @@ class OptimConfig:
     nesterov: bool = False
     # How torch runs the update (same maths, floating-point differences only): `fused` one kernel over all
     # tensors, `foreach` batched ops, `for-loop` one tensor at a time; `auto` = fused where this torch supports it
-    # for the parameters' device and dtype, else foreach. At batch 1-16 on the CPU the per-tensor loop is a
-    # sizeable share of a Tent step (benchmarks/RESULTS.md).
+    # for the parameters' device and dtype, else foreach. At small batches the per-tensor loop's fixed cost
+    # (~10 small kernels per adapted tensor) is a noticeable share of a Tent step.
     implementation: str = "auto"
 
     def __post_init__(self) -> None:
