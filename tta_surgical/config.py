@@ -181,9 +181,8 @@ class RuntimeConfig:
 
     device: str = "auto"
     precision: str = "fp32"
-    # channels_last (NHWC) for 4-D inputs: on by default because it makes the CPU convolutions of an adapted
-    # step ~1.3x faster (benchmarks/RESULTS.md); no effect on which parameters adapt, results equal to
-    # floating-point tolerance.
+    # channels_last (NHWC) for 4-D inputs: on by default because oneDNN's NHWC convolutions are faster on the CPU
+    # (benchmarks/RESULTS.md §5); no effect on which parameters adapt, results equal to floating-point tolerance.
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"

@@ -319,9 +319,9 @@ def run(
         (out / SUMMARY_FILE).unlink(missing_ok=True)
         n_lines = 0
 
-    # Where this session's loop time goes (summary["timing"]): waiting for the next batch (reading or generating
-    # it; on a GPU only the host side of generation, the queued kernels finish inside the next synchronised
-    # timer), the adaptation steps (BatchTimer), and checkpoint writes. The rest is bookkeeping.
+    # Where this session's loop time goes (summary["timing_this_session"]): waiting for the next batch (reading
+    # or generating it; on a GPU only the host side of generation, the queued kernels finish inside the next
+    # synchronised timer), the adaptation steps (BatchTimer), and checkpoint writes. The rest is bookkeeping.
     timing = {"data_s": 0.0, "step_s": 0.0, "checkpoint_s": 0.0}
 
     def save_checkpoint(next_batch: int) -> None:
