@@ -39,6 +39,7 @@ __all__ = [
     "from_dict",
     "load_config",
     "load_yaml",
+    "method_config",
     "parse_override",
     "to_dict",
 ]
@@ -142,6 +143,11 @@ class MethodConfig:
                 "method tent fixes blocks=[all], kind=norm, bn_stats=batch; to choose blocks, kind or statistics "
                 f"use method.name=surgical (got blocks={list(self.blocks)}, kind={self.kind}, bn_stats={self.bn_stats})"
             )
+
+
+def method_config(name: str, **settings: Any) -> MethodConfig:
+    """The settings of the method `name` with `settings` over its defaults: the one way code builds a method's config."""
+    return MethodConfig(name=name, **settings)
 
 
 @dataclass(frozen=True)
