@@ -336,8 +336,8 @@ def time_method(
     images = sum(int(r["count"]) for r in lines)
     return {
         "method": cfg.method.name,
-        "blocks": list(cfg.method.blocks),
-        "kind": cfg.method.kind,
+        "blocks": list(getattr(cfg.method, "blocks", ())),
+        "kind": getattr(cfg.method, "kind", None),
         "optim": f"{cfg.optim.name} lr {cfg.optim.lr:g}",
         "total_s": total_s,
         "setup_s": total_s - stream_s,

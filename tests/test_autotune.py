@@ -21,7 +21,7 @@ from tta_surgical.autotune import (
     snr_scores,
     weighted_param_groups,
 )
-from tta_surgical.config import ConfigError, MethodConfig, OptimConfig, load_config
+from tta_surgical.config import ConfigError, OptimConfig, load_config, method_config
 from tta_surgical.methods import build_method, entropy
 from tta_surgical.models import BlockSpec, block_map, block_names, create_model, select_params
 
@@ -264,7 +264,7 @@ def test_block_weight_table_from_rgn_on_resnet20():
 
 
 def autorgn(model: nn.Module, every: int = 3, **kw) -> object:
-    cfg = MethodConfig(name="surgical", kind="all", weighting="auto-rgn", weighting_every=every, **kw)
+    cfg = method_config("surgical", kind="all", weighting="auto-rgn", weighting_every=every, **kw)
     return build_method(model, cfg, OptimConfig(lr=1e-2))
 
 
@@ -307,7 +307,7 @@ def test_online_refresh_schedule_adam_state_and_reset(monkeypatch):
     real = autotune.rgn_weights_from_grads
 
     def spy(params, grads):
-        calls.append(method.n_steps)
+        calls.append(method.n_steps - 1)  # batches before this one (n_steps counts the current batch)
         return real(params, grads)
 
     monkeypatch.setattr("tta_surgical.methods.entropy_min.rgn_weights_from_grads", spy)
@@ -346,20 +346,20 @@ def test_online_state_dict_roundtrip_resumes_the_schedule():
 
 def test_online_tent_with_auto_rgn_weights_norm_tensors_only():
     model = TinyNet()
-    method = build_method(model, MethodConfig(name="tent", weighting="auto-rgn"), OptimConfig(lr=1e-3))
+    method = build_method(model, method_config("tent", weighting="auto-rgn"), OptimConfig(lr=1e-3))
     method.step(data(3)[0])
     assert [g["name"] for g in method.optimizer.param_groups] == ["bn1.weight", "bn1.bias"]
     assert max(g["lr"] for g in method.optimizer.param_groups) == 1e-3
 
 
 def test_weighting_config_validation():
-    assert MethodConfig(name="surgical", weighting="auto-rgn").weighting_every == 50
+    assert method_config("surgical", weighting="auto-rgn").weighting_every == 50
     with pytest.raises(ConfigError, match="none, auto-rgn"):
-        MethodConfig(name="surgical", weighting="auto-snr")
-    with pytest.raises(ConfigError, match="tent, surgical"):
-        MethodConfig(name="norm", weighting="auto-rgn")
+        method_config("surgical", weighting="auto-snr")
+    with pytest.raises(ConfigError, match="method.weighting; valid keys in section 'method' for method 'norm'"):
+        method_config("norm", weighting="auto-rgn")
     with pytest.raises(ConfigError, match="weighting_every"):
-        MethodConfig(name="surgical", weighting="auto-rgn", weighting_every=0)
+        method_config("surgical", weighting="auto-rgn", weighting_every=0)
     cfg = load_config(REPO / "configs" / "surgical_autorgn.yaml")
     assert (cfg.method.name, cfg.method.blocks, cfg.method.kind, cfg.method.weighting) == (
         "surgical",

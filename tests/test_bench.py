@@ -236,13 +236,13 @@ def test_autograd_report_block1_saves_less_and_grads_only_block1():
 
 
 def test_autograd_report_on_a_built_method_resets_it():
-    from tta_surgical.config import MethodConfig
+    from tta_surgical.config import method_config
     from tta_surgical.methods import build_method
     from tta_surgical.models import create_model
 
     torch.manual_seed(0)
     model, _ = create_model("resnet20", pretrained=False)
-    method = build_method(model, MethodConfig(name="surgical", blocks=("block3",), kind="norm"))
+    method = build_method(model, method_config("surgical", blocks=("block3",), kind="norm"))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     rep = autograd_report(model, method, batch_size=2)
     assert rep["grad_blocks"] == {"block3": 12} and rep["autograd_batch_size"] == 2

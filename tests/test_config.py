@@ -10,7 +10,6 @@ import yaml
 from tta_surgical.config import (
     Config,
     ConfigError,
-    MethodConfig,
     ModelConfig,
     OptimConfig,
     RuntimeConfig,
@@ -20,6 +19,7 @@ from tta_surgical.config import (
     from_dict,
     load_config,
     load_yaml,
+    method_config,
     to_dict,
 )
 
@@ -151,7 +151,7 @@ def test_overrides_order_independent_for_cross_field_checks():
         ("model.name.x=1", "not a section"),
         ("model=3", "is a section"),
         ("optim.lr", "section.key=value"),
-        ("method.name=tnet", "choose one of"),
+        ("method.name=tnet", "unknown method .tnet.; valid: "),
     ],
 )
 def test_bad_overrides(override, needle):
@@ -163,7 +163,7 @@ def test_unknown_override_lists_valid_keys():
     with pytest.raises(ConfigError) as err:
         apply_overrides(Config(), ["method.block=[head]"])
     assert "method.block" in str(err.value)
-    for f in dataclasses.fields(MethodConfig):
+    for f in dataclasses.fields(type(Config().method)):  # the keys of the method the config names (tent)
         assert f.name in str(err.value)
 
 
@@ -194,15 +194,16 @@ def test_missing_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "make, needle",
     [
-        (lambda: MethodConfig(name="tnet"), "source, norm, tent, surgical"),
-        (lambda: MethodConfig(name="surgical", kind="bias"), "all, norm, conv"),
-        (lambda: MethodConfig(bn_stats="running"), "batch, source"),
-        (lambda: MethodConfig(weighting="auto-snr"), "none, auto-rgn"),
-        (lambda: MethodConfig(steps=0), "steps"),
-        (lambda: MethodConfig(name="norm", prior_strength=-1.0), "prior_strength"),
-        (lambda: MethodConfig(name="surgical", bn_stats="source", prior_strength=16.0), "bn_stats=batch"),
-        (lambda: MethodConfig(name="tent", blocks=("block1",)), "surgical"),
-        (lambda: MethodConfig(name="surgical", blocks=()), "blocks"),
+        (lambda: method_config("tnet"), r"unknown method 'tnet'; valid: .*tent"),
+        (lambda: method_config("surgical", kind="bias"), "all, norm, conv"),
+        (lambda: method_config("surgical", bn_stats="running"), "batch, source"),
+        (lambda: method_config("tent", weighting="auto-snr"), "none, auto-rgn"),
+        (lambda: method_config("tent", steps=0), "steps"),
+        (lambda: method_config("norm", prior_strength=-1.0), "prior_strength"),
+        (lambda: method_config("surgical", bn_stats="source", prior_strength=16.0), "bn_stats=batch"),
+        (lambda: method_config("tent", e_margin=0.4), "valid keys in section 'method' for method 'tent'"),
+        (lambda: method_config("source", blocks=("block1",)), "method.blocks"),
+        (lambda: method_config("surgical", blocks=()), "blocks"),
         (lambda: OptimConfig(name="adamw"), "adam, sgd"),
         (lambda: OptimConfig(name="sgd", momentum=0.0, nesterov=True), "nesterov"),
         (lambda: OptimConfig(betas=(0.9, 1.0)), "betas"),
@@ -219,3 +220,37 @@ def test_enumerations_and_ranges_validated(make, needle):
 def test_enumeration_errors_from_yaml_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"runtime\.precision='fp16'.*fp32, bf16"):
         load_config(_write(tmp_path / "r.yaml", {"runtime": {"precision": "fp16"}}))
+
+
+def test_method_section_is_checked_against_the_named_method(tmp_path):
+    """The `method:` keys depend on `method.name`: each method's own settings, unknown ones listed."""
+    cfg = load_config(_write(tmp_path / "m.yaml", {"method": {"name": "norm", "prior_strength": 8}}))
+    assert type(cfg.method).__name__ == "NormSettings" and cfg.method.prior_strength == 8.0
+    with pytest.raises(ConfigError, match=r"method.kind; valid keys in section 'method' for method 'norm': name, "):
+        load_config(_write(tmp_path / "n.yaml", {"method": {"name": "norm", "kind": "all"}}))
+    with pytest.raises(ConfigError, match="stream.reset=episodic"):
+        load_config(_write(tmp_path / "e.yaml", {"method": {"name": "tent", "episodic": True}}))
+
+
+def test_switching_method_by_override_keeps_only_user_choices():
+    base = Config()  # tent with its defaults
+    norm = apply_overrides(base, ["method.name=norm"])
+    assert norm.method.name == "norm" and not hasattr(norm.method, "blocks")
+    # a non-default value the user set does not vanish silently when the method changes
+    with pytest.raises(ConfigError, match="method.blocks"):
+        apply_overrides(base, ["method.blocks=[block1]", "method.name=norm"])
+    # order does not matter: the name is applied first, the other keys are checked against it
+    a = apply_overrides(base, ["method.bn_stats=source", "method.name=surgical", "method.blocks=[block1]"])
+    b = apply_overrides(base, ["method.name=surgical", "method.blocks=[block1]", "method.bn_stats=source"])
+    assert a == b and a.method.kind == "all" and a.method.bn_stats == "source"  # surgical's default kind
+    c = apply_overrides(base, ["method={blocks: [head], name: surgical}"])
+    assert c.method.name == "surgical" and c.method.blocks == ("head",)
+
+
+def test_method_config_builds_each_registered_method_with_defaults():
+    from tta_surgical.methods import METHODS
+
+    for name in METHODS.names():
+        settings = method_config(name)
+        assert settings.name == name and isinstance(settings, METHODS.get(name).Settings)
+        assert from_dict(Config, to_dict(Config(method=settings))).method == settings  # round trip

@@ -181,15 +181,17 @@ def test_resume_after_crash_equals_uninterrupted(continual, tmp_path, data_root)
     assert resumed["resumed_from_batch"] == 2
     assert numbers(read_lines(folder)) == numbers(read_lines(out))
     # The final adapted model and optimiser state are bit-identical too.
-    a = torch.load(out / STATE_FILE, weights_only=True)["method"]
-    b = torch.load(folder / STATE_FILE, weights_only=True)["method"]
+    a = torch.load(out / STATE_FILE, weights_only=True)["method"]["state"]
+    b = torch.load(folder / STATE_FILE, weights_only=True)["method"]["state"]
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) and torch.equal(sa[k]["step"], sb[k]["step"])
-    assert a["counters"] == b["counters"]
+    assert torch.equal(a["rng"], b["rng"])
+    counters = [torch.load(f / STATE_FILE, weights_only=True)["method"]["counters"] for f in (out, folder)]
+    assert counters[0] == counters[1] and counters[0]["n_updates"] == 4
 
     # Resuming a finished run changes nothing.
     done = run(cfg, folder, data_root=data_root, resume=True, record_predictions=True)
@@ -233,8 +235,8 @@ def test_reset_policy_per_domain_vs_never(baseline, continual, tmp_path, data_ro
         return m
 
     monkeypatch.setattr(methods, "build_method", spy)
-    never = never_ckpt["model"]
-    per_domain = ckpt["method"]["model"]
+    never = never_ckpt["state"]["model"]
+    per_domain = ckpt["method"]["state"]["model"]
     # Without the reset the second domain continues from the first domain's adapted parameters.
     assert not torch.equal(never["bn1.weight"], per_domain["bn1.weight"])
     lines_never, lines_reset = read_lines(never_out), read_lines(out)
@@ -268,7 +270,7 @@ def test_tent_matches_plain_reference_loop(baseline, data_root):
 
     ours = torch.tensor([p for r in read_lines(out) for p in r["pred"]])
     assert torch.equal(ours, preds)  # every prediction, in stream order
-    final = torch.load(out / STATE_FILE, weights_only=True)["method"]["model"]
+    final = torch.load(out / STATE_FILE, weights_only=True)["method"]["state"]["model"]
     bn = [k for k in ref_state if k.endswith((".weight", ".bias")) and "bn" in k]
     assert len(bn) == 2 * 19  # every BN layer of ResNet-20 (stem + 9 units x 2)
     for k, v in ref_state.items():

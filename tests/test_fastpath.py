@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tta_surgical.bench import PlainTent
-from tta_surgical.config import ConfigError, MethodConfig, OptimConfig
+from tta_surgical.config import ConfigError, OptimConfig, method_config
 from tta_surgical.methods import build_method, build_optimizer
 from tta_surgical.methods.base import grads_finite
 from tta_surgical.models import create_model
@@ -42,7 +42,7 @@ def _run_ours(source, stream, *, channels_last: bool, implementation: str, compi
     model = copy.deepcopy(source)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    method = build_method(model, MethodConfig(name="tent"), OptimConfig(implementation=implementation))
+    method = build_method(model, method_config("tent"), OptimConfig(implementation=implementation))
     if compile_model:
         model.compile()
     logits = []
@@ -117,7 +117,7 @@ def test_grads_finite_sees_nan_and_inf_in_any_tensor_or_the_loss():
 def test_fused_step_with_a_nan_gradient_is_skipped_and_changes_nothing():
     source, stream = _source(), _stream(n_batches=2)
     model = copy.deepcopy(source).to(memory_format=torch.channels_last)
-    method = build_method(model, MethodConfig(name="tent"), OptimConfig())
+    method = build_method(model, method_config("tent"), OptimConfig())
     method.step(stream[0])
     before = {n: p.detach().clone() for n, p in method.params()}
     state_before = copy.deepcopy(method.optimizer.state_dict()["state"])

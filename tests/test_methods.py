@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from tta_surgical.config import METHOD_NAMES, MethodConfig, OptimConfig
-from tta_surgical.methods import METHODS, EntropyMinimization, Method, build_method, entropy, set_bn_stats
+from tta_surgical.config import MethodSettings, OptimConfig, method_config
+from tta_surgical.methods import METHODS, Method, build_method, entropy, set_bn_stats
+from tta_surgical.methods.entropy_min import EntropyMinimization
 from tta_surgical.models import BlockSpec, create_model, select_params
 
-TENT = MethodConfig(name="tent")
+TENT = method_config("tent")
 
 
 class TinyNet(nn.Module):
@@ -78,9 +79,14 @@ def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
 
 
-def test_registry_matches_config_names():
-    assert sorted(METHODS.names()) == sorted(METHOD_NAMES)
-    assert METHODS.get("tent") is METHODS.get("surgical") is EntropyMinimization  # Tent is a configuration
+def test_registry_is_the_one_list_of_methods():
+    assert {"source", "norm", "tent", "surgical"} <= set(METHODS.names())
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        assert issubclass(cls, Method) and issubclass(cls.Settings, MethodSettings)
+        assert MethodSettings.variant(name) is cls.Settings and method_config(name).name == name
+    assert issubclass(METHODS.get("tent"), EntropyMinimization)  # Tent is entropy minimisation with its defaults
+    assert method_config("tent").kind == "norm" and method_config("surgical").kind == "all"
 
 
 def test_entropy_values():
@@ -100,7 +106,7 @@ def test_entropy_values():
 def test_frozen_bit_identical_selected_changed(blocks, kind):
     model = TinyNet()
     before = clone_state(model)
-    method = build_method(model, MethodConfig(name="surgical", blocks=blocks, kind=kind), OptimConfig(lr=1e-2))
+    method = build_method(model, method_config("surgical", blocks=blocks, kind=kind), OptimConfig(lr=1e-2))
     selected = {n for n, _ in select_params(model, blocks, kind)}
     assert {n for n, _ in method.params()} == selected and selected
     for n, p in model.named_parameters():
@@ -118,14 +124,14 @@ def test_frozen_bit_identical_selected_changed(blocks, kind):
     "cfg",
     [
         TENT,
-        MethodConfig(name="norm"),
-        MethodConfig(name="norm", prior_strength=16.0),
-        MethodConfig(name="surgical", blocks=("block1", "head"), kind="all"),
-        MethodConfig(name="surgical", blocks=("input",), kind="all", bn_stats="source"),
-        MethodConfig(name="surgical", blocks=("all",), kind="norm", prior_strength=4.0),
-        MethodConfig(name="source"),
+        method_config("norm"),
+        method_config("norm", prior_strength=16.0),
+        method_config("surgical", blocks=("block1", "head"), kind="all"),
+        method_config("surgical", blocks=("input",), kind="all", bn_stats="source"),
+        method_config("surgical", blocks=("all",), kind="norm", prior_strength=4.0),
+        method_config("source"),
     ],
-    ids=lambda c: f"{c.name}-{'-'.join(c.blocks)}-{c.kind}-{c.bn_stats}-N{c.prior_strength:g}",
+    ids=lambda c: "-".join(f"{v}" for v in vars(c).values()),
 )
 def test_running_stats_untouched(cfg):
     model = TinyNet()
@@ -173,7 +179,7 @@ def test_predict_has_no_side_effects():
 @pytest.mark.parametrize("optim", [OptimConfig(name="adam", lr=1e-2), OptimConfig(name="sgd", lr=0.1, momentum=0.9)])
 def test_reset_restores_model_and_optimizer_exactly(optim):
     model = TinyNet()
-    method = build_method(model, MethodConfig(name="surgical", blocks=("block1", "head"), kind="all"), optim)
+    method = build_method(model, method_config("surgical", blocks=("block1", "head"), kind="all"), optim)
     state0, opt0 = clone_state(model), copy.deepcopy(method.optimizer.state_dict())
     first = method.step(batch(0))
     first_next = method.step(batch(1))
@@ -187,21 +193,9 @@ def test_reset_restores_model_and_optimizer_exactly(optim):
     assert torch.equal(method.step(batch(1)), first_next)
 
 
-def test_episodic_equals_reset_then_step():
-    online = build_method(TinyNet(), MethodConfig(name="tent"), OptimConfig(lr=1e-2))
-    episodic = build_method(TinyNet(), MethodConfig(name="tent", episodic=True), OptimConfig(lr=1e-2))
-    for s in range(3):
-        online.reset()
-        expected = online.step(batch(s))
-        assert torch.equal(episodic.step(batch(s)), expected)
-        assert_states_equal(clone_state(episodic.model), clone_state(online.model))
-    # and episodic predictions never drift: the same batch twice gives the same logits
-    assert torch.equal(episodic.step(batch(0)), episodic.step(batch(0)))
-
-
 def test_same_seed_reproduces_exactly():
     def run():
-        method = build_method(TinyNet(seed=5), MethodConfig(name="surgical", blocks=("all",), kind="all"))
+        method = build_method(TinyNet(seed=5), method_config("surgical", blocks=("all",), kind="all"))
         return [method.step(batch(s)) for s in range(4)], clone_state(method.model)
 
     (outs_a, state_a), (outs_b, state_b) = run(), run()
@@ -257,16 +251,16 @@ def test_norm_prior_strength_matches_formula():
     expected = (x - mu[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + bn.eps)
     expected = expected * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
     stats = bn_buffers(model)
-    out = build_method(model, MethodConfig(name="norm", prior_strength=prior)).step(x)
+    out = build_method(model, method_config("norm", prior_strength=prior)).step(x)
     torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-5)
     assert_states_equal(bn_buffers(model), stats)
     # N = 0 is exactly training-mode BatchNorm; N -> infinity tends to the source (eval) output
-    out0 = build_method(nn.Sequential(copy.deepcopy(pristine)), MethodConfig(name="norm")).step(x)
+    out0 = build_method(nn.Sequential(copy.deepcopy(pristine)), method_config("norm")).step(x)
     ref = copy.deepcopy(pristine).train()
     ref.track_running_stats = False
     with torch.no_grad():
         assert torch.equal(out0, ref(x))
-        big = MethodConfig(name="norm", prior_strength=1e9)
+        big = method_config("norm", prior_strength=1e9)
         out_inf = build_method(nn.Sequential(copy.deepcopy(pristine)), big).step(x)
         torch.testing.assert_close(out_inf, pristine.eval()(x), rtol=1e-4, atol=1e-4)
 
@@ -275,19 +269,19 @@ def test_norm_and_source_do_not_change_parameters_and_run_inference_mode():
     for name in ("norm", "source"):
         model = TinyNet()
         state = clone_state(model)
-        method = build_method(model, MethodConfig(name=name))
+        method = build_method(model, method_config(name))
         out = method.step(batch())
         assert out.is_inference() and method.params() == [] and method.optimizer is None
         assert_states_equal(clone_state(model), state)
         assert not any(p.requires_grad for p in model.parameters())
-    source = build_method(TinyNet(), MethodConfig(name="source"))
+    source = build_method(TinyNet(), method_config("source"))
     with torch.no_grad():
         assert torch.equal(source.step(batch()), TinyNet().eval()(batch()))
 
 
 def test_surgical_all_norm_equals_tent():
     tent = build_method(TinyNet(), TENT, OptimConfig(lr=1e-2))
-    cfg = MethodConfig(name="surgical", blocks=("all",), kind="norm")
+    cfg = method_config("surgical", blocks=("all",), kind="norm")
     surgical = build_method(TinyNet(), cfg, OptimConfig(lr=1e-2))
     for s in range(3):
         assert torch.equal(tent.step(batch(s)), surgical.step(batch(s)))
@@ -297,7 +291,7 @@ def test_surgical_all_norm_equals_tent():
 def test_bn_stats_source_keeps_eval_normalisation():
     model = TinyNet()
     reference = TinyNet().eval()
-    method = build_method(model, MethodConfig(name="surgical", blocks=("head",), kind="all", bn_stats="source"))
+    method = build_method(model, method_config("surgical", blocks=("head",), kind="all", bn_stats="source"))
     with torch.no_grad():  # step still adapts inside an outer no_grad (it enables grad itself)
         expected = reference(batch())
         assert torch.equal(method.step(batch()), expected)
@@ -306,7 +300,7 @@ def test_bn_stats_source_keeps_eval_normalisation():
 
 def test_multiple_steps_update_more_but_return_first_forward():
     one = build_method(TinyNet(), TENT, OptimConfig(lr=1e-2))
-    three = build_method(TinyNet(), MethodConfig(name="tent", steps=3), OptimConfig(lr=1e-2))
+    three = build_method(TinyNet(), method_config("tent", steps=3), OptimConfig(lr=1e-2))
     assert torch.equal(one.step(batch()), three.step(batch()))
     assert three.n_updates == 3 and one.n_updates == 1
     assert not torch.equal(one.model.bn1.weight, three.model.bn1.weight)
@@ -324,7 +318,7 @@ def test_sgd_and_adam_lower_the_entropy(optim):
 
 
 def test_state_dict_resume_matches_uninterrupted_run():
-    cfg, optim = MethodConfig(name="surgical", blocks=("block2", "head"), kind="all"), OptimConfig(lr=1e-2)
+    cfg, optim = method_config("surgical", blocks=("block2", "head"), kind="all"), OptimConfig(lr=1e-2)
     full = build_method(TinyNet(), cfg, optim)
     for s in range(2):
         full.step(batch(s))
@@ -345,7 +339,7 @@ def test_state_dict_resume_matches_uninterrupted_run():
 
 def test_selection_without_parameters_is_a_clear_error():
     with pytest.raises(ValueError, match="select no parameters"):
-        build_method(TinyNet(), MethodConfig(name="surgical", blocks=("head",), kind="norm"))
+        build_method(TinyNet(), method_config("surgical", blocks=("head",), kind="norm"))
 
 
 def test_bf16_autocast_and_channels_last():
@@ -356,7 +350,7 @@ def test_bf16_autocast_and_channels_last():
     out = method.step(x)
     assert torch.isfinite(out).all() and method.n_updates == 1
     torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
-    prior = build_method(TinyNet(), MethodConfig(name="norm", prior_strength=8.0), autocast_dtype=torch.bfloat16)
+    prior = build_method(TinyNet(), method_config("norm", prior_strength=8.0), autocast_dtype=torch.bfloat16)
     assert torch.isfinite(prior.step(x)).all()
 
 

@@ -174,16 +174,18 @@ class MethodSpec:
 
     label: str
     kind: str
-    cfg: Any = None  # a MethodConfig for kind "method"
+    cfg: Any = None  # a MethodSettings for kind "method"
 
     @property
     def adapts(self) -> bool:
-        return self.kind == "reference" or (self.cfg is not None and self.cfg.name in ("tent", "surgical"))
+        from .methods import METHODS
+
+        return self.kind == "reference" or (self.cfg is not None and METHODS.get(self.cfg.name).adapts)
 
 
 def parse_method(spec: str) -> MethodSpec:
     """`inference`, `source`, `norm`, `tent`, `surgical:<block>[+<block>...]`, `autorgn` or `reference_tent`."""
-    from .config import MethodConfig
+    from .config import method_config
 
     label = spec.strip()
     if label == INFERENCE:
@@ -191,16 +193,16 @@ def parse_method(spec: str) -> MethodSpec:
     if label == REFERENCE:
         return MethodSpec(label, "reference")
     if label in ("source", "norm", "tent"):
-        return MethodSpec(label, "method", MethodConfig(name=label))
+        return MethodSpec(label, "method", method_config(label))
     if label == AUTORGN:
         return MethodSpec(
-            label, "method", MethodConfig(name="surgical", blocks=("all",), kind="all", weighting="auto-rgn")
+            label, "method", method_config("surgical", blocks=("all",), kind="all", weighting="auto-rgn")
         )
     if label.startswith("surgical:"):
         blocks = tuple(b for b in label.split(":", 1)[1].split("+") if b)
         if not blocks:
             raise ValueError(f"method {label!r} names no block; write e.g. surgical:block1 or surgical:block1+block2")
-        return MethodSpec(label, "method", MethodConfig(name="surgical", blocks=blocks, kind="all"))
+        return MethodSpec(label, "method", method_config("surgical", blocks=blocks, kind="all"))
     raise ValueError(
         f"unknown bench method {label!r}; valid: inference, source, norm, tent, surgical:<block>[+<block>...] "
         "(e.g. surgical:block1, surgical:all), autorgn, reference_tent"

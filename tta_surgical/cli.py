@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "report": "tta_surgical.commands.report",
     "bench": "tta_surgical.commands.bench",
     "make-cifar10c": "tta_surgical.commands.make_cifar10c",
+    "methods": "tta_surgical.commands.methods",
     "blocks": "tta_surgical.commands.blocks",
     "corruptions": "tta_surgical.commands.corruptions",
 }

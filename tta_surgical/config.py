@@ -6,7 +6,8 @@ type-checked and coerced, lists become tuples) -> frozen `Config` -> `apply_over
 There is no global config: every function takes and returns values.
 
 Enumerated fields are validated in each dataclass's `__post_init__`, so a tree built in code
-(`MethodConfig(name="tnet")`) fails exactly like one read from a file.
+(`method_config("tnet")`) fails exactly like one read from a file. The `method:` section is polymorphic: its
+valid keys are those of the settings class the named method registers (`MethodSettings.variant`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import yaml
 from .streams import StreamSpec
 
 __all__ = [
-    "METHOD_NAMES",
+    "AdaptSettings",
     "Config",
     "ConfigError",
-    "MethodConfig",
+    "MethodSettings",
     "ModelConfig",
     "OptimConfig",
     "RuntimeConfig",
@@ -46,14 +47,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-# The method names `tta_surgical.methods.METHODS` registers (kept here so reading a config does not import torch
-# models; `tests/test_methods.py` checks the two agree).
-METHOD_NAMES = ("source", "norm", "tent", "surgical")
 PARAM_KINDS = ("all", "norm", "conv")
-BN_STATS = ("batch", "source")
-WEIGHTINGS = ("none", "auto-rgn")
-# methods whose optimiser a weighting can drive (the ones with a gradient update)
-WEIGHTED_METHODS = ("tent", "surgical")
 OPTIMIZERS = ("adam", "sgd")
 OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 DEVICES = ("auto", "cpu", "cuda")
@@ -66,7 +60,7 @@ class ConfigError(ValueError):
     """A config value or key is invalid; the message names the dotted key and what is valid."""
 
 
-def _check_choice(owner: str, key: str, value: object, valid: Iterable[str]) -> None:
+def check_choice(owner: str, key: str, value: object, valid: Iterable[str]) -> None:
     valid = tuple(valid)
     if value not in valid:
         raise ConfigError(f"{owner}.{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
@@ -93,61 +87,70 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """What adapts and how (see `tta_surgical.methods`).
+class MethodSettings:
+    """The `method:` section: which online method runs, and its own settings.
 
-    `tent` is the surgical method fixed to blocks=[all], kind=norm, bn_stats=batch; `prior_strength` N mixes
-    the source BN statistics into the test-batch ones (Schneider et al. 2020):
-    mu = N/(N+n) mu_source + n/(N+n) mu_batch, the same for the variance, n the batch size; 0 = batch only.
-
-    `weighting` (tent/surgical only): `none`, every adapted tensor at optim.lr; `auto-rgn`, one optimiser group
-    per tensor with lr = optim.lr x its auto-RGN weight (||g||/||theta|| of the entropy gradient, divided by the
-    max over tensors; `tta_surgical.autotune`), computed at the first batch and every `weighting_every` batches
-    after it (and after every reset).
+    Each method declares its settings as a frozen subclass of this class in its own module under
+    `tta_surgical/methods/` (registered with the method), so the section's valid keys depend on `name`: reading a
+    config picks the subclass registered for `name` (`MethodSettings.variant`), rejects keys that method does not
+    have (listing the ones it has) and type-checks the rest. Build one in code with `method_config(name, **kw)`.
     """
 
     name: str = "tent"
-    blocks: tuple[str, ...] = ("all",)
-    kind: str = "norm"
-    bn_stats: str = "batch"
-    prior_strength: float = 0.0
-    steps: int = 1
-    episodic: bool = False
-    weighting: str = "none"
-    weighting_every: int = 50
 
     def __post_init__(self) -> None:
-        _check_choice("method", "name", self.name, METHOD_NAMES)
-        _check_choice("method", "kind", self.kind, PARAM_KINDS)
-        _check_choice("method", "bn_stats", self.bn_stats, BN_STATS)
-        _check_choice("method", "weighting", self.weighting, WEIGHTINGS)
-        if self.weighting != "none" and self.name not in WEIGHTED_METHODS:
+        cls = MethodSettings.variant(self.name)
+        if not isinstance(self, cls):
             raise ConfigError(
-                f"method.weighting={self.weighting} sets per-tensor learning rates, so it needs a method that updates "
-                f"parameters ({', '.join(WEIGHTED_METHODS)}), not method.name={self.name}; use method.weighting=none"
+                f"method.name={self.name!r} belongs to settings {cls.__name__}, not {type(self).__name__}; "
+                f"build it with method_config({self.name!r}, ...)"
             )
-        if self.weighting_every < 1:
-            raise ConfigError(
-                f"method.weighting_every must be >= 1 (refresh the weights every N batches), got {self.weighting_every}"
-            )
+
+    @staticmethod
+    def variant(name: object) -> type[MethodSettings]:
+        """The settings class registered for the method `name` (a `ConfigError` listing the names otherwise)."""
+        from .methods import METHODS  # lazy: the methods import torch, and they import this module
+        from .registry import UnknownNameError
+
+        try:
+            return METHODS.get(name).Settings  # type: ignore[arg-type]
+        except UnknownNameError as err:
+            raise ConfigError(f"method.name: {err}") from None
+
+
+# A settings class picks its subclass from one key of the section (see `_coerce` and `_set_override`).
+_VARIANT_KEY = {MethodSettings: "name"}
+
+
+@dataclass(frozen=True)
+class AdaptSettings(MethodSettings):
+    """Settings of every method that updates parameters: which ones (`blocks` x `kind`, see `models.select_params`).
+
+    `blocks`: block names (`input`, `block1`, ..., `head`, `all`, ranges `block1-2`, units `block1.0`);
+    `kind`: `all` parameters of those blocks, `norm` (their norm layers' affines) or `conv` (everything else).
+    The defaults are each method's authors' choice; subclasses override them.
+    """
+
+    blocks: tuple[str, ...] = ("all",)
+    kind: str = "norm"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("method", "kind", self.kind, PARAM_KINDS)
         if not self.blocks or not all(isinstance(b, str) and b for b in self.blocks):
             raise ConfigError(f"method.blocks must be a non-empty list of block names, got {list(self.blocks)!r}")
-        if not (self.prior_strength >= 0 and math.isfinite(self.prior_strength)):
-            raise ConfigError(f"method.prior_strength must be a finite number >= 0, got {self.prior_strength!r}")
-        if self.prior_strength > 0 and self.bn_stats != "batch":
-            raise ConfigError("method.prior_strength mixes source into test-batch statistics; it needs bn_stats=batch")
-        if self.steps < 1:
-            raise ConfigError(f"method.steps must be >= 1 (gradient steps per batch), got {self.steps}")
-        if self.name == "tent" and (self.blocks != ("all",) or self.kind != "norm" or self.bn_stats != "batch"):
-            raise ConfigError(
-                "method tent fixes blocks=[all], kind=norm, bn_stats=batch; to choose blocks, kind or statistics "
-                f"use method.name=surgical (got blocks={list(self.blocks)}, kind={self.kind}, bn_stats={self.bn_stats})"
-            )
 
 
-def method_config(name: str, **settings: Any) -> MethodConfig:
-    """The settings of the method `name` with `settings` over its defaults: the one way code builds a method's config."""
-    return MethodConfig(name=name, **settings)
+def method_config(name: str, **settings: Any) -> MethodSettings:
+    """The settings of the method `name` with `settings` over its defaults: the one way code builds a method's config.
+
+    Values are checked as in a YAML file (unknown keys list the valid ones; lists become tuples).
+    """
+    return from_dict(MethodSettings, {"name": name, **settings}, "method")
+
+
+def _default_method() -> MethodSettings:
+    return method_config("tent")
 
 
 @dataclass(frozen=True)
@@ -167,8 +170,8 @@ class OptimConfig:
     implementation: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_choice("optim", "name", self.name, OPTIMIZERS)
-        _check_choice("optim", "implementation", self.implementation, OPTIM_IMPLEMENTATIONS)
+        check_choice("optim", "name", self.name, OPTIMIZERS)
+        check_choice("optim", "implementation", self.implementation, OPTIM_IMPLEMENTATIONS)
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise ConfigError(f"optim.lr must be a finite number >= 0, got {self.lr!r}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
@@ -199,9 +202,9 @@ class RuntimeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check_choice("runtime", "device", self.device, DEVICES)
-        _check_choice("runtime", "precision", self.precision, PRECISIONS)
-        _check_choice("runtime", "compile_mode", self.compile_mode, COMPILE_MODES)
+        check_choice("runtime", "device", self.device, DEVICES)
+        check_choice("runtime", "precision", self.precision, PRECISIONS)
+        check_choice("runtime", "compile_mode", self.compile_mode, COMPILE_MODES)
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"runtime.num_workers must be >= 0 or null, got {self.num_workers!r}")
 
@@ -211,7 +214,7 @@ class Config:
     """One run: model x method x optimiser x stream x runtime. `Config()` is Tent on a pretrained resnet20."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodSettings = field(default_factory=_default_method)
     optim: OptimConfig = field(default_factory=OptimConfig)
     stream: StreamSpec = field(default_factory=StreamSpec)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -337,11 +340,47 @@ def _as_number(value: Any) -> float | int | None:
     return None
 
 
+# Keys that used to exist, and what replaced them (appended to the unknown-key message).
+_MOVED_KEYS = {
+    "method.episodic": "resetting before every batch is the stream's job now: set stream.reset=episodic",
+}
+
+
 def _unknown_key_error(cls: type, keys: Iterable[str], path: str) -> ConfigError:
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
-    names = ", ".join(_dotted(path, k) for k in sorted(map(str, keys)))
+    dotted = [_dotted(path, k) for k in sorted(map(str, keys))]
     where = f"in section {path!r}" if path else "at the top level"
-    return ConfigError(f"unknown config key {names}; valid keys {where}: {', '.join(valid)}")
+    if issubclass(cls, MethodSettings) and path:
+        where += f" for method {getattr(cls, 'name', '?')!r}"
+    hints = "".join(f"; {k}: {_MOVED_KEYS[k]}" for k in dotted if k in _MOVED_KEYS)
+    return ConfigError(f"unknown config key {', '.join(dotted)}; valid keys {where}: {', '.join(valid)}{hints}")
+
+
+def _resolve_variant(cls: type[T], data: Any) -> type[T]:
+    """For a polymorphic section type (`_VARIANT_KEY`), the subclass its data names; else `cls` itself."""
+    key = _VARIANT_KEY.get(cls)
+    if key is None or not isinstance(data, Mapping):
+        return cls
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
+    return cls.variant(data.get(key, default))  # type: ignore[attr-defined]
+
+
+def _switch_variant(cls: type, section: Mapping[str, Any], key: str, value: Any, path: str) -> dict[str, Any]:
+    """`method.name=other`: the section for the other variant. Keys left at the old variant's defaults are dropped
+    (they are not the user's choice and may not exist in the new one); values the user changed are kept, so an
+    invalid combination still fails loudly when the new section is checked."""
+    new_cls = _resolve_variant(cls, {key: value})
+    old = _resolve_variant(cls, section)
+    defaults = to_dict(from_dict(old, {key: section.get(key)}, path))
+    kept = {k: v for k, v in section.items() if k != key and _normalise_plain(v) != _normalise_plain(defaults.get(k))}
+    del new_cls  # resolved only to fail early on an unknown name
+    return {key: value, **kept}
+
+
+def _normalise_plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_normalise_plain(x) for x in v]
+    return v
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
@@ -354,6 +393,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or 'config'}: expected a mapping of keys to values, got {data!r}")
+    cls = _resolve_variant(cls, data)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -429,17 +469,23 @@ def _set_override(cls: type, data: dict[str, Any], keys: list[str], value: Any, 
     here = _dotted(path, key)
     tp = _hints(cls)[key]
     is_section = dataclasses.is_dataclass(tp) and isinstance(tp, type)
+    variant_key = _VARIANT_KEY.get(tp) if is_section else None
     if rest:
         if not is_section:
             raise ConfigError(f"{here} is a value, not a section; cannot set {_dotted(here, '.'.join(rest))}")
-        _set_override(tp, data[key], rest, value, raw, here)
+        if rest == [variant_key]:
+            data[key] = _switch_variant(tp, data[key], variant_key, value, here)
+            return
+        _set_override(_resolve_variant(tp, data[key]), data[key], rest, value, raw, here)
         return
     if is_section:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{here} is a section; set its keys ({here}.KEY=VALUE) or give a mapping, got {value!r}")
-        # `model={name: resnet56}` merges into the section rather than resetting its other keys.
-        for sub, subvalue in value.items():
-            _set_override(tp, data[key], [str(sub)], subvalue, yaml.safe_dump(subvalue).strip(), here)
+        # `model={name: resnet56}` merges into the section rather than resetting its other keys; a polymorphic
+        # section's variant key (`method={name: eata, ...}`) is set first, so the other keys are checked against it.
+        for sub, subvalue in sorted(value.items(), key=lambda kv: str(kv[0]) != variant_key):
+            text = yaml.safe_dump(subvalue).strip()
+            _set_override(cls, data, [key, str(sub)], subvalue, text, path)
         return
     try:
         new = _coerce(tp, value, here)
@@ -472,6 +518,10 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
     if not overrides:
         return cfg
     data = to_dict(cfg)
+    # `method.name=eata` first: the method's other keys are checked against the method it names.
+    hints = _hints(type(cfg)) if dataclasses.is_dataclass(cfg) else {}
+    switches = {f"{name}.{_VARIANT_KEY[tp]}" for name, tp in hints.items() if tp in _VARIANT_KEY}
+    overrides.sort(key=lambda text: text.split("=", 1)[0].strip() not in switches)
     for text in overrides:
         keys, value = parse_override(text)
         raw = text.split("=", 1)[1].strip()

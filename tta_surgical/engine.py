@@ -51,7 +51,8 @@ RESULTS_FILE = "results.jsonl"
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "summary.json"
 SUMMARY_MD = "summary.md"
-STATE_VERSION = 1
+# 2: the method interface v2 (registered state, counters inside the method's state_dict).
+STATE_VERSION = 2
 AUTO_CHECKPOINT_EVERY = 50  # batches, for streams without domain boundaries
 
 # Config keys that may differ between a run and its resumption: they change how the run executes, not what it
@@ -246,7 +247,8 @@ def run(
         checkpoint = torch.load(state_path, map_location="cpu", weights_only=True)
         if checkpoint.get("version") != STATE_VERSION:
             raise ValueError(
-                f"{state_path} has checkpoint version {checkpoint.get('version')}, expected {STATE_VERSION}"
+                f"{state_path} has checkpoint version {checkpoint.get('version')}, this version of tta-surgical "
+                f"writes and reads version {STATE_VERSION}; start a new run (--overwrite, or another --out)"
             )
     elif resume:
         print(f"note: no checkpoint in {out}; starting a fresh run")
@@ -264,7 +266,7 @@ def run(
     autocast_dtype = torch.bfloat16 if rt.precision == "bf16" else None
 
     # Imported here so that `import tta_surgical.engine` stays light for the CLI's --help.
-    from .methods import build_method
+    from .methods import MethodContext, build_method
     from .models import create_model
     from .streams import build_stream
 
@@ -275,7 +277,10 @@ def run(
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The method autocasts its own forwards (bf16) and keeps its loss and BN statistics in fp32.
-    method = build_method(model, cfg.method, cfg.optim, autocast_dtype=autocast_dtype)
+    context = MethodContext(
+        seed=int(rt.seed), source_images=_clean_source_images(cfg, data_root), source_note=_SOURCE_NOTE
+    )
+    method = build_method(model, cfg.method, cfg.optim, autocast_dtype=autocast_dtype, context=context)
     if rt.compile:
         # In-place compile keeps parameter names (block maps match on them) and the state_dict keys.
         model.compile(mode=rt.compile_mode)
@@ -301,11 +306,6 @@ def run(
                 "data? check --data-root / stream.path); start a new run in another folder"
             )
         method.load_state_dict(checkpoint["method"])
-        if hasattr(method, "n_skipped") and "n_skipped" in checkpoint:
-            try:
-                method.n_skipped = int(checkpoint["n_skipped"])
-            except AttributeError:  # a read-only property restored by load_state_dict
-                pass
         _set_rng_state(checkpoint["rng"])
         start = int(checkpoint["next_batch"])
         peak_before = float(checkpoint.get("peak_memory_mb", 0.0))
@@ -330,7 +330,6 @@ def run(
         state = {
             "version": STATE_VERSION,
             "method": method.state_dict(),
-            "n_skipped": int(getattr(method, "n_skipped", 0)),
             "next_batch": next_batch,
             "n_lines": n_lines,
             "rng": _rng_state(),
@@ -378,16 +377,18 @@ def run(
             ok = count_correct(logits.float(), batch.y)
             item_keys = _item_keys(batch, cfg.stream, multi)
             key = domain_key(batch.domain, batch.severity, multi)
-            loss = getattr(method, "last_loss", None)
+            last = method.last
             rec: dict[str, Any] = {
                 "batch_index": int(batch.batch_index),
                 "domain": key,
                 "severity": int(batch.severity),
                 "correct": int(ok.sum().item()),
                 "count": int(ok.numel()),
-                "loss": None if loss is None or not math.isfinite(float(loss)) else float(loss),
+                "loss": None if last.loss is None or not math.isfinite(last.loss) else float(last.loss),
                 "latency_ms": round(float(timer.ms), 4),
-                "n_skipped": int(getattr(method, "n_skipped", 0)),
+                "n_skipped": int(method.n_skipped),
+                "n_filtered": int(last.n_filtered),
+                "method_reset": last.method_reset,
                 "reset": bool(batch.reset_before),
                 "warmup": first_in_process,
                 "finite": bool(torch.isfinite(logits).all()),
@@ -417,8 +418,9 @@ def run(
         "model": cfg.model.name,
         "model_pretrained": bool(getattr(info, "pretrained", True)),
         "model_warnings": list(getattr(info, "warnings", ())),
-        "adapted_tensors": len(method.params()) if hasattr(method, "params") else None,
-        "adapted_numel": sum(p.numel() for _, p in method.params()) if hasattr(method, "params") else None,
+        "adapted_tensors": len(method.params()),
+        "adapted_numel": sum(p.numel() for _, p in method.params()),
+        "method_warnings": list(method.warnings),
         "stream": _describe_stream(cfg.stream),
         "stream_fingerprint": fingerprint,
         "errors": errors.errors(),
@@ -430,7 +432,11 @@ def run(
         "latency_warmup_batches_excluded": lat["n_warmup_batches"],
         "peak_memory_mb": max(peak, peak_before),
         "peak_memory_kind": peak_kind,
-        "n_skipped_updates": int(getattr(method, "n_skipped", 0)),
+        "n_updates": int(method.n_updates),
+        "n_skipped_updates": int(method.n_skipped),
+        "n_filtered": int(method.n_filtered),
+        "n_method_resets": int(method.n_method_resets),
+        "method_resets_by_kind": dict(sorted(method.method_resets_by_kind.items())),
         "n_nonfinite_batches": totals["nonfinite"],
         "n_images": errors.n_images,
         "n_batches": n_batches,
@@ -449,6 +455,29 @@ def run(
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out / SUMMARY_MD, summary_markdown(summary))
     return summary
+
+
+_SOURCE_NOTE = (
+    "source samples are the clean CIFAR-10 *test* images (no source training split was given): the same images "
+    "the stream corrupts, so the source statistics are not independent of the test data; set method.source_data "
+    "to a CIFAR-10 folder with data_batch_* files for a proper source split"
+)
+
+
+def _clean_source_images(cfg: Config, data_root: str | os.PathLike | None) -> Callable[[int], tuple[Any, Any]] | None:
+    """`n -> (images, labels)`: the first n clean CIFAR-10 test images, for methods that need source samples when
+    the user names no source split (read lazily, only if a method asks). None for ImageNet-style streams."""
+    if cfg.stream.source not in ("cifar10", "cifar10c"):
+        return None
+
+    def load(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from .data.cifar import find_cifar10, load_cifar10
+
+        images, labels = load_cifar10(find_cifar10(data_root))
+        x = torch.from_numpy(np.ascontiguousarray(images[:n])).permute(0, 3, 1, 2).float().div_(255.0)
+        return x, torch.from_numpy(np.asarray(labels[:n], dtype=np.int64))
+
+    return load
 
 
 @contextmanager

@@ -173,21 +173,21 @@ def online_options_filter(options: Sequence[str]) -> list[str]:
 
 def online_options() -> tuple[str, ...]:
     """Auto options the online engine can run (auto-rgn once `method.weighting` accepts it; never auto-snr)."""
-    from ..config import WEIGHTINGS
+    from ..methods.entropy_min import WEIGHTINGS
 
     return ("auto-rgn",) if "auto-rgn" in WEIGHTINGS else ()
 
 
 def online_config(ft_cfg: Any, option: str, data_dir: Path, seed: int, overrides: Sequence[str]) -> Any:
     """The run config of the online surgical method for one option over one seed's test images."""
-    from ..config import Config, MethodConfig, OptimConfig, StreamSpec, apply_overrides
+    from ..config import Config, OptimConfig, StreamSpec, apply_overrides, method_config
 
     sec = ft_cfg.finetune
     if option == "auto-rgn":
         # The online auto-RGN of configs/surgical_autorgn.yaml: every tensor, per-tensor lr x RGN weight.
-        method = MethodConfig(name="surgical", blocks=("all",), kind="all", bn_stats="batch", weighting="auto-rgn")
+        method = method_config("surgical", blocks=("all",), kind="all", bn_stats="batch", weighting="auto-rgn")
     else:
-        method = MethodConfig(name="surgical", blocks=(option,), kind="all", bn_stats="batch")
+        method = method_config("surgical", blocks=(option,), kind="all", bn_stats="batch")
     stream = StreamSpec(
         source="imagenetc" if sec.source == "imagenetc" else "cifar10c",
         path=str(data_dir),

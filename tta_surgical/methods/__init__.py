@@ -1,4 +1,4 @@
-"""Online test-time adaptation methods: one small class per method, chosen by name from `METHODS`.
+"""Online test-time adaptation methods: one module per method, each registered in `METHODS` by name.
 
 - `source`: the unadapted model (baseline).
 - `norm`: test-batch BatchNorm statistics, optionally mixed with the source ones (prior strength N).
@@ -6,30 +6,58 @@
 - `surgical`: the same objective on the parameters of chosen blocks (`method.blocks`, `method.kind`),
   with test-batch or source BatchNorm statistics (`method.bn_stats`).
 
+Every module in this package is imported here, so each method registers itself (`@register_method`); adding a
+method is adding a module (and a YAML under `configs/`). `tta-surgical methods` lists them with their settings.
 Use `build_method(model, cfg.method, cfg.optim, autocast_dtype=...)` after placing the model on its device.
 """
 
 from __future__ import annotations
 
-from . import entropy_min, norm, source  # noqa: F401  (registers the methods)
-from .base import METHODS, Method, build_method, build_optimizer, resolve_autocast_dtype
+import importlib
+import pkgutil
+
+from .base import (
+    COUNTERS,
+    METHODS,
+    Method,
+    MethodContext,
+    Objective,
+    StepInfo,
+    UpdateResult,
+    build_method,
+    build_optimizer,
+    grads_finite,
+    register_method,
+    resolve_autocast_dtype,
+    select_adapted,
+)
 from .bn import batchnorm_layers, mixed_batch_norm, set_bn_stats
-from .entropy_min import EntropyMinimization
-from .losses import entropy
-from .norm import Norm
-from .source import Source
+from .losses import entropy, entropy_per_sample
+
+# Modules that hold shared machinery rather than a method.
+_NOT_METHODS = {"base", "bn", "losses", "augment"}
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name not in _NOT_METHODS and not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
+    "COUNTERS",
     "METHODS",
-    "EntropyMinimization",
     "Method",
-    "Norm",
-    "Source",
+    "MethodContext",
+    "Objective",
+    "StepInfo",
+    "UpdateResult",
     "batchnorm_layers",
     "build_method",
     "build_optimizer",
     "entropy",
+    "entropy_per_sample",
+    "grads_finite",
     "mixed_batch_norm",
+    "register_method",
     "resolve_autocast_dtype",
+    "select_adapted",
     "set_bn_stats",
 ]

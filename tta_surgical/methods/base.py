@@ -1,32 +1,101 @@
-"""The `Method` interface, its registry, and the shared machinery: optimiser, non-finite guard, reset, checkpoint.
+"""The `Method` interface (version 2), its registry, and the machinery every online method shares.
+
+A method is one module under `tta_surgical/methods/`: a frozen settings dataclass (a subclass of
+`config.MethodSettings`, or `AdaptSettings` for methods that update parameters) and a `Method` subclass that
+names it (`Settings = ...`), registered with `@register_method("name")`. Everything else follows from the
+registry: config validation, CLI choices, sweep validation, bench labels and the contract tests.
+
+What the base class does so that no method repeats it:
+
+- **Parameter selection** (`select_adapted`): freeze the model, enable `cfg.blocks` x `cfg.kind`, and raise the
+  one clear error when that selects nothing.
+- **State lifecycle**: everything a method carries between batches is registered once by attribute name
+  (`register_state`): the model, the optimiser and the method's random generator are registered by the base;
+  a method adds its teacher, anchor model, memory bank, running statistics, clocks. `reset()` restores all of it
+  exactly to the state right after `configure`; `state_dict()` / `load_state_dict()` checkpoint it for resume.
+  Counters (`COUNTERS`) are run bookkeeping: checkpointed, never reset.
+- **Guarded updates** (`update`): a method hands in an `Objective` (per-sample losses, optional weights, an
+  optional keep-mask from its filter, an optional regulariser); the base reduces it, backpropagates and steps
+  the optimiser unless the loss or a gradient is not finite (`n_skipped`). Samples removed by a filter are not
+  a failure: they count in `n_filtered`, and a batch whose filter keeps nothing takes no step. A two-pass
+  sharpness-aware update (SAM, used by SAR) runs through the same guard (`second_pass=`).
+- **Per-step report** (`last`, a `StepInfo`): the loss, filtered images, whether the update was skipped, and any
+  reset the method did on its own (SAR's model recovery, CoTTA's stochastic restore), which the engine writes
+  to every results line and totals in the summary.
+- **Inputs with NaN/Inf** are predicted but never adapted on (counted in `n_skipped`), so a bad batch cannot
+  reach any state.
 
 A method owns the modes of the model it is given (train/eval per module, `requires_grad`, BatchNorm
-statistics): it sets them in `configure` and nobody else should change them during the run. It never
-moves the model; build it after the engine has placed the model on its device (and set channels_last),
-so the reset snapshot and the optimiser live where the parameters live.
+statistics): it sets them in `configure` and nobody else should change them during the run. It never moves the
+model; build it after the engine has placed the model on its device (and set channels_last), so the reset
+snapshot and the optimiser live where the parameters live.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+import math
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from ..config import MethodConfig, OptimConfig
+from ..config import AdaptSettings, MethodSettings, OptimConfig, method_config
 from ..registry import Registry
 
-__all__ = ["METHODS", "Method", "build_method", "build_optimizer", "grads_finite", "resolve_autocast_dtype"]
+__all__ = [
+    "COUNTERS",
+    "METHODS",
+    "Method",
+    "MethodContext",
+    "Objective",
+    "StepInfo",
+    "UpdateResult",
+    "build_method",
+    "build_optimizer",
+    "grads_finite",
+    "register_method",
+    "resolve_autocast_dtype",
+    "select_adapted",
+]
 
 NamedParams = list[tuple[str, nn.Parameter]]
+M = TypeVar("M", bound="type[Method]")
 
-# method name -> Method subclass (tent and surgical map to the same class; see entropy_min.py).
+# method name -> Method subclass (each registered class names its settings dataclass in `Settings`).
 METHODS: Registry[type[Method]] = Registry("method")
 
+# Run bookkeeping every method keeps: checkpointed with the state, never restored by `reset`.
+COUNTERS = ("n_steps", "n_updates", "n_skipped", "n_filtered", "n_resets", "n_method_resets")
+
 _DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def register_method(name: str) -> Callable[[M], M]:
+    """Class decorator: register a `Method` subclass under `name` (duplicates raise).
+
+    Checks the contract the rest of the package relies on: `Settings` is a `MethodSettings` subclass whose
+    `name` defaults to `name`, and an adapting method's settings have `blocks` / `kind` (`AdaptSettings`).
+    """
+
+    def add(cls: M) -> M:
+        settings = cls.Settings
+        if not (isinstance(settings, type) and issubclass(settings, MethodSettings)):
+            raise TypeError(f"method {name!r}: {cls.__qualname__}.Settings must subclass config.MethodSettings")
+        if settings.__dataclass_fields__["name"].default != name:
+            raise TypeError(f"method {name!r}: {settings.__qualname__}.name must default to {name!r}")
+        if cls.adapts and not issubclass(settings, AdaptSettings):
+            raise TypeError(f"method {name!r} adapts parameters, so its settings must subclass AdaptSettings")
+        if any(METHODS.get(other).Settings is settings for other in METHODS):
+            raise TypeError(f"method {name!r}: {settings.__qualname__} is already the settings of another method")
+        METHODS.register(name, cls)
+        return cls
+
+    return add
 
 
 def resolve_autocast_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -72,6 +141,11 @@ def build_optimizer(
     return cls(groups, **kwargs, foreach=impl == "foreach")
 
 
+def _grad_norm_sum(grads: Sequence[Tensor]) -> Tensor:
+    """Sum of the per-tensor gradient norms: one fused kernel; non-finite iff any gradient element is."""
+    return torch.stack(torch._foreach_norm(list(grads))).float().sum()
+
+
 def grads_finite(loss: Tensor, grads: Sequence[Tensor]) -> bool:
     """True when `loss` and every tensor of `grads` are finite; one host sync.
 
@@ -82,49 +156,191 @@ def grads_finite(loss: Tensor, grads: Sequence[Tensor]) -> bool:
     """
     total = loss.detach().float().reshape(())
     if grads:
-        total = total + torch.stack(torch._foreach_norm(list(grads))).float().sum()
+        total = total + _grad_norm_sum(grads)
     return bool(torch.isfinite(total))
 
 
-class Method:
-    """Online test-time adaptation: `configure` once, then `step(x) -> logits` per test batch.
+def select_adapted(model: nn.Module, blocks: Iterable[str], kind: str, owner: str = "method") -> NamedParams:
+    """Freeze every parameter of `model`, then enable and return those of `blocks` x `kind` (model order).
 
-    Verbs: `configure(model)` (modes, requires_grad, BatchNorm statistics, optimiser), `params()` (the named
-    adapted parameters), `step(x)` (predict and, for adapting methods, update; each subclass says in which
-    order), `predict(x)` (a side-effect-free forward), `reset()` (model and optimiser back to the state right
-    after `configure`, exactly). `state_dict()`/`load_state_dict()` checkpoint the run for resume.
+    The one place that turns a block selection into trainable tensors (online methods and supervised fine-tuning
+    alike); autograd then does no work for the frozen rest. An empty selection is an error that says why.
+    """
+    from ..models import select_params
 
-    Counters: `n_steps` (batches seen by `step`), `n_updates` (optimiser steps taken), `n_skipped` (updates
-    skipped because the loss or a gradient was not finite), `n_resets`.
+    blocks = list(blocks)
+    selected = select_params(model, blocks, kind)
+    if not selected:
+        raise ValueError(
+            f"{owner}: blocks={blocks} with kind={kind} select no parameters (e.g. kind=norm on a block without "
+            "norm layers); choose other blocks or kind=all"
+        )
+    model.requires_grad_(False)
+    for _, p in selected:
+        p.requires_grad_(True)
+    return selected
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may need from the run besides the model and its settings.
+
+    seed: seeds the method's own random generator (`Method.rng`: augmentations, stochastic restore).
+    source_images: `n -> (images, labels)`, up to `n` clean source-domain images (float (N, 3, H, W) in [0, 1],
+        CPU) for methods that need source statistics (EATA's Fisher information); None when the run has none.
+    source_note: what `source_images` really is, e.g. that it is the clean *test* set and not a source split
+        (a method that uses it repeats the note as a warning).
     """
 
-    name: ClassVar[str] = ""
+    seed: int = 0
+    source_images: Callable[[int], tuple[Tensor, Tensor]] | None = None
+    source_note: str = ""
+
+
+@dataclass
+class StepInfo:
+    """What the last `step` did, for the results line: filled by the base class and the method."""
+
+    loss: float | None = None  # mean of the finite losses of this step's updates (None: no update attempted)
+    n_filtered: int = 0  # images a filter removed from this step's updates
+    n_updates: int = 0  # optimiser steps taken in this step
+    skipped: bool = False  # an update (or the whole batch) was skipped for a non-finite input/loss/gradient
+    method_reset: str | None = None  # a reset the method did on its own (e.g. "recovery", "stochastic_restore")
+    _losses: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class UpdateResult:
+    """What one `update` did: `updated` (the optimiser stepped), the reduced loss of each pass, images kept."""
+
+    updated: bool
+    loss: float | None
+    second_loss: float | None = None
+    n_kept: int = 0
+
+
+@dataclass
+class Objective:
+    """The loss of one update, per sample, so that filters and weights are data rather than code.
+
+    per_sample: (B,) loss of every sample. weights: (B,) factors on it (no gradient flows through them).
+    keep: (B,) bool, False for samples a filter removed. extra: a scalar added to the reduced loss (a
+    regulariser such as EATA's Fisher penalty or a consistency term). normalize: "kept" (divide by the number
+    of kept samples, the mean over what the filter kept: EATA, SAR, DeYO), "batch" (by B) or "sum".
+    """
+
+    per_sample: Tensor
+    weights: Tensor | None = None
+    keep: Tensor | None = None
+    extra: Tensor | None = None
+    normalize: str = "kept"
+
+    def reduce(self) -> tuple[Tensor, Tensor | int]:
+        """(scalar loss, number of kept samples). Filtered samples contribute exactly 0 (even if their loss is NaN)."""
+        if self.per_sample.dim() != 1:
+            raise ValueError(f"Objective.per_sample must be (batch,), got {tuple(self.per_sample.shape)}")
+        values = self.per_sample.float()
+        if self.weights is not None:
+            values = values * self.weights.detach().float()
+        n: Tensor | int = values.numel()
+        if self.keep is not None:
+            keep = self.keep.bool()
+            values = torch.where(keep, values, values.new_zeros(()))
+            n = keep.sum()
+        if self.normalize == "kept":
+            total = values.sum() / (n.clamp(min=1) if isinstance(n, Tensor) else max(n, 1))
+        elif self.normalize == "batch":
+            total = values.sum() / max(values.numel(), 1)
+        elif self.normalize == "sum":
+            total = values.sum()
+        else:
+            raise ValueError(f"Objective.normalize must be kept, batch or sum, got {self.normalize!r}")
+        if self.extra is not None:
+            total = total + self.extra.float().reshape(())
+        return total, n
+
+
+def _copy_state(value: Any, clone: bool) -> Any:
+    """The checkpointable form of one registered attribute (cloned for snapshots, live for `state_dict`)."""
+    if isinstance(value, nn.Module):
+        return {k: v.detach().clone() if clone else v for k, v in value.state_dict().items()}
+    if isinstance(value, torch.optim.Optimizer):
+        return copy.deepcopy(value.state_dict()) if clone else value.state_dict()
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    if isinstance(value, Tensor):
+        return value.detach().clone() if clone else value.detach()
+    return copy.deepcopy(value)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Tensors inside plain containers, moved to `device` (checkpoints load on the CPU)."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+class Method:
+    """Online test-time adaptation: build once (`configure` runs), then `step(x) -> logits` per test batch.
+
+    Verbs: `configure(model)` (modes, requires_grad, BatchNorm statistics, optimiser, extra state),
+    `params()` (the named adapted parameters), `step(x)` (predict and, for adapting methods, update; each
+    subclass's `forward_and_adapt` says in which order), `predict(x)` (a side-effect-free forward), `reset()`
+    (every registered state back to right after `configure`, exactly). `state_dict()`/`load_state_dict()`
+    checkpoint the run for resume.
+    """
+
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
     adapts: ClassVar[bool] = False
 
     def __init__(
         self,
         model: nn.Module,
-        cfg: MethodConfig | None = None,
+        cfg: MethodSettings | None = None,
         optim_cfg: OptimConfig | None = None,
         *,
         autocast_dtype: torch.dtype | str | None = None,
+        context: MethodContext | None = None,
     ) -> None:
+        default_name = self.Settings.__dataclass_fields__["name"].default
+        self.cfg = cfg if cfg is not None else method_config(default_name)
+        if not isinstance(self.cfg, self.Settings):
+            raise TypeError(f"{type(self).__name__} needs {self.Settings.__name__}, got {type(self.cfg).__name__}")
         self.model = model
-        self.cfg = cfg if cfg is not None else MethodConfig(name=self.name)
         self.optim_cfg = optim_cfg if optim_cfg is not None else OptimConfig()
+        self.context = context if context is not None else MethodContext()
         self.autocast_dtype = resolve_autocast_dtype(autocast_dtype)
+        self.device = _module_device(model)
         self.optimizer: torch.optim.Optimizer | None = None
         self._params: NamedParams = []
-        self.n_steps = self.n_updates = self.n_skipped = self.n_resets = 0
+        self._state_names: list[str] = []
+        self.warnings: list[str] = []
+        self.last = StepInfo()
+        for name in COUNTERS:
+            setattr(self, name, 0)
+        self.method_resets_by_kind: dict[str, int] = {}
+        # The method's own random numbers (augmentations, stochastic restore): seeded from runtime.seed and the
+        # method's name, registered as state, so reset and resume replay them exactly and no global RNG is touched.
+        self.rng = torch.Generator(device=self.device)
+        self.rng.manual_seed(int(self.context.seed) * 1_000_003 + zlib.crc32(self.cfg.name.encode()))
+        self.register_state("model", "rng")
         self.configure(model)
-        # Deep copies of the state right after configure: what `reset` restores. The model buffers include
-        # the BatchNorm running statistics; the optimiser state is (normally) still empty here.
-        self._model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self._optim_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+        if self.optimizer is not None:
+            self.register_state("optimizer")
+        self._initial = self._capture(clone=True)
 
     # ------------------------------------------------------------------------------------------------ the verbs
     def configure(self, model: nn.Module) -> None:
-        """Set modes, requires_grad and BatchNorm behaviour; build the optimiser when the method adapts."""
+        """Set modes, requires_grad and BatchNorm behaviour; build the optimiser when the method adapts; register
+        any extra state. Called once, by `__init__`."""
+        raise NotImplementedError
+
+    def forward_and_adapt(self, x: Tensor) -> Tensor:
+        """The method's work for one batch: return its logits (and update, for adapting methods)."""
         raise NotImplementedError
 
     def params(self) -> NamedParams:
@@ -132,8 +348,22 @@ class Method:
         return list(self._params)
 
     def step(self, x: Tensor) -> Tensor:
-        """Logits for the batch `x` (and an update, for adapting methods)."""
-        raise NotImplementedError
+        """Logits for the batch `x` (and the method's update). Fills `last` with what happened."""
+        self.last = StepInfo()
+        self.n_steps += 1
+        if not self.adapts:
+            with torch.inference_mode():
+                return self.forward_and_adapt(x)
+        if not bool(torch.isfinite(x).all()):
+            # A corrupt input must not reach any state (BN statistics, memory banks, teachers): predict only.
+            self.n_skipped += 1
+            self.last.skipped = True
+            return self.predict(x)
+        with torch.enable_grad():  # adapts even when the caller's loop runs under no_grad
+            logits = self.forward_and_adapt(x)
+        if self.last._losses:
+            self.last.loss = sum(self.last._losses) / len(self.last._losses)
+        return logits
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -142,86 +372,230 @@ class Method:
             return self.model(x)
 
     def reset(self) -> None:
-        """Restore model parameters, buffers and optimiser state to the state right after `configure`."""
-        self.model.load_state_dict(self._model_state)
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.optimizer.load_state_dict(copy.deepcopy(self._optim_state))
+        """Restore every registered state to the state right after `configure` (the engine's reset policy)."""
+        self._restore(self._initial)
         self.n_resets += 1
 
-    # --------------------------------------------------------------------------------------------- helpers
+    # ------------------------------------------------------------------------------------------------ state
+    def register_state(self, *names: str) -> None:
+        """Declare attributes (by name) that `reset` restores and checkpoints carry.
+
+        Supported values: modules (their state_dict), optimisers, torch Generators, tensors, and plain data
+        (numbers, strings, None, lists/tuples/dicts of those and of tensors). Register after assigning the
+        attribute; the snapshot `reset` restores is taken right after `configure`.
+        """
+        for name in names:
+            if not hasattr(self, name):
+                raise AttributeError(f"register_state({name!r}): set self.{name} before registering it")
+            if name in COUNTERS or name in self._state_names:
+                raise ValueError(f"state {name!r} is already registered (or is a counter)")
+            self._state_names.append(name)
+
+    def _capture(self, clone: bool) -> dict[str, Any]:
+        return {name: _copy_state(getattr(self, name), clone) for name in self._state_names}
+
+    def _restore(self, saved: Mapping[str, Any], keep: Iterable[str] = ()) -> None:
+        keep = set(keep)
+        for name in self._state_names:
+            if name in keep:
+                continue
+            current, value = getattr(self, name), saved[name]
+            if isinstance(current, nn.Module):
+                current.load_state_dict(value)
+            elif isinstance(current, torch.optim.Optimizer):
+                current.zero_grad(set_to_none=True)
+                current.load_state_dict(copy.deepcopy(value))
+            elif isinstance(current, torch.Generator):
+                current.set_state(value)
+            else:
+                setattr(self, name, _to_device(copy.deepcopy(value), self.device))
+
+    def self_reset(self, kind: str, keep: Iterable[str] = ("rng",)) -> None:
+        """A reset the method decides on (SAR's model recovery): restore the state after `configure` (but `keep`),
+        count it in `n_method_resets` by `kind`, and report it on this step's results line."""
+        self._restore(self._initial, keep)
+        self.note_method_reset(kind)
+
+    def note_method_reset(self, kind: str) -> None:
+        """Count a reset of the method's own (full or partial, e.g. CoTTA's stochastic restore) and report it."""
+        self.n_method_resets += 1
+        self.method_resets_by_kind[kind] = self.method_resets_by_kind.get(kind, 0) + 1
+        self.last.method_reset = kind
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every registered state and the counters (live tensors, as `nn.Module.state_dict`): enough to resume."""
+        return {
+            "method": self.cfg.name,
+            "state": self._capture(clone=False),
+            "counters": {name: int(getattr(self, name)) for name in COUNTERS},
+            "method_resets_by_kind": dict(self.method_resets_by_kind),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a `state_dict()` taken from a method of the same name and settings on the same architecture."""
+        if state.get("method") != self.cfg.name:
+            raise ValueError(
+                f"checkpoint is for method {state.get('method')!r} but this run uses {self.cfg.name!r}; "
+                "resume with the same config"
+            )
+        saved = state.get("state", {})
+        if set(saved) != set(self._state_names):
+            raise ValueError(
+                f"checkpoint holds state {sorted(saved)} but method {self.cfg.name!r} has {sorted(self._state_names)}"
+            )
+        self._restore(saved)
+        counters = state.get("counters", {})
+        for name in COUNTERS:
+            setattr(self, name, int(counters.get(name, 0)))
+        self.method_resets_by_kind = {str(k): int(v) for k, v in state.get("method_resets_by_kind", {}).items()}
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def select_adapted(self, blocks: Iterable[str] | None = None, kind: str | None = None) -> NamedParams:
+        """Freeze the model and enable `blocks` x `kind` (default: the settings'); they become `params()`."""
+        cfg = self.cfg
+        blocks = blocks if blocks is not None else cfg.blocks  # type: ignore[attr-defined]
+        kind = kind if kind is not None else cfg.kind  # type: ignore[attr-defined]
+        self._params = select_adapted(self.model, blocks, kind, owner=f"method {cfg.name}")
+        return self._params
+
     def autocast(self, x: Tensor) -> contextlib.AbstractContextManager:
         """bf16 (or the configured dtype) autocast on the device of `x`, or nothing in fp32."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
 
-    def update(self, loss: Tensor) -> bool:
-        """Backward `loss` and take one optimiser step, unless the loss or any gradient is not finite.
+    def features_and_logits(self, x: Tensor, model: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """(features, logits): the input of the classifier (the last linear layer of the block map's `head`) and
+        the model's output, from one forward; no architecture-specific code in the methods that need features."""
+        model = self.model if model is None else model
+        classifier = head_classifier(model)
+        seen: list[Tensor] = []
+        handle = classifier.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            with self.autocast(x):
+                logits = model(x)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise RuntimeError(f"the head's classifier ran {len(seen)} times in one forward; expected once")
+        return seen[0].flatten(1), logits
 
-        A skipped update zeroes the gradients and counts in `n_skipped`, so no NaN/Inf ever reaches the
-        parameters or the optimiser state. One host sync per call (the finiteness check).
+    def update(
+        self, objective: Objective, second_pass: Callable[[], Objective] | None = None, rho: float = 0.05
+    ) -> UpdateResult:
+        """Backward `objective` and take one optimiser step, unless nothing was kept or anything is not finite.
+
+        With `second_pass` (sharpness-aware minimisation, Foret et al. 2021): after the first backward the adapted
+        parameters move to theta + rho * g / ||g||, `second_pass()` computes the objective there, its gradient is
+        backpropagated, theta is restored exactly, and the optimiser steps with that gradient. Both passes go
+        through the same guard. One host sync per pass (the guard reads loss, gradient norm and kept count at once).
         """
         assert self.optimizer is not None, "update() needs an adapting method (one with an optimiser)"
+        first = self._backward(objective, count_filtered=True)
+        if first is None:
+            return UpdateResult(False, None)
+        loss, n_kept = first
+        if n_kept == 0:
+            return UpdateResult(False, None, n_kept=0)
+        self.last._losses.append(loss)
+        second_loss = None
+        if second_pass is not None:
+            second_loss = self._sharpness_pass(second_pass, rho)
+            if second_loss is None:
+                return UpdateResult(False, loss, n_kept=n_kept)
+        self._before_optimizer_step()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.n_updates += 1
+        self.last.n_updates += 1
+        return UpdateResult(True, loss, second_loss, n_kept)
+
+    def _backward(self, objective: Objective, count_filtered: bool) -> tuple[float, int] | None:
+        """Zero the gradients, backward the reduced objective, guard it: (loss, kept) or None when not finite."""
+        assert self.optimizer is not None
+        loss, n_kept = objective.reduce()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        ok = grads_finite(loss, [p.grad for _, p in self._params if p.grad is not None])
-        if ok:
-            self._before_optimizer_step()
-            self.optimizer.step()
-            self.n_updates += 1
-        else:
+        grads = [p.grad for _, p in self._params if p.grad is not None]
+        parts = [loss.detach().float().reshape(()), _grad_norm_sum(grads) if grads else loss.new_zeros(())]
+        parts.append(n_kept.float() if isinstance(n_kept, Tensor) else loss.new_tensor(float(n_kept)))
+        loss_value, grad_norm, kept = torch.stack([p.float() for p in parts]).tolist()  # the one host sync
+        kept = int(kept)
+        if count_filtered:
+            filtered = objective.per_sample.numel() - kept
+            self.n_filtered += filtered
+            self.last.n_filtered += filtered
+        if kept == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss_value, 0
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
             self.n_skipped += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        return ok
+            self.last.skipped = True
+            return None
+        return loss_value, kept
+
+    @torch.no_grad()
+    def _perturb(self, rho: float) -> tuple[list[Tensor], list[Tensor]]:
+        params = [p for _, p in self._params if p.grad is not None]
+        saved = [p.detach().clone() for p in params]
+        scale = rho / (torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) + 1e-12)
+        torch._foreach_add_(params, torch._foreach_mul([p.grad for p in params], scale))
+        return params, saved
+
+    def _sharpness_pass(self, second_pass: Callable[[], Objective], rho: float) -> float | None:
+        """SAM's second pass: perturb, recompute, backward, restore theta exactly; its loss or None (no step)."""
+        params, saved = self._perturb(rho)
+        try:
+            with torch.enable_grad():
+                result = self._backward(second_pass(), count_filtered=False)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, saved):  # a copy, not theta + e - e: bit-exact
+                    p.copy_(s)
+        if result is None or result[1] == 0:
+            assert self.optimizer is not None
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        return result[0]
 
     def _before_optimizer_step(self) -> None:
         """Hook: `update` calls it after a finite backward, right before `optimizer.step()` (gradients are in
         `p.grad`). Default: nothing; the entropy methods set their auto-RGN learning rates here."""
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Model, optimiser and counters (live tensors, as `nn.Module.state_dict`): enough to resume a run."""
-        return {
-            "method": self.cfg.name,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-            "counters": {
-                "n_steps": self.n_steps,
-                "n_updates": self.n_updates,
-                "n_skipped": self.n_skipped,
-                "n_resets": self.n_resets,
-            },
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a `state_dict()` taken from a method of the same name on the same architecture."""
-        if state.get("method") != self.cfg.name:
-            raise ValueError(
-                f"checkpoint is for method {state.get('method')!r} but this run uses {self.cfg.name!r}; "
-                "resume with the same config"
-            )
-        self.model.load_state_dict(state["model"])
-        if (state.get("optimizer") is None) != (self.optimizer is None):
-            raise ValueError("checkpoint and method disagree on whether there is an optimiser state")
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        counters = state.get("counters", {})
-        for key in ("n_steps", "n_updates", "n_skipped", "n_resets"):
-            setattr(self, key, int(counters.get(key, 0)))
 
     def __repr__(self) -> str:
         n = sum(p.numel() for _, p in self._params)
         return f"{type(self).__name__}(name={self.cfg.name!r}, tensors={len(self._params)}, adapted_numel={n})"
 
 
+def _module_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def head_classifier(model: nn.Module) -> nn.Module:
+    """The last `nn.Linear` (else the last module) of the block map's `head` block: where features meet the classes."""
+    from ..models.blocks import _matches, block_spec
+
+    prefixes = dict(block_spec(model).blocks)["head"]
+    candidates = [m for n, m in model.named_modules() if n and any(_matches(n, p) for p in prefixes)]
+    if not candidates:
+        raise ValueError(f"the block map's head {list(prefixes)} names no module of {type(model).__name__}")
+    linears = [m for m in candidates if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else candidates[-1]
+
+
 def build_method(
     model: nn.Module,
-    method_cfg: MethodConfig,
+    method_cfg: MethodSettings,
     optim_cfg: OptimConfig | None = None,
     *,
     autocast_dtype: torch.dtype | str | None = None,
+    context: MethodContext | None = None,
 ) -> Method:
     """Configure `model` for the method `method_cfg.name` and return it (see `METHODS` for the names)."""
     cls = METHODS.get(method_cfg.name)
-    return cls(model, method_cfg, optim_cfg, autocast_dtype=autocast_dtype)
+    return cls(model, method_cfg, optim_cfg, autocast_dtype=autocast_dtype, context=context)

@@ -4,7 +4,8 @@ Tent (Wang et al. 2021) is this method with blocks=[all], kind=norm, bn_stats=ba
 shift of every norm layer adapt, BatchNorm uses test-batch statistics. Surgical adaptation keeps the same
 objective and lets the config choose the blocks (`input`, `block1`, ..., `head`, units like `block1.0`),
 the parameter kind (`all`, `norm`, `conv`) and the BatchNorm statistics (`batch` or `source`) of the
-whole model. Both names map to this one class; `MethodConfig` rejects a `tent` that is not Tent.
+whole model. `tent` is the same class with Tent's defaults (blocks [all], kind norm); like every adapting
+method it accepts any other `blocks` / `kind`.
 
 `method.weighting=auto-rgn` (online auto-RGN, after Lee et al. 2023): the optimiser holds one parameter group
 per adapted tensor; at the first batch (after `configure` or any `reset`) and then every `weighting_every`
@@ -21,40 +22,76 @@ update is skipped (non-finite loss or gradient), the refresh happens at the next
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from ..autotune import rgn_weights_from_grads, weighted_param_groups
-from ..models import select_params
-from .base import METHODS, Method, build_optimizer
+from ..config import AdaptSettings, ConfigError, check_choice
+from .base import Method, Objective, build_optimizer, register_method
 from .bn import set_bn_stats
-from .losses import entropy
+from .losses import entropy_per_sample
+from .norm import check_prior_strength
+
+BN_STATS = ("batch", "source")
+WEIGHTINGS = ("none", "auto-rgn")
 
 
+@dataclass(frozen=True)
+class EntropySettings(AdaptSettings):
+    """Entropy minimisation on `blocks` x `kind`.
+
+    bn_stats: `batch` (test-batch BatchNorm statistics, as Tent) or `source`; prior_strength N mixes the source
+    statistics into the batch ones (see `norm`). steps: gradient steps per batch (the prediction is the first
+    forward's). weighting: `none` (every adapted tensor at optim.lr) or `auto-rgn` (one optimiser group per tensor
+    with lr = optim.lr x its auto-RGN weight, refreshed at the first batch and every `weighting_every` batches).
+    """
+
+    name: str = "surgical"
+    kind: str = "all"
+    bn_stats: str = "batch"
+    prior_strength: float = 0.0
+    steps: int = 1
+    weighting: str = "none"
+    weighting_every: int = 50
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("method", "bn_stats", self.bn_stats, BN_STATS)
+        check_choice("method", "weighting", self.weighting, WEIGHTINGS)
+        check_prior_strength(self.prior_strength)
+        if self.prior_strength > 0 and self.bn_stats != "batch":
+            raise ConfigError("method.prior_strength mixes source into test-batch statistics; it needs bn_stats=batch")
+        if self.steps < 1:
+            raise ConfigError(f"method.steps must be >= 1 (gradient steps per batch), got {self.steps}")
+        if self.weighting_every < 1:
+            raise ConfigError(
+                f"method.weighting_every must be >= 1 (refresh the weights every N batches), got {self.weighting_every}"
+            )
+
+
+@dataclass(frozen=True)
+class TentSettings(EntropySettings):
+    """Tent's choice of parameters: the affine scale and shift of every norm layer (blocks [all], kind norm)."""
+
+    name: str = "tent"
+    kind: str = "norm"
+
+
+@register_method("surgical")
 class EntropyMinimization(Method):
-    """Order per batch: forward -> keep these logits as the prediction -> entropy -> one optimiser step;
-    repeated `cfg.steps` times (later forwards see the updated parameters); the returned logits are those
-    of the first forward, i.e. before any update on this batch. `episodic` resets before every batch."""
+    """Surgical entropy minimisation (Lee et al. 2023): Tent's objective on the chosen blocks.
 
-    name = "surgical"
+    Order per batch: forward -> keep these logits as the prediction -> entropy -> one optimiser step;
+    repeated `cfg.steps` times (later forwards see the updated parameters); the returned logits are those
+    of the first forward, i.e. before any update on this batch."""
+
+    Settings = EntropySettings
     adapts = True
 
     def configure(self, model: nn.Module) -> None:
         model.eval()
-        # Everything frozen first, then only the selection re-enabled: autograd does no work for the rest.
-        model.requires_grad_(False)
-        selected = select_params(model, self.cfg.blocks, self.cfg.kind)
-        if not selected:
-            raise ValueError(
-                f"method {self.cfg.name}: blocks={list(self.cfg.blocks)} with kind={self.cfg.kind} select no "
-                "parameters (e.g. kind=norm on a block without norm layers); choose other blocks or kind=all"
-            )
-        for _, p in selected:
-            p.requires_grad_(True)
-        self._params = selected
+        selected = self.select_adapted()
         set_bn_stats(model, self.cfg.bn_stats, self.cfg.prior_strength)
         self._weighting_clock = 0  # batches since configure/reset, for the auto-RGN refresh schedule
         self._refresh_pending = False
@@ -66,11 +103,9 @@ class EntropyMinimization(Method):
             self.optimizer = build_optimizer(groups, self.optim_cfg)
         else:
             self.optimizer = build_optimizer(selected, self.optim_cfg)
+        self.register_state("_weighting_clock", "_refresh_pending", "weights")
 
-    @torch.enable_grad()  # adapts even when the caller's loop runs under no_grad
-    def step(self, x: Tensor) -> Tensor:
-        if self.cfg.episodic:
-            self.reset()
+    def forward_and_adapt(self, x: Tensor) -> Tensor:
         if self.cfg.weighting != "none":
             if self._weighting_clock % self.cfg.weighting_every == 0:
                 self._refresh_pending = True
@@ -81,8 +116,7 @@ class EntropyMinimization(Method):
                 logits = self.model(x)
             if prediction is None:
                 prediction = logits.detach()
-            self.update(entropy(logits))
-        self.n_steps += 1
+            self.update(Objective(entropy_per_sample(logits)))
         return prediction
 
     def _before_optimizer_step(self) -> None:
@@ -99,25 +133,9 @@ class EntropyMinimization(Method):
         self.weights = {name: w for (name, _), w in zip(self._params, values)}
         self._refresh_pending = False
 
-    def reset(self) -> None:
-        """Restore model and optimiser (group learning rates included); the next batch recomputes the weights."""
-        super().reset()
-        self._weighting_clock = 0
-        self._refresh_pending = False
-        self.weights = None
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["weighting"] = {"clock": self._weighting_clock, "pending": self._refresh_pending, "weights": self.weights}
-        return state
+@register_method("tent")
+class Tent(EntropyMinimization):
+    """Tent (Wang et al. 2021): entropy minimisation on the norm affines, test-batch statistics."""
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        saved = state.get("weighting") or {}
-        self._weighting_clock = int(saved.get("clock", 0))
-        self._refresh_pending = bool(saved.get("pending", False))
-        self.weights = dict(saved["weights"]) if saved.get("weights") is not None else None
-
-
-METHODS.register("surgical", EntropyMinimization)
-METHODS.register("tent", EntropyMinimization)
+    Settings = TentSettings

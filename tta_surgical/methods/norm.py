@@ -7,29 +7,45 @@ written, so the source model is intact after the run.
 
 from __future__ import annotations
 
-import torch
+import math
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
-from .base import METHODS, Method
+from ..config import ConfigError, MethodSettings
+from .base import Method, register_method
 from .bn import set_bn_stats
 
 
+@dataclass(frozen=True)
+class NormSettings(MethodSettings):
+    """prior_strength N: mu = N/(N+n) mu_source + n/(N+n) mu_batch (the same for the variance), n the batch size;
+    0 = test-batch statistics only."""
+
+    name: str = "norm"
+    prior_strength: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_prior_strength(self.prior_strength)
+
+
+def check_prior_strength(value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"method.prior_strength must be a finite number >= 0, got {value!r}")
+
+
+@register_method("norm")
 class Norm(Method):
     """Test-batch normalisation statistics; `step` is a forward under `torch.inference_mode`."""
 
-    name = "norm"
-    adapts = False
+    Settings = NormSettings
 
     def configure(self, model: nn.Module) -> None:
         model.eval()
         model.requires_grad_(False)
         set_bn_stats(model, "batch", self.cfg.prior_strength)
 
-    @torch.inference_mode()
-    def step(self, x: Tensor) -> Tensor:
-        self.n_steps += 1
+    def forward_and_adapt(self, x: Tensor) -> Tensor:
         with self.autocast(x):
             return self.model(x)
-
-
-METHODS.register("norm", Norm)

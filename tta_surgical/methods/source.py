@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
-from .base import METHODS, Method
+from ..config import MethodSettings
+from .base import Method, register_method
 from .bn import set_bn_stats
 
 
+@dataclass(frozen=True)
+class SourceSettings(MethodSettings):
+    """No settings: the model as it was trained."""
+
+    name: str = "source"
+
+
+@register_method("source")
 class Source(Method):
     """No adaptation: `step` is a forward in eval mode under `torch.inference_mode`."""
 
-    name = "source"
-    adapts = False
+    Settings = SourceSettings
 
     def configure(self, model: nn.Module) -> None:
         model.eval()
         model.requires_grad_(False)
         set_bn_stats(model, "source")
 
-    @torch.inference_mode()
-    def step(self, x: Tensor) -> Tensor:
-        self.n_steps += 1
+    def forward_and_adapt(self, x: Tensor) -> Tensor:
         with self.autocast(x):
             return self.model(x)
-
-
-METHODS.register("source", Source)

@@ -344,7 +344,7 @@ def check_cells(sweep: Sweep, cells: Sequence[Cell] | None = None) -> None:
             model = models[name]
             if sweep.kind == "run":
                 method = cell.config["method"]
-                if method["name"] in ("tent", "surgical"):
+                if "blocks" in method:  # an adapting method (its settings have blocks / kind)
                     names = resolve_blocks(model, method["blocks"])
                     if not select_params(model, names, method["kind"]):
                         raise ValueError(
