@@ -139,7 +139,8 @@ def test_frozen_parameters_bit_identical_and_only_selection_changes(name):
     params = {n for n, _ in model.named_parameters()}
     assert changed & params == selected, f"changed {sorted(changed & params)}"
     buffers = {k for k in before if k not in params}
-    assert not changed & buffers, f"buffers changed: {sorted(changed & buffers)}"  # source statistics stay
+    if not METHODS.get(name).updates_norm_statistics:
+        assert not changed & buffers, f"buffers changed: {sorted(changed & buffers)}"  # source statistics stay
 
 
 @pytest.mark.parametrize("name", ADAPTING)

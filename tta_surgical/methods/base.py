@@ -296,6 +296,9 @@ class Method:
 
     Settings: ClassVar[type[MethodSettings]] = MethodSettings
     adapts: ClassVar[bool] = False
+    # True for methods whose algorithm updates normalisation statistics held in model buffers (RoTTA's robust BN);
+    # every other method leaves all buffers of the model (the source BN statistics) bit-identical.
+    updates_norm_statistics: ClassVar[bool] = False
 
     def __init__(
         self,
