@@ -51,6 +51,7 @@ PARAM_KINDS = ("all", "norm", "conv")
 OPTIMIZERS = ("adam", "sgd")
 OPTIM_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 DEVICES = ("auto", "cpu", "cuda")
+ON_COLLAPSE = ("warn", "reset", "stop", "off")
 PRECISIONS = ("fp32", "bf16")
 # torch.compile modes; reduce-overhead adds CUDA graphs (fixed-shape batches on a GPU; no effect on the CPU).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -200,8 +201,23 @@ class RuntimeConfig:
     num_workers: int | None = None
     seed: int = 0
     progress: bool = True
+    # Collapse detection (`tta_surgical.collapse`): what to do when predictions concentrate on one class while the
+    # prediction entropy falls (warn: a warning and a count in summary.json; reset: also restore the method's
+    # source state before the next batch; stop: end the run there; off: no monitoring), over a window of
+    # `collapse_window` images, with the share and entropy-ratio thresholds of the module.
+    on_collapse: str = "warn"
+    collapse_window: int = 2000
+    collapse_share: float = 0.6
+    collapse_entropy_ratio: float = 0.5
 
     def __post_init__(self) -> None:
+        check_choice("runtime", "on_collapse", self.on_collapse, ON_COLLAPSE)
+        if self.collapse_window < 1:
+            raise ConfigError(f"runtime.collapse_window must be >= 1 image, got {self.collapse_window}")
+        if not 0.0 < self.collapse_share <= 1.0:
+            raise ConfigError(f"runtime.collapse_share must lie in (0, 1], got {self.collapse_share}")
+        if not 0.0 < self.collapse_entropy_ratio <= 1.0:
+            raise ConfigError(f"runtime.collapse_entropy_ratio must lie in (0, 1], got {self.collapse_entropy_ratio}")
         check_choice("runtime", "device", self.device, DEVICES)
         check_choice("runtime", "precision", self.precision, PRECISIONS)
         check_choice("runtime", "compile_mode", self.compile_mode, COMPILE_MODES)

@@ -37,9 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..engine import finished_summary, run
-    from ..report import compare_markdown, plot_errors
+    from ..runfolder import folder_lock
 
     # argparse gives `--configs` every following word, so `key=value` overrides written straight after the
     # config files land here: move them back where they belong.
@@ -53,6 +51,15 @@ def main(args: argparse.Namespace) -> int:
     if dup:
         raise ValueError(f"config file names must differ (they name the columns and subfolders); repeated: {dup}")
     out = Path(args.out) if args.out else Path("runs") / f"compare-{Path(args.stream).stem}"
+    with folder_lock(out, "compare"):  # one compare per folder: a second one fails at once, naming this one
+        return _compare(args, stems, out)
+
+
+def _compare(args: argparse.Namespace, stems: list[str], out: Path) -> int:
+    from ..config import load_config
+    from ..engine import finished_summary, run
+    from ..report import compare_markdown, plot_errors
+
     overrides = resolve_overrides(args)
     configs = {
         stem: load_config(path, stream=args.stream, overrides=overrides) for stem, path in zip(stems, args.configs)

@@ -23,6 +23,7 @@ same command resumes: finished cells and runs are reused, interrupted ones conti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -315,6 +316,11 @@ def plot_report(comp: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as held:  # the output folder's writer lock, taken once the folder is known
+        return _main(args, held)
+
+
+def _main(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from ..corruptions.textures import default_frost_dir
     from ..engine import finished_summary, pick_device, run
     from ..finetune import (
@@ -324,6 +330,7 @@ def main(args: argparse.Namespace) -> int:
         run_finetune,
         split_indices,
     )
+    from ..runfolder import folder_lock
 
     options = _parse_options(args.options)
     if not options:
@@ -356,7 +363,7 @@ def main(args: argparse.Namespace) -> int:
         ft_cfg = apply_overrides(ft_cfg, [f"finetune.n_test_per_class={args.n_online // k}"])
         sec = ft_cfg.finetune
     out = Path(args.out) if args.out else Path("runs") / f"report-{ft_cfg.model.name}"
-    out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(folder_lock(out, "report"))
 
     print(f"[supervised] {len(sec.corruptions)} corruption(s) x {len(options)} option(s) x {len(sec.seeds)} seed(s)")
     supervised = run_finetune(

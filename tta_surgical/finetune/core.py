@@ -27,22 +27,20 @@ Output folder: `config.yaml`, `results.jsonl` (one line per finished cell, flush
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 
 from ..corruptions.textures import default_frost_dir
-from ..methods.base import grads_finite
+from ..methods.base import guarded_step
 from ..metrics import json_safe
+from ..runfolder import JsonlWriter, RunFolder, read_jsonl
 from .config import AUTO_OPTIONS, FinetuneConfig, FinetuneSection
 from .data import Split, TargetData, per_class_train, split_indices
 
@@ -118,17 +116,6 @@ def option_params(model: nn.Module, option: str, kind: str = "all") -> list[tupl
     if option in AUTO_OPTIONS:
         return select_params(model, "all", kind)
     return select_params(model, resolve_blocks(model, option), kind)
-
-
-def guarded_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], loss: Tensor) -> bool:
-    """Backward and step unless the loss or a gradient is not finite (then nothing changes); True if stepped."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    ok = grads_finite(loss, [p.grad for p in params if p.grad is not None])
-    if ok:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return ok
 
 
 @torch.no_grad()
@@ -235,7 +222,7 @@ def finetune_cell(
     `pretrained` is a state_dict copy restored before every learning rate (and at the end), so the cell
     leaves the model as it found it. `on_lr_start(lr, model)` is called right after the restore.
     """
-    from ..engine import seed_everything
+    from ..runtime import seed_everything
 
     device = _device_of(model)
     kind, bn_mode = section.kind, section.bn_mode
@@ -372,46 +359,11 @@ def finetune_cell(
 
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The complete JSON lines of results.jsonl (a torn last line from a crash is dropped and cut off the file)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    records, good_bytes = [], 0
-    for i, line in enumerate(lines):
-        if not line.strip():
-            good_bytes += len(line) + (1 if i < len(lines) - 1 else 0)
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a torn write: everything from here on is lost work, redone on resume
-        good_bytes += len(line) + 1
-    if good_bytes < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(min(good_bytes, len(raw)))
-    return records
+    return read_jsonl(path)
 
 
 def cell_key(rec: Mapping[str, Any]) -> tuple[str, str, int]:
     return (str(rec["corruption"]), str(rec["option"]), int(rec["seed"]))
-
-
-def _check_resume(out: Path, cfg: FinetuneConfig) -> None:
-    from ..engine import config_differences, plain_config
-
-    config_path = out / CONFIG_FILE
-    if not config_path.is_file():
-        return
-    with open(config_path) as f:
-        saved = yaml.safe_load(f) or {}
-    diffs = config_differences(saved, plain_config(cfg))
-    if diffs:
-        raise ValueError(
-            f"cannot resume {out}: the config differs from the saved {config_path}:\n  "
-            + "\n  ".join(diffs)
-            + "\nrun with the saved config, or choose another --out to start a new run"
-        )
 
 
 def run_finetune(
@@ -432,159 +384,177 @@ def run_finetune(
     target: a prepared `TargetData` (else built from the config); lets callers share generated images.
     Returns the summary dict (also written to summary.json).
     """
-    from ..config import dump_yaml
-    from ..engine import pick_device
-    from ..models import create_model
-    from .summary import summarize, summary_markdown
+    folder = RunFolder(out_dir, what="finetune run")
+    with folder.lock():
+        return _run_finetune(cfg, folder, data_root, frost_dir, resume, overwrite, plot, target)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / RESULTS_FILE
-    sec, rt = cfg.finetune, cfg.runtime
+
+def _run_finetune(
+    cfg: FinetuneConfig,
+    folder: RunFolder,
+    data_root: str | os.PathLike | None,
+    frost_dir: str | os.PathLike | None,
+    resume: bool,
+    overwrite: bool,
+    plot: bool,
+    target: TargetData | None,
+) -> dict[str, Any]:
+    sec = cfg.finetune
+    folder.refuse_existing(resume, overwrite, (RESULTS_FILE, SUMMARY_FILE))
     if resume:
-        _check_resume(out, cfg)
-        done_records = read_results(results_path)
-    elif not overwrite and any((out / n).exists() for n in (RESULTS_FILE, SUMMARY_FILE)):
-        raise FileExistsError(
-            f"{out} already holds finetune results; pass --resume to continue, --overwrite to replace them, "
-            "or choose another --out"
-        )
+        folder.check_config(cfg)
+        done_records = read_jsonl(folder.results)
     else:
         done_records = []
-        results_path.write_bytes(b"")
-        (out / SUMMARY_FILE).unlink(missing_ok=True)
-    dump_yaml(cfg, out / CONFIG_FILE)
+        folder.results.write_bytes(b"")
+        folder.clear((SUMMARY_FILE,))
+    folder.write_config(cfg)
     done = {cell_key(r) for r in done_records}
-
-    device = pick_device(rt.device)
-    frost_dir = default_frost_dir(frost_dir, data_root)
-    model, info = create_model(
-        cfg.model.name, pretrained=cfg.model.pretrained, data_root=data_root, allow_random=cfg.model.allow_random
-    )
-    model = model.to(device)
-    validate_options(model, sec.options, sec.kind)
-    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if target is None:
-        target = TargetData(sec, data_root=data_root, frost_dir=frost_dir, device=device)
-    n_classes = target.n_classes
-    per_class = per_class_train(sec.n_train, n_classes)
-    splits = {
-        s: split_indices(target.labels, per_class, sec.n_val_per_class, sec.n_test_per_class, s) for s in sec.seeds
-    }
-
+    job = _FinetuneJob(cfg, data_root, default_frost_dir(frost_dir, data_root), target)
     cells = [(c, o, s) for c in sec.corruptions for o in sec.options for s in sec.seeds]
     todo = [cell for cell in cells if cell not in done]
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress must never break a run
-        tqdm = None
     n_lr = len(sec.lrs)
-    bar = (
-        tqdm(
-            total=len(cells) * n_lr,
-            initial=(len(cells) - len(todo)) * n_lr,
-            desc="finetune",
-            unit="lr",
-            disable=not rt.progress,
-        )
-        if tqdm is not None
-        else None
-    )
+    bar = _progress(len(cells) * n_lr, (len(cells) - len(todo)) * n_lr, cfg.runtime.progress)
     try:
-        with open(results_path, "a", encoding="utf-8") as results:
+        with JsonlWriter(folder.results) as writer:
             for corruption in sec.corruptions:
-                mine = [cell for cell in todo if cell[0] == corruption]
-                if not mine:
-                    continue
-                need = np.unique(
-                    np.concatenate(
-                        [
-                            np.concatenate([sp.train, sp.val, sp.test])
-                            for s, sp in splits.items()
-                            if any(c[2] == s for c in mine)
-                        ]
-                    )
-                )
-                pool = target.images(corruption, need)
-                row_of = {int(i): k for k, i in enumerate(need.tolist())}
-                labels_t = torch.as_tensor(target.labels, dtype=torch.long)
-                # Small sets (CIFAR: ~1,200 images, 4 MB) live on the device; ImageNet-sized ones stay in host RAM.
-                keep_on = device if pool.numel() < (1 << 31) else torch.device("cpu")
-                source_acc: dict[int, tuple[float, float]] = {}
-                for _, option, seed in mine:
-                    sp = splits[seed]
-                    data = CellData(
-                        {
-                            p: pool[torch.as_tensor([row_of[int(i)] for i in getattr(sp, p)])].to(keep_on)
-                            for p in ("train", "val", "test")
-                        },
-                        {p: labels_t[torch.as_tensor(getattr(sp, p))] for p in ("train", "val", "test")},
-                        sp,
-                    )
-                    if seed not in source_acc:
-                        model.load_state_dict(pretrained)
-                        _configure(model, [], sec.bn_mode)
-                        source_acc[seed] = tuple(
-                            100.0 * evaluate(model, data.x[p], data.y[p], sec.eval_batch_size) / len(data.y[p])
-                            for p in ("val", "test")
-                        )
-                    if bar is not None:
-                        bar.set_postfix_str(f"{corruption} {option} seed {seed}")
-                    rec = finetune_cell(
-                        model,
-                        pretrained,
-                        option,
-                        data,
-                        sec,
-                        seed,
-                        on_lr_done=(lambda _lr: bar.update(1)) if bar is not None else None,
-                    )
-                    rec = {
-                        "corruption": corruption,
-                        "option": option,
-                        "seed": seed,
-                        "severity": sec.severity,
-                        "kind": sec.kind,
-                        "bn_mode": sec.bn_mode,
-                        "source_val_acc": source_acc[seed][0],
-                        "source_test_acc": source_acc[seed][1],
-                        "split": sp.sizes(),
-                        "device": str(device),
-                        **rec,
-                    }
-                    results.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
-                    results.flush()
-                    os.fsync(results.fileno())
+                for rec in job.run_corruption(corruption, [c for c in todo if c[0] == corruption], bar):
+                    writer.write(json_safe(rec))
+                    writer.sync()  # a finished cell is minutes of work: make it durable at once
                     done_records.append(rec)
-                del pool
     finally:
         if bar is not None:
             bar.close()
+    return _finish(folder, job, done_records, plot)
 
-    summary = summarize(done_records, sec.options, sec.corruptions, sec.seeds)
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress must never break a run
+        return None
+    return tqdm(total=total, initial=initial, desc="finetune", unit="lr")
+
+
+class _FinetuneJob:
+    """The model, its pretrained weights, the target data and the seeds' splits of one finetune run."""
+
+    def __init__(
+        self,
+        cfg: FinetuneConfig,
+        data_root: str | os.PathLike | None,
+        frost_dir: str | os.PathLike | None,
+        target: TargetData | None,
+    ) -> None:
+        from ..models import create_model
+        from ..runtime import pick_device
+
+        self.cfg, sec = cfg, cfg.finetune
+        self.device = pick_device(cfg.runtime.device)
+        model, self.info = create_model(
+            cfg.model.name, pretrained=cfg.model.pretrained, data_root=data_root, allow_random=cfg.model.allow_random
+        )
+        self.model = model.to(self.device)
+        validate_options(self.model, sec.options, sec.kind)
+        self.pretrained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if target is None:
+            target = TargetData(sec, data_root=data_root, frost_dir=frost_dir, device=self.device)
+        self.target = target
+        self.per_class = per_class_train(sec.n_train, target.n_classes)
+        self.splits = {
+            s: split_indices(target.labels, self.per_class, sec.n_val_per_class, sec.n_test_per_class, s)
+            for s in sec.seeds
+        }
+
+    def run_corruption(self, corruption: str, cells: Sequence[tuple[str, str, int]], bar: Any) -> Iterable[dict]:
+        """Yield the record of every (corruption, option, seed) cell of `cells`, one corruption's images loaded."""
+        if not cells:
+            return
+        sec = self.cfg.finetune
+        seeds = {c[2] for c in cells}
+        need = np.unique(
+            np.concatenate([np.concatenate([sp.train, sp.val, sp.test]) for s, sp in self.splits.items() if s in seeds])
+        )
+        pool = self.target.images(corruption, need)
+        row_of = {int(i): k for k, i in enumerate(need.tolist())}
+        labels = torch.as_tensor(self.target.labels, dtype=torch.long)
+        # Small sets (CIFAR: ~1,200 images, 4 MB) live on the device; ImageNet-sized ones stay in host RAM.
+        keep_on = self.device if pool.numel() < (1 << 31) else torch.device("cpu")
+        source_acc: dict[int, tuple[float, ...]] = {}
+        for _, option, seed in cells:
+            sp = self.splits[seed]
+            parts = ("train", "val", "test")
+            data = CellData(
+                {p: pool[torch.as_tensor([row_of[int(i)] for i in getattr(sp, p)])].to(keep_on) for p in parts},
+                {p: labels[torch.as_tensor(getattr(sp, p))] for p in parts},
+                sp,
+            )
+            if seed not in source_acc:
+                source_acc[seed] = self._source_accuracy(data)
+            if bar is not None:
+                bar.set_postfix_str(f"{corruption} {option} seed {seed}")
+            rec = finetune_cell(
+                self.model,
+                self.pretrained,
+                option,
+                data,
+                sec,
+                seed,
+                on_lr_done=(lambda _lr: bar.update(1)) if bar is not None else None,
+            )
+            yield {
+                "corruption": corruption,
+                "option": option,
+                "seed": seed,
+                "severity": sec.severity,
+                "kind": sec.kind,
+                "bn_mode": sec.bn_mode,
+                "source_val_acc": source_acc[seed][0],
+                "source_test_acc": source_acc[seed][1],
+                "split": sp.sizes(),
+                "device": str(self.device),
+                **rec,
+            }
+
+    def _source_accuracy(self, data: CellData) -> tuple[float, ...]:
+        """(val, test) accuracy of the pretrained model, BN as the protocol runs it."""
+        sec = self.cfg.finetune
+        self.model.load_state_dict(self.pretrained)
+        _configure(self.model, [], sec.bn_mode)
+        return tuple(
+            100.0 * evaluate(self.model, data.x[p], data.y[p], sec.eval_batch_size) / len(data.y[p])
+            for p in ("val", "test")
+        )
+
+
+def _finish(folder: RunFolder, job: _FinetuneJob, records: list[dict[str, Any]], plot: bool) -> dict[str, Any]:
+    """Summarise the records, write summary.json / summary.md (and the auto-RGN plot), return the summary."""
+    from .summary import summarize, summary_markdown
+
+    cfg, sec = job.cfg, job.cfg.finetune
+    summary = summarize(records, sec.options, sec.corruptions, sec.seeds)
     summary.update(
         {
             "model": cfg.model.name,
-            "model_pretrained": bool(info.pretrained),
-            "model_warnings": list(info.warnings),
+            "model_pretrained": bool(job.info.pretrained),
+            "model_warnings": list(job.info.warnings),
             "source": sec.source,
             "severity": sec.severity,
             "kind": sec.kind,
             "bn_mode": sec.bn_mode,
-            "n_classes": n_classes,
-            "split_per_class": {"train": per_class, "val": sec.n_val_per_class, "test": sec.n_test_per_class},
+            "n_classes": job.target.n_classes,
+            "split_per_class": {"train": job.per_class, "val": sec.n_val_per_class, "test": sec.n_test_per_class},
         }
     )
     summary = json_safe(summary)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    (out / SUMMARY_MD).write_text(summary_markdown(summary), encoding="utf-8")
+    folder.write_summary(summary, summary_markdown(summary))
     if plot and summary.get("rgn_block_weights"):
         from .summary import plot_rgn_weights
 
         try:
-            summary["plot"] = str(plot_rgn_weights(summary, out / "rgn_weights.png"))
+            summary["plot"] = str(plot_rgn_weights(summary, folder.path / "rgn_weights.png"))
         except ImportError as err:
             print(f"no plot: {err}")
     return summary
-
-

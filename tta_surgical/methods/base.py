@@ -58,6 +58,8 @@ __all__ = [
     "build_method",
     "build_optimizer",
     "grads_finite",
+    "guarded_backward",
+    "guarded_step",
     "register_method",
     "resolve_autocast_dtype",
     "select_adapted",
@@ -158,6 +160,31 @@ def grads_finite(loss: Tensor, grads: Sequence[Tensor]) -> bool:
     if grads:
         total = total + _grad_norm_sum(grads)
     return bool(torch.isfinite(total))
+
+
+def guarded_backward(
+    loss: Tensor, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer, n_kept: Tensor | int | None = None
+) -> tuple[float, bool, int]:
+    """Zero the gradients, backward `loss`, and read (loss value, loss and gradients all finite, n_kept) in one
+    host sync. The one non-finite guard of the package: online methods and supervised fine-tuning both use it."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    parts = [loss.detach().float().reshape(()), _grad_norm_sum(grads) if grads else loss.new_zeros(())]
+    if isinstance(n_kept, Tensor):
+        parts.append(n_kept.float().reshape(()))
+    value, grad_norm, *kept = torch.stack([p.float() for p in parts]).tolist()
+    count = int(kept[0]) if kept else int(n_kept or 0)
+    return value, math.isfinite(value) and math.isfinite(grad_norm), count
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], loss: Tensor) -> bool:
+    """Backward and step unless the loss or a gradient is not finite (then nothing changes); True if stepped."""
+    _, ok, _ = guarded_backward(loss, params, optimizer)
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ok
 
 
 def select_adapted(model: nn.Module, blocks: Iterable[str], kind: str, owner: str = "method") -> NamedParams:
@@ -514,29 +541,23 @@ class Method:
         return UpdateResult(True, loss, second_loss, n_kept)
 
     def _backward(self, objective: Objective, count_filtered: bool) -> tuple[float, int] | None:
-        """Zero the gradients, backward the reduced objective, guard it: (loss, kept) or None when not finite."""
+        """Backward the reduced objective through the guard: (loss, kept), or None when anything is not finite."""
         assert self.optimizer is not None
         loss, n_kept = objective.reduce()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad for _, p in self._params if p.grad is not None]
-        parts = [loss.detach().float().reshape(()), _grad_norm_sum(grads) if grads else loss.new_zeros(())]
-        parts.append(n_kept.float() if isinstance(n_kept, Tensor) else loss.new_tensor(float(n_kept)))
-        loss_value, grad_norm, kept = torch.stack([p.float() for p in parts]).tolist()  # the one host sync
-        kept = int(kept)
+        value, finite, kept = guarded_backward(loss, [p for _, p in self._params], self.optimizer, n_kept)
         if count_filtered:
             filtered = objective.per_sample.numel() - kept
             self.n_filtered += filtered
             self.last.n_filtered += filtered
         if kept == 0:
             self.optimizer.zero_grad(set_to_none=True)
-            return loss_value, 0
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            return value, 0
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.n_skipped += 1
             self.last.skipped = True
             return None
-        return loss_value, kept
+        return value, kept
 
     @torch.no_grad()
     def _perturb(self, rho: float) -> tuple[list[Tensor], list[Tensor]]:
