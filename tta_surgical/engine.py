@@ -215,6 +215,7 @@ def run(
     on_batch: BatchHook | None = None,
     checkpoint_every: int | None = None,
     record_predictions: bool = False,
+    source: Any = None,
 ) -> dict[str, Any]:
     """Run `cfg.method` on `cfg.model` over `cfg.stream`, write results to `out_dir`, return the summary.
 
@@ -224,6 +225,8 @@ def run(
     checkpoint_every: also checkpoint every N batches; None = only at domain boundaries, or every
         `AUTO_CHECKPOINT_EVERY` batches for a stream with none (mixed).
     record_predictions: also store each batch's predicted labels (`"pred"`) in results.jsonl.
+    source: an open stream source of kind `cfg.stream.source` (e.g. a `streams.MemorySource` for images held in
+        memory); None = open it from `cfg.stream.path` / `data_root`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,7 +284,7 @@ def run(
         model.compile(mode=rt.compile_mode)
     frost_dir = default_frost_dir(frost_dir, data_root)
     stream = build_stream(
-        cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir, num_workers=rt.num_workers
+        cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir, num_workers=rt.num_workers, source=source
     )
     n_batches = len(stream)
     multi = _multi_severity(stream, cfg.stream)
