@@ -368,7 +368,7 @@ def test_finetune_command_main(data_root, tmp_path):
 
 def test_report_end_to_end(data_root, tmp_path):
     from tta_surgical.commands import report
-    from tta_surgical.data.cifar import load_cifar10c
+    from tta_surgical.streams import build_stream
 
     parser = argparse.ArgumentParser()
     report.configure(parser)
@@ -406,12 +406,20 @@ def test_report_end_to_end(data_root, tmp_path):
     cfg = tiny_cfg("finetune.n_test_per_class=2")
     target = TargetData(cfg.finetune, data_root=data_root)
     split = split_indices(target.labels, 2, 1, 2, seed=0)
-    for c in ("gaussian_noise", "contrast"):
-        imgs, labels = load_cifar10c(out / "online" / "data" / "seed0", c, 5)
-        assert np.array_equal(imgs, target.images(c, split.test).permute(0, 2, 3, 1).numpy())
-        assert np.array_equal(labels, target.labels[split.test])
+    images, open_images = report.online_stream(target, cfg.finetune, split.test)
+    assert images["source"] == "memory"  # generated images are handed over in memory, not written to disk
+    online_cfg = report.online_config(cfg, "block1", images, 0, ["stream.batch_size=10"])
+    stream = build_stream(online_cfg.stream, source=open_images())
+    seen = {c: [] for c in ("gaussian_noise", "contrast")}
+    for b in stream:
+        rows = split.test[b.plan.indices]
+        assert torch.equal(b.x, target.images(b.domain, rows).float() / 255)
+        assert torch.equal(b.y, torch.as_tensor(target.labels[rows]))
+        seen[b.domain] += rows.tolist()
+    assert all(sorted(v) == split.test.tolist() for v in seen.values())
     online = json.loads((out / "online" / "seed0" / "block1" / "summary.json").read_text())
-    assert online["n_images"] == 40
+    assert online["n_images"] == 40 and online["stream_fingerprint"] == stream.fingerprint()
+    assert not (out / "online" / "data").exists()
     # Rerunning resumes: nothing is trained again and the numbers are identical.
     before = (out / "supervised" / "results.jsonl").read_text()
     assert report.main(parser.parse_args(argv)) == 0

@@ -36,12 +36,15 @@ __all__ = [
     "RuntimeConfig",
     "StreamSpec",
     "apply_overrides",
+    "check_fields",
     "dump_yaml",
     "from_dict",
     "load_config",
+    "load_stream_file",
     "load_yaml",
     "method_config",
     "parse_override",
+    "stream_section",
     "to_dict",
 ]
 
@@ -421,8 +424,20 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
-        # Validation in a `__post_init__` we do not own (e.g. StreamSpec): keep its message, add where.
+        # A `__post_init__` that raises plain TypeError/ValueError: keep its message, add where.
         raise ConfigError(f"{path or 'config'}: {err}") from err
+
+
+def check_fields(obj: Any, path: str) -> None:
+    """Type-check and canonicalise every field of the frozen dataclass `obj` in place, by the rules of `from_dict`,
+    so a section built in code (`StreamSpec(order="random")`) fails exactly like one read from YAML."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if f.init:
+            value = getattr(obj, f.name)
+            new = _coerce(hints[f.name], value, _dotted(path, f.name))
+            if new is not value:
+                object.__setattr__(obj, f.name, new)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -545,6 +560,23 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
     return from_dict(type(cfg), data)
 
 
+def stream_section(data: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """The fields of a stream file's mapping, which holds exactly one top-level `stream:` section."""
+    if set(data) != {"stream"}:
+        extra = sorted(set(data) - {"stream"})
+        hint = f"unexpected top-level keys {extra}" if extra else "no top-level 'stream:' key"
+        raise ConfigError(f"{where}: a stream file holds exactly one top-level 'stream:' section ({hint})")
+    section = data["stream"] or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: 'stream:' must be a mapping of stream fields, got {section!r}")
+    return section
+
+
+def load_stream_file(path: str | Path) -> Mapping[str, Any]:
+    """The `stream:` section of a stream YAML (`streams/*.yaml`): the one reader of stream files."""
+    return stream_section(load_yaml(path), str(path))
+
+
 def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; `extra` wins, nested mappings merge key by key."""
     out = dict(base)
@@ -566,14 +598,7 @@ def load_config(
     then the `stream:` section of the stream YAML `stream` merged over it, then the dotted `overrides`."""
     data: dict[str, Any] = load_yaml(path) if path is not None else {}
     if stream is not None:
-        sdata = load_yaml(stream)
-        if set(sdata) != {"stream"}:
-            extra = sorted(set(sdata) - {"stream"})
-            hint = f"unexpected top-level keys {extra}" if extra else "no top-level 'stream:' key"
-            raise ConfigError(f"{stream}: a stream file holds exactly one top-level 'stream:' section ({hint})")
-        section = sdata["stream"] or {}
-        if not isinstance(section, Mapping):
-            raise ConfigError(f"{stream}: 'stream:' must be a mapping of stream fields, got {section!r}")
+        section = load_stream_file(stream)
         base = data.get("stream") or {}
         if not isinstance(base, Mapping):
             raise ConfigError(f"{path}: 'stream:' must be a mapping of stream fields, got {base!r}")

@@ -92,9 +92,17 @@ class Built:
 
 
 def build(
-    cfg: Config, *, data_root: str | os.PathLike | None = None, frost_dir: str | os.PathLike | None = None
+    cfg: Config,
+    *,
+    data_root: str | os.PathLike | None = None,
+    frost_dir: str | os.PathLike | None = None,
+    source: Any = None,
 ) -> Built:
-    """Model (on the device, channels_last if set), method (configured, compiled if set) and stream of `cfg`."""
+    """Model (on the device, channels_last if set), method (configured, compiled if set) and stream of `cfg`.
+
+    source: an open stream source of kind `cfg.stream.source` (e.g. a `streams.MemorySource` for images held in
+        memory); None = open it from `cfg.stream.path` / `data_root`.
+    """
     from .methods import MethodContext, build_method
     from .models import create_model
     from .streams import build_stream
@@ -118,7 +126,7 @@ def build(
         model.compile(mode=rt.compile_mode)
     frost_dir = default_frost_dir(frost_dir, data_root)
     stream = build_stream(
-        cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir, num_workers=rt.num_workers
+        cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir, num_workers=rt.num_workers, source=source
     )
     return Built(model, info, method, stream, device, _multi_severity(stream, cfg.stream))
 
@@ -217,6 +225,7 @@ def run(
     on_batch: BatchHook | None = None,
     checkpoint_every: int | None = None,
     record_predictions: bool = False,
+    source: Any = None,
 ) -> dict[str, Any]:
     """Run `cfg.method` on `cfg.model` over `cfg.stream`, write results to `out_dir`, return the summary.
 
@@ -226,13 +235,14 @@ def run(
     checkpoint_every: also checkpoint every N batches; None = only at domain boundaries, or every
         `AUTO_CHECKPOINT_EVERY` batches for a stream with none (mixed).
     record_predictions: also store each batch's predicted labels (`"pred"`) in results.jsonl.
+    source: an open stream source (e.g. a `streams.MemorySource`), passed to `build`.
     Raises `runfolder.FolderInUseError` at once when another process is writing `out_dir`.
     """
     folder = RunFolder(out_dir)
     with folder.lock():
         checkpoint = _open_folder(folder, cfg, resume, overwrite)
         seed_everything(int(cfg.runtime.seed))
-        built = build(cfg, data_root=data_root, frost_dir=frost_dir)
+        built = build(cfg, data_root=data_root, frost_dir=frost_dir, source=source)
         if not built.stream.plan:
             raise ValueError("the stream is empty: check stream.domains, stream.n_examples and the data")
         loop = _Loop(cfg, folder, built, checkpoint_every, record_predictions, on_batch)

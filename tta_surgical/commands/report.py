@@ -14,8 +14,11 @@ auto-rgn runs online as configs/surgical_autorgn.yaml (every tensor, lr x its au
 gradient) when the installed method supports `method.weighting=auto-rgn`; auto-snr has no online counterpart
 (shown as "–").
 
-Layout of --out: `supervised/` (a `tta-surgical finetune` output folder), `online/data/seed<k>/` (the test
-images as CIFAR-10-C-layout .npy files, or a symlink tree for ImageNet-C), `online/seed<k>/<option>/` (one
+The online stream reads the test images where they are: the finetune source's files at the test rows
+(`stream.indices`) for CIFAR-10-C and ImageNet-C, or, for images the finetune side generates (source cifar10),
+those images handed over in memory (`stream.source: memory`); nothing is copied to disk.
+
+Layout of --out: `supervised/` (a `tta-surgical finetune` output folder), `online/seed<k>/<option>/` (one
 `tta-surgical run` folder each), and `report.md`, `report.json` (and `report.png` with --plot). Rerunning the
 same command resumes: finished cells and runs are reused, interrupted ones continued.
 """
@@ -24,11 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,54 +119,20 @@ def _parse_options(text: str) -> list[str]:
     return [o.strip() for o in text.split(";")] if ";" in text else _csv(text)
 
 
-def _digest(arr: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(arr, dtype="<i8").tobytes()).hexdigest()[:16]
+def online_stream(target: Any, sec: Any, test: np.ndarray) -> tuple[dict[str, Any], Callable[[], Any]]:
+    """Where the online stream of one seed reads its images: the stream keys naming them, and a function that
+    returns the source to run on (None: opened from those keys). Both are exactly the supervised test images."""
+    from ..streams import MemorySource, source_class
 
+    if source_class(sec.source).corrupts_on_the_fly:
+        # The finetune side generates these images (as make-cifar10c does); the stream takes them from memory.
+        def generated() -> Any:
+            images = {(c, sec.severity): target.images(c, test) for c in sec.corruptions}
+            return MemorySource(images, target.labels[test])
 
-def _prepare_online_data(target: Any, sec: Any, seed: int, test: np.ndarray, folder: Path) -> Path:
-    """Write (or reuse) the test images of every corruption for the online stream of one seed; return the folder."""
-    from ..finetune import write_cifar10c_subset
-
-    meta = {
-        "indices_sha256": _digest(test),
-        "split_seed": seed,
-        "source": sec.source,
-        "path": str(target.root) if target.root is not None else None,
-        "limit": sec.limit,
-        "generation_seed": sec.generation_seed,
-        "generation_batch_size": sec.generation_batch_size,
-    }
-    labels = target.labels[test]
-    for c in sec.corruptions:
-        if sec.source == "imagenetc":
-            _link_imagenetc(target, c, sec.severity, test, folder)
-            continue
-        side = folder / f"{c}.json"
-        if side.is_file() and (folder / f"{c}.npy").is_file() and (folder / "labels.npy").is_file():
-            saved = json.loads(side.read_text())
-            if all(saved.get(k) == v for k, v in meta.items()) and saved.get("complete"):
-                continue
-        write_cifar10c_subset(folder, c, sec.severity, target.images(c, test), labels, meta)
-    return folder
-
-
-def _link_imagenetc(target: Any, corruption: str, severity: int, test: np.ndarray, folder: Path) -> None:
-    """A `<folder>/<corruption>/<severity>/<wnid>/<file>` tree of symlinks to the test images (no copies)."""
-    from ..data.imagenet import scan_imagenetc
-
-    index = scan_imagenetc(target.root, corruption, severity)
-    base = folder / corruption / str(severity)
-    want = {index.relpaths[int(i)] for i in test}
-    if base.is_dir():  # an earlier seed layout or a changed split: rebuild
-        have = {str(p.relative_to(base)) for p in base.rglob("*") if p.is_symlink() or p.is_file()}
-        if have == want:
-            return
-        for p in sorted(base.rglob("*"), reverse=True):
-            p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
-    for rel in sorted(want):
-        dst = base / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(index.root / rel, dst)
+        return {"source": "memory", "path": None, "indices": None}, generated
+    keys = {"source": sec.source, "path": str(target.root), "indices": tuple(int(i) for i in test)}
+    return keys, lambda: None
 
 
 def online_options_filter(options: Sequence[str]) -> list[str]:
@@ -179,8 +147,9 @@ def online_options() -> tuple[str, ...]:
     return ("auto-rgn",) if "auto-rgn" in WEIGHTINGS else ()
 
 
-def online_config(ft_cfg: Any, option: str, data_dir: Path, seed: int, overrides: Sequence[str]) -> Any:
-    """The run config of the online surgical method for one option over one seed's test images."""
+def online_config(ft_cfg: Any, option: str, images: Mapping[str, Any], seed: int, overrides: Sequence[str]) -> Any:
+    """The run config of the online surgical method for one option over one seed's test images (`images`: the
+    stream keys of `online_stream`)."""
     from ..config import Config, OptimConfig, StreamSpec, apply_overrides, method_config
 
     sec = ft_cfg.finetune
@@ -190,8 +159,7 @@ def online_config(ft_cfg: Any, option: str, data_dir: Path, seed: int, overrides
     else:
         method = method_config("surgical", blocks=(option,), kind="all", bn_stats="batch")
     stream = StreamSpec(
-        source="imagenetc" if sec.source == "imagenetc" else "cifar10c",
-        path=str(data_dir),
+        **images,
         domains=tuple(sec.corruptions),
         severities=(sec.severity,),
         order="sequential",
@@ -210,12 +178,13 @@ def online_config(ft_cfg: Any, option: str, data_dir: Path, seed: int, overrides
     if (
         cfg.stream.domains != tuple(sec.corruptions)
         or cfg.stream.severities != (sec.severity,)
-        or cfg.stream.path != str(data_dir)
+        or any(getattr(cfg.stream, k) != v for k, v in images.items())
         or cfg.stream.n_examples not in (None, 0)
     ):
         raise ValueError(
-            "stream.domains, stream.severities, stream.path and stream.n_examples are fixed by `report` (the online "
-            "stream is the supervised test split); set finetune.corruptions, finetune.severity or --n-online instead"
+            "stream.domains, stream.severities, stream.source, stream.path, stream.indices and stream.n_examples are "
+            "fixed by `report` (the online stream is the supervised test split); set finetune.corruptions, "
+            "finetune.severity or --n-online instead"
         )
     return cfg
 
@@ -376,16 +345,19 @@ def _main(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     online_summaries: dict[str, dict[str, Any]] = {}
     for seed in sec.seeds:
         split = split_indices(target.labels, per_class, sec.n_val_per_class, sec.n_test_per_class, seed)
-        data_dir = _prepare_online_data(target, sec, seed, split.test, out / "online" / "data" / f"seed{seed}")
+        images, open_images = online_stream(target, sec, split.test)
+        source = None  # opened once per seed, and only when a run needs it
         for option in options:
             if option not in online_set:
                 continue
-            cfg = online_config(ft_cfg, option, data_dir, seed, onl_over)
+            cfg = online_config(ft_cfg, option, images, seed, onl_over)
             folder = out / "online" / f"seed{seed}" / option.replace(",", "+")
             summary = finished_summary(folder, cfg)
             if summary is None:
                 print(f"[online] {option} seed {seed} -> {folder}")
-                summary = run(cfg, folder, data_root=args.data_root, resume=True, frost_dir=frost_dir)
+                if source is None:
+                    source = open_images()
+                summary = run(cfg, folder, data_root=args.data_root, resume=True, frost_dir=frost_dir, source=source)
             online[option][seed] = {c: 100.0 - float(e) for c, e in summary["errors"].items()}
             online_summaries[f"{option}/seed{seed}"] = {
                 k: summary.get(k)

@@ -128,8 +128,10 @@ class TargetData:
         if section.path:
             self.root: Path | None = Path(section.path).expanduser()
         else:
+            from ..streams import source_class
+
             base = hub.data_root(data_root)
-            sub = {"cifar10": "", "cifar10c": "CIFAR-10-C", "imagenetc": "ImageNet-C"}[src]
+            sub = source_class(src).default_subdir  # the stream source of the same name keeps its data there
             self.root = (base / sub if sub else base) if base is not None else None
         if src == "cifar10":
             from ..data.cifar import find_cifar10, load_cifar10

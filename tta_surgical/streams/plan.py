@@ -1,0 +1,227 @@
+"""The batch plan: a pure, seeded function of a `StreamSpec` and the source labels -> `list[BatchPlan]`.
+
+The plan is the exact (domain, severity, image index) of every image of every batch and where the model
+resets. It never touches images or a device, so every method (and every device) sees the identical order for
+the same seed, and the plan can be fingerprinted and logged (`plan_fingerprint`).
+
+Orders: "sequential" (each domain at each listed severity, domain after domain in the listed order:
+domain-major), "gradual" (per domain the severities rise and fall, 1,2,3,4,5,4,3,2,1 for all five, as in
+the gradual continual-TTA protocol of CoTTA), "mixed" (every (domain, severity, image) draw shuffled
+together). Label shift "dirichlet" reorders the images of each segment into a class-correlated temporal
+order (the NOTE / RoTTA protocol; see `dirichlet_order`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .spec import StreamSpec
+
+__all__ = ["BatchPlan", "derive_seed", "dirichlet_order", "plan_fingerprint", "plan_stream", "select_images"]
+
+# Tags that keep the random streams of the planner independent of each other.
+_TAG_SUBSET, _TAG_SELECT, _TAG_ORDER, _TAG_MIXED, _TAG_DIRICHLET, _TAG_NOISE = 1, 2, 3, 4, 5, 6
+
+
+@dataclass(frozen=True, eq=False)
+class BatchPlan:
+    """One planned batch: which images, from which domain(s) and severity(ies), and the reset before it.
+
+    indices: int64 (B,) rows of the source set (the CIFAR-10 test set, a CIFAR-10-C severity block, the
+        scanned ImageNet file list); with `spec.indices`, positions in that explicit list. domain_ids /
+        item_severities: per image, the position in `spec.domains` and the severity (constant unless the stream
+        is mixed). domain / severity: the batch's domain name and severity, "mixed" / 0 when a mixed batch holds
+        several.
+    noise_seed: seed of the on-the-fly corruption noise, derived from (spec.seed, batch_index) only.
+    """
+
+    batch_index: int
+    domain_index: int
+    domain: str
+    severity: int
+    indices: np.ndarray
+    domain_ids: np.ndarray
+    item_severities: np.ndarray
+    reset_before: bool
+    noise_seed: int
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def groups(self) -> list[tuple[int, int, np.ndarray]]:
+        """(domain position, severity, positions in the batch) per distinct pair, in order of first appearance."""
+        if len(self.indices) == 0:
+            return []
+        key = self.domain_ids.astype(np.int64) * 8 + self.item_severities
+        if (key == key[0]).all():
+            return [(int(self.domain_ids[0]), int(self.item_severities[0]), np.arange(len(key)))]
+        _, first = np.unique(key, return_index=True)
+        return [
+            (int(self.domain_ids[i]), int(self.item_severities[i]), np.flatnonzero(key == key[i]))
+            for i in sorted(first)
+        ]
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers: SplitMix64 chained over the parts (pure integer arithmetic, so the same
+    on every platform and library version; cheap enough to call per batch)."""
+    h = 0x5EED
+    for part in parts:
+        h = _splitmix64(h ^ (int(part) & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(p) for p in parts])))
+
+
+def dirichlet_order(
+    labels: np.ndarray, delta: float, rng: np.random.Generator, n_slots: int | None = None
+) -> np.ndarray:
+    """A permutation of `range(len(labels))` that makes the label sequence temporally correlated.
+
+    The NOTE / RoTTA protocol: time is cut into `n_slots` slots (default: the number of classes, at most
+    100, RoTTA's choice); each class spreads its (shuffled) samples over the slots with proportions drawn from
+    Dirichlet(delta, ..., delta); the samples inside a slot are shuffled. Small delta puts each class into few
+    slots (long runs dominated by one or two classes), large delta approaches an i.i.d. order. (RoTTA keeps
+    each class's part of a slot contiguous, which stays correlated even for large delta; shuffling inside
+    the slot makes delta the only knob.) Every position appears exactly once.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if n_slots is None:
+        n_slots = min(len(classes), 100)
+    n_slots = max(int(n_slots), 1)
+    props = rng.dirichlet(np.full(n_slots, float(delta)), size=len(classes))
+    slots: list[list[np.ndarray]] = [[] for _ in range(n_slots)]
+    for c, p in zip(classes, props):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        cuts = np.floor(np.cumsum(p)[:-1] * len(members)).astype(np.int64)
+        for t, chunk in enumerate(np.split(members, np.clip(cuts, 0, len(members)))):
+            slots[t].append(chunk)
+    out = [rng.permutation(np.concatenate(chunks)) for chunks in slots if chunks]
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+def select_images(spec: StreamSpec, labels: np.ndarray) -> np.ndarray:
+    """The source rows every segment uses (the same images in every domain, so domains are comparable)."""
+    n = len(labels)
+    pool = np.arange(n, dtype=np.int64)
+    if spec.per_class:
+        from ..data.imagenet import subset_per_class
+
+        pool = subset_per_class(labels, spec.per_class, derive_seed(spec.seed, _TAG_SUBSET))
+    if spec.n_examples is not None:
+        if spec.n_examples > len(pool):
+            what = f"{spec.per_class} per class = {len(pool)}" if spec.per_class else f"{len(pool)}"
+            raise ValueError(
+                f"stream.n_examples = {spec.n_examples} but the source offers only {what} images; "
+                "lower n_examples or set it to 0 (all)"
+            )
+        if spec.resolved_shuffle:
+            pool = np.sort(_rng(spec.seed, _TAG_SELECT).choice(pool, spec.n_examples, replace=False))
+        else:
+            pool = pool[: spec.n_examples]
+    return pool
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a non-empty 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
+    return labels.astype(np.int64, copy=False)
+
+
+def plan_stream(spec: StreamSpec, labels: np.ndarray) -> list[BatchPlan]:
+    """The explicit, seeded batch plan of `spec` over a source set with these `labels` (pure; no I/O, no device).
+
+    Identical inputs give an identical plan (compare with `plan_fingerprint`). Batches never straddle
+    segments (a sequential / gradual batch has one domain and one severity); a mixed stream is one segment.
+    reset_before is False for batch 0 (every run starts from the source model) and otherwise follows
+    `spec.reset`: per_domain = first batch of each new domain_index, every_n = batch_index % reset_every
+    == 0, episodic = every batch, never = none.
+    """
+    labels = _check_labels(labels)
+    chosen = select_images(spec, labels)
+    bs = spec.batch_size
+    rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (domain_index, indices, domain_ids, sevs)
+
+    def reorder(idx: np.ndarray, tag: int) -> np.ndarray:
+        if spec.label_shift == "dirichlet":
+            idx = idx[dirichlet_order(labels[idx], spec.dirichlet_delta, _rng(spec.seed, _TAG_DIRICHLET, tag))]
+        return idx
+
+    if spec.order == "mixed":
+        n_d, n_s, n_i = len(spec.domains), len(spec.severities), len(chosen)
+        dom = np.repeat(np.arange(n_d, dtype=np.int64), n_s * n_i)
+        sev = np.tile(np.repeat(np.asarray(spec.severities, dtype=np.int64), n_i), n_d)
+        img = np.tile(chosen, n_d * n_s)
+        perm = _rng(spec.seed, _TAG_MIXED).permutation(len(img))
+        if spec.label_shift == "dirichlet":
+            perm = perm[dirichlet_order(labels[img[perm]], spec.dirichlet_delta, _rng(spec.seed, _TAG_DIRICHLET))]
+        dom, sev, img = dom[perm], sev[perm], img[perm]
+        for a in range(0, len(img), bs):
+            rows.append((0, img[a : a + bs], dom[a : a + bs], sev[a : a + bs]))
+    else:
+        for k, (block, d, s) in enumerate(spec.segments()):
+            idx = chosen
+            if spec.resolved_shuffle:
+                idx = _rng(spec.seed, _TAG_ORDER, k).permutation(idx)
+            idx = reorder(idx, k)
+            for a in range(0, len(idx), bs):
+                part = idx[a : a + bs]
+                rows.append((block, part, np.full(len(part), d, np.int64), np.full(len(part), s, np.int64)))
+
+    plans = []
+    prev_block = 0
+    for b, (block, idx, dom, sev) in enumerate(rows):
+        if b == 0 or spec.reset == "never":
+            reset = False
+        elif spec.reset == "per_domain":
+            reset = block != prev_block
+        elif spec.reset == "every_n":
+            reset = b % spec.reset_every == 0
+        else:  # episodic
+            reset = True
+        prev_block = block
+        one_dom, one_sev = bool((dom == dom[0]).all()), bool((sev == sev[0]).all())
+        plans.append(
+            BatchPlan(
+                batch_index=b,
+                domain_index=block,
+                domain=spec.domains[int(dom[0])] if one_dom else "mixed",
+                severity=int(sev[0]) if one_sev else 0,
+                indices=np.ascontiguousarray(idx, dtype=np.int64),
+                domain_ids=np.ascontiguousarray(dom, dtype=np.int64),
+                item_severities=np.ascontiguousarray(sev, dtype=np.int64),
+                reset_before=reset,
+                noise_seed=derive_seed(spec.seed, _TAG_NOISE, b),
+            )
+        )
+    return plans
+
+
+def plan_fingerprint(plan: list[BatchPlan]) -> str:
+    """SHA-256 over every field of the plan: equal fingerprints = identical streams (log it next to results)."""
+    h = hashlib.sha256()
+    for p in plan:
+        h.update(f"{p.batch_index}|{p.domain_index}|{p.domain}|{p.severity}|{p.reset_before}|{p.noise_seed}|".encode())
+        for a in (p.indices, p.domain_ids, p.item_severities):
+            h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
+            h.update(b"/")
+    return h.hexdigest()
