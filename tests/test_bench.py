@@ -464,3 +464,52 @@ def test_cli_choices_match_the_config_vocabulary():
 
     choices = {a.dest: tuple(a.choices) for a in _bench_parser()._actions if a.choices}
     assert choices["compile_mode"] == COMPILE_MODES and choices["optim_impl"] == OPTIM_IMPLEMENTATIONS
+
+
+# ------------------------------------------------------------------------------ the other benchmarks' package logic
+
+
+def test_compare_with_engine_agrees_with_the_plain_loop(data_root):
+    from tta_surgical.bench.reference import TOLERANCE_POINTS, compare_with_engine
+
+    res = compare_with_engine(
+        REPO / "configs" / "tent.yaml", REPO / "streams" / "cifar10c_reset.yaml", n_examples=20, batch_size=10,
+        domains="fog,gaussian_noise", data_root=str(data_root), frost_dir=data_root / "frost",
+    )  # fmt: skip
+    assert res["n_images"] == 40 and set(res["engine_errors"]) == {"fog", "gaussian_noise"}
+    assert res["difference_points"] == 0.0 and res["max_abs_per_batch_correct_diff"] == 0
+    assert res[f"within_{TOLERANCE_POINTS}_points"] is True
+    with pytest.raises(ValueError, match="not a tent config"):
+        compare_with_engine(REPO / "configs" / "norm.yaml", REPO / "streams" / "cifar10c_reset.yaml", n_examples=8)
+
+
+def test_accuracy_on_the_fly_equals_make_cifar10c_files(data_root, tmp_path):
+    from tta_surgical.bench.accuracy import AccuracyOptions, run_cifar10c_accuracy
+    from tta_surgical.data.make_cifar10c import make_cifar10c
+
+    frost = data_root / "frost"
+    make_cifar10c(data_root, tmp_path / "c10c", corruptions=["fog"], severities=[3, 5], limit=40, frost_dir=frost,
+                  progress=False)  # fmt: skip
+    opts = AccuracyOptions(data_root=str(data_root), reference=str(tmp_path / "c10c"), corruptions=("fog",),
+                           severities=(3, 5), limit=40, frost_dir=str(frost), out=tmp_path / "acc.json")  # fmt: skip
+    logged = []
+    res = run_cifar10c_accuracy(opts, log=logged.append)
+    # Generated on the fly "exactly as make-cifar10c writes them": the same images, so the same errors.
+    assert res["errors"]["fog"]["5"] == res["reference_errors"]["fog"]["5"] and res["n_images"] == 40
+    assert res["mean_errors"] == {"3": res["errors"]["fog"]["3"], "5": res["errors"]["fog"]["5"]}
+    assert json.loads((tmp_path / "acc.json").read_text())["provenance"]["versions"]["torch"] == torch.__version__
+    table = next(t for t in logged if t.startswith("| corruption |")).splitlines()
+    assert table[0] == "| corruption | s3 | s5 | reference s5 | diff s5 |" and table[-1].endswith("| +0.00 |")
+
+
+def test_corruption_speed_writes_rows_summary_and_provenance(tmp_path):
+    from tta_surgical.bench.corruption_speed import SpeedOptions, run_corruption_speed
+
+    opts = SpeedOptions(corruptions=("brightness", "gaussian_noise"), quick=True, reference=False,
+                        out=tmp_path / "speed.json")  # fmt: skip
+    res = run_corruption_speed(opts, log=None)
+    assert json.loads((tmp_path / "speed.json").read_text()) == json.loads(json.dumps(res))
+    assert [r["corruption"] for r in res["rows"]] == ["brightness", "gaussian_noise"]
+    assert all(r["ours_32_img_s"] > 0 and r["numpy_224_img_s"] is None for r in res["rows"])
+    assert (res["meta"]["batch32"], res["meta"]["repeats"]) == (100, 1) and res["meta"]["machine"]["device_name"]
+    assert res["summary"]["mean_ours_32_img_s_benchmark15"] > 0 and res["summary"]["mean_ratio_224"] is None

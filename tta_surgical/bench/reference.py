@@ -22,8 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-TOLERANCE_POINTS = 0.3  # the engine's tent and this loop agree within this many points of online error
-
 __all__ = [
     "TOLERANCE_POINTS",
     "PlainTent",
@@ -32,6 +30,8 @@ __all__ = [
     "prepare_plain_tent",
     "reference_tent",
 ]
+
+TOLERANCE_POINTS = 0.3  # the engine's tent and this loop agree within this many points of online error
 
 
 def prepare_plain_tent(source: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
