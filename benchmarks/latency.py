@@ -1,4 +1,4 @@
-"""Adaptation latency, throughput and memory: the benchmark suite (a script around `tta_surgical.bench`).
+"""Adaptation latency, throughput and memory: the benchmark suite (a script around `tta-surgical bench`).
 
 Same options as `tta-surgical bench`; the output folder defaults to benchmarks/out/latency. Examples:
 
@@ -10,7 +10,7 @@ Same options as `tta-surgical bench`; the output folder defaults to benchmarks/o
 Each cell times `--iters` adaptation steps (after `--warmup` untimed ones) on one random batch held on the
 device, and reports p50/p95/p99/mean latency, images/s, peak memory, the ratio to plain inference and, for
 `tent`, the throughput ratio to the plain reference Tent loop; adapting cells also report what autograd
-saved and which parameter tensors received gradients in one step. See `tta_surgical/bench.py`.
+saved and which parameter tensors received gradients in one step. See `tta_surgical/bench/`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
 
-try:
-    from tta_surgical.commands import bench as bench_command
-except ImportError:  # a checkout that is not installed: use the package next to this script
-    sys.path.insert(0, str(REPO))
-    from tta_surgical.commands import bench as bench_command
+from tta_surgical.commands import bench as bench_command  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "out" / "latency"
 

@@ -1,18 +1,32 @@
-"""The latency harness (`tta_surgical.bench`, `tta-surgical bench`): tiny CPU grids, contracts, failures, autograd."""
+"""The latency harness (`tta_surgical.bench`, `tta-surgical bench`): tiny CPU grids, contracts, failures, autograd,
+the method labels, and the benchmark scripts as thin wrappers."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import ast
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tta_surgical import bench
-from tta_surgical.bench import BenchSpec, attach_ratios, autograd_report, parse_method, quick_spec, run_bench
+from tta_surgical.bench import (
+    BenchSpec,
+    attach_ratios,
+    autograd_report,
+    labels,
+    measure,
+    parse_method,
+    quick_spec,
+    run_bench,
+)
+from tta_surgical.metrics import json_safe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +68,7 @@ def quick_run(tmp_path_factory):
 def test_quick_grid_writes_every_contract_key(quick_run):
     out, result = quick_run
     on_disk = json.loads((out / "bench.json").read_text())
-    assert on_disk == json.loads(json.dumps(bench.json_safe(result)))
+    assert on_disk == json.loads(json.dumps(json_safe(result)))
     cells = on_disk["cells"]
     assert [c["method"] for c in cells] == ["inference", "tent", "surgical:block1", "reference_tent"]
     for c in cells:
@@ -75,6 +89,8 @@ def test_quick_grid_writes_every_contract_key(quick_run):
     meta = on_disk["meta"]
     for key in ("date", "machine", "versions", "threads", "git", "device", "spec", "timing", "memory"):
         assert key in meta
+    assert {"platform", "processor", "cpu_count", "device_name"} <= set(meta["machine"])
+    assert meta["machine"]["device_name"] == "cpu"
     assert meta["threads"] == 1 and meta["finished"] is True
     assert meta["versions"]["torch"] == torch.__version__
     assert (out / "bench.md").read_text().count("| resnet20 |") == 4
@@ -106,14 +122,14 @@ def test_adapting_cells_carry_the_autograd_report(quick_run):
 
 
 def test_failing_cells_record_the_error_and_the_grid_goes_on(tmp_path, monkeypatch):
-    real = bench._build_runner
+    real = measure.build_runner
 
     def build(model, ms, dtype, *rest):
         if ms.label == "tent":
             raise RuntimeError("boom: forced failure")
         return real(model, ms, dtype, *rest)
 
-    monkeypatch.setattr(bench, "_build_runner", build)
+    monkeypatch.setattr(measure, "build_runner", build)
     spec = tiny(models=("resnet20", "no_such_model"), methods=("tent", "reference_tent"))
     result = run_bench(spec, tmp_path, threads=1, log=None)
     cells = json.loads((tmp_path / "bench.json").read_text())["cells"]
@@ -186,9 +202,60 @@ def test_parse_method_and_early_validation():
         BenchSpec(iters=0)
 
 
+def test_every_registered_method_is_a_label_and_blocks_need_an_adapting_method():
+    from tta_surgical.methods import METHODS
+
+    for name in METHODS.names():
+        ms = parse_method(name)
+        assert ms.kind == "method" and ms.cfg.name == name and ms.adapts == METHODS.get(name).adapts
+        assert name in bench.DEFAULT_METHODS and name in labels.valid_labels()
+    for name in (n for n in METHODS.names() if not METHODS.get(n).adapts):
+        with pytest.raises(ValueError, match="adapts no parameters"):
+            parse_method(f"{name}:block1")
+    with pytest.raises(ValueError, match="bench method 'tent:block1': method tent fixes"):
+        parse_method("tent:block1")  # the config's own rule, named with the label
+    ordered = labels.baseline_first(["tent", " ", "inference", "tent", "norm"], "inference")
+    assert ordered == ("inference", "tent", "norm")
+    assert labels.split_args(["tent,norm", "surgical:block1"]) == ("tent", "norm", "surgical:block1")
+    assert labels.safe_label("surgical:block1+block2") == "surgical-block1+block2"
+
+
+def test_a_newly_registered_method_is_a_label_built_by_method_config(monkeypatch):
+    # No list of method names in the bench: a method registered tomorrow is a label (with blocks when it adapts),
+    # and its settings come from config.method_config, the one constructor.
+    from tta_surgical.methods import METHODS
+
+    class Fresh:
+        adapts = True
+
+    calls = []
+
+    def fake_config(name, **settings):
+        calls.append((name, settings))
+        return type("Cfg", (), {"name": name})()
+
+    monkeypatch.setitem(METHODS._items, "fresh", Fresh)
+    monkeypatch.setattr(labels, "method_config", fake_config)
+    assert parse_method("fresh").kind == "method" and parse_method("fresh:block2+block3").adapts
+    assert calls == [("fresh", {}), ("fresh", {"blocks": ("block2", "block3"), "kind": "all"})]
+    assert "fresh" in labels.valid_labels()
+
+
+@pytest.mark.parametrize(
+    ("label", "config"),
+    [("source", "source"), ("norm", "norm"), ("tent", "tent"), ("surgical:block1", "surgical_block1"),
+     ("surgical:all", "surgical_all"), ("autorgn", "surgical_autorgn")],
+)  # fmt: skip
+def test_a_label_is_the_method_of_its_shipped_config(label, config):
+    # The stream timing once read configs/<name>.yaml; it now builds the method from the label: the same settings.
+    from tta_surgical.config import load_config
+
+    assert parse_method(label).cfg == load_config(REPO / "configs" / f"{config}.yaml").method
+
+
 def test_attach_ratios_groups_by_model_batch_device_precision():
     def cell(method, p50, ips, bs=16, prec="fp32", error=None):
-        c = bench._new_cell("m", method, bs, torch.device("cpu"), prec, BenchSpec())
+        c = measure.new_cell("m", method, bs, torch.device("cpu"), prec, BenchSpec())
         if error:
             c["error"] = error
         else:
@@ -297,20 +364,32 @@ def test_cli_end_to_end_quick(tmp_path, monkeypatch, capsys):
 
 
 def test_latency_script_wraps_the_cli(tmp_path):
-    spec = importlib.util.spec_from_file_location("latency_script", REPO / "benchmarks" / "latency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.DEFAULT_OUT == REPO / "benchmarks" / "out" / "latency"
-    rc = mod.main(["--quick", "--methods", "inference", "--warmup", "0", "--iters", "1", "--threads", "1",
-                   "--out", str(tmp_path)])  # fmt: skip
-    assert rc == 0
+    script = REPO / "benchmarks" / "latency.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = ["--quick", "--methods", "inference", "--warmup", "0", "--iters", "1", "--threads", "1"]
+    argv += ["--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
     cells = json.loads((tmp_path / "bench.json").read_text())["cells"]
     assert [c["method"] for c in cells] == ["inference"]
+    assert "1 cells, 0 failed" in done.stdout
+
+
+def test_benchmark_scripts_are_thin_wrappers():
+    # The logic lives in the package (tests import it from there); a script holds its argparse and nothing else.
+    scripts = sorted((REPO / "benchmarks").glob("*.py"))
+    assert {p.stem for p in scripts} >= {"latency", "stream_timing", "reference_tent", "corruption_speed"}
+    for path in scripts:
+        tree = ast.parse(path.read_text())
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))}
+        assert all(name in ("main", "build_parser") or name.startswith("add_") for name in defined), (path, defined)
+        imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        assert any(n.module.startswith("tta_surgical") for n in imports), path.name
 
 
 def test_interleaved_group_times_methods_round_robin(tmp_path, monkeypatch):
     order = []
-    real = bench._build_runner
+    real = measure.build_runner
 
     def build(model, ms, *rest):
         runner = real(model, ms, *rest)
@@ -323,7 +402,7 @@ def test_interleaved_group_times_methods_round_robin(tmp_path, monkeypatch):
         runner.step = spy
         return runner
 
-    monkeypatch.setattr(bench, "_build_runner", build)
+    monkeypatch.setattr(measure, "build_runner", build)
     spec = tiny(methods=("tent", "reference_tent"), warmup=1, iters=3, interleave=True)
     cells = run_bench(spec, tmp_path, threads=1, log=None)["cells"]
     assert [c["method"] for c in cells] == ["inference", "tent", "reference_tent"]
@@ -337,7 +416,7 @@ def test_interleaved_group_times_methods_round_robin(tmp_path, monkeypatch):
 
 
 def test_interleaved_failure_drops_only_that_cell(tmp_path, monkeypatch):
-    real = bench._build_runner
+    real = measure.build_runner
 
     def build(model, ms, *rest):
         runner = real(model, ms, *rest)
@@ -354,7 +433,7 @@ def test_interleaved_failure_drops_only_that_cell(tmp_path, monkeypatch):
             runner.step = flaky
         return runner
 
-    monkeypatch.setattr(bench, "_build_runner", build)
+    monkeypatch.setattr(measure, "build_runner", build)
     cells = run_bench(tiny(methods=("tent", "norm"), warmup=1, iters=3, interleave=True), tmp_path, threads=1,
                       log=None)["cells"]  # fmt: skip
     by = {c["method"]: c for c in cells}
@@ -385,3 +464,52 @@ def test_cli_choices_match_the_config_vocabulary():
 
     choices = {a.dest: tuple(a.choices) for a in _bench_parser()._actions if a.choices}
     assert choices["compile_mode"] == COMPILE_MODES and choices["optim_impl"] == OPTIM_IMPLEMENTATIONS
+
+
+# ------------------------------------------------------------------------------ the other benchmarks' package logic
+
+
+def test_compare_with_engine_agrees_with_the_plain_loop(data_root):
+    from tta_surgical.bench.reference import TOLERANCE_POINTS, compare_with_engine
+
+    res = compare_with_engine(
+        REPO / "configs" / "tent.yaml", REPO / "streams" / "cifar10c_reset.yaml", n_examples=20, batch_size=10,
+        domains="fog,gaussian_noise", data_root=str(data_root), frost_dir=data_root / "frost",
+    )  # fmt: skip
+    assert res["n_images"] == 40 and set(res["engine_errors"]) == {"fog", "gaussian_noise"}
+    assert res["difference_points"] == 0.0 and res["max_abs_per_batch_correct_diff"] == 0
+    assert res[f"within_{TOLERANCE_POINTS}_points"] is True
+    with pytest.raises(ValueError, match="not a tent config"):
+        compare_with_engine(REPO / "configs" / "norm.yaml", REPO / "streams" / "cifar10c_reset.yaml", n_examples=8)
+
+
+def test_accuracy_on_the_fly_equals_make_cifar10c_files(data_root, tmp_path):
+    from tta_surgical.bench.accuracy import AccuracyOptions, run_cifar10c_accuracy
+    from tta_surgical.data.make_cifar10c import make_cifar10c
+
+    frost = data_root / "frost"
+    make_cifar10c(data_root, tmp_path / "c10c", corruptions=["fog"], severities=[3, 5], limit=40, frost_dir=frost,
+                  progress=False)  # fmt: skip
+    opts = AccuracyOptions(data_root=str(data_root), reference=str(tmp_path / "c10c"), corruptions=("fog",),
+                           severities=(3, 5), limit=40, frost_dir=str(frost), out=tmp_path / "acc.json")  # fmt: skip
+    logged = []
+    res = run_cifar10c_accuracy(opts, log=logged.append)
+    # Generated on the fly "exactly as make-cifar10c writes them": the same images, so the same errors.
+    assert res["errors"]["fog"]["5"] == res["reference_errors"]["fog"]["5"] and res["n_images"] == 40
+    assert res["mean_errors"] == {"3": res["errors"]["fog"]["3"], "5": res["errors"]["fog"]["5"]}
+    assert json.loads((tmp_path / "acc.json").read_text())["provenance"]["versions"]["torch"] == torch.__version__
+    table = next(t for t in logged if t.startswith("| corruption |")).splitlines()
+    assert table[0] == "| corruption | s3 | s5 | reference s5 | diff s5 |" and table[-1].endswith("| +0.00 |")
+
+
+def test_corruption_speed_writes_rows_summary_and_provenance(tmp_path):
+    from tta_surgical.bench.corruption_speed import SpeedOptions, run_corruption_speed
+
+    opts = SpeedOptions(corruptions=("brightness", "gaussian_noise"), quick=True, reference=False,
+                        out=tmp_path / "speed.json")  # fmt: skip
+    res = run_corruption_speed(opts, log=None)
+    assert json.loads((tmp_path / "speed.json").read_text()) == json.loads(json.dumps(res))
+    assert [r["corruption"] for r in res["rows"]] == ["brightness", "gaussian_noise"]
+    assert all(r["ours_32_img_s"] > 0 and r["numpy_224_img_s"] is None for r in res["rows"])
+    assert (res["meta"]["batch32"], res["meta"]["repeats"]) == (100, 1) and res["meta"]["machine"]["device_name"]
+    assert res["summary"]["mean_ours_32_img_s_benchmark15"] > 0 and res["summary"]["mean_ratio_224"] is None

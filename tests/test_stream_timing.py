@@ -1,20 +1,24 @@
-"""Contracts of benchmarks/stream_timing.py: the JSON it writes, that its times add up, the ratio baseline, errors.
+"""Contracts of the stream timing (`tta_surgical.bench.streams`, `benchmarks/stream_timing.py`): the JSON it writes,
+that its times add up, the ratio baseline, errors.
 
-Tiny real streams (the CIFAR-10 test set corrupted on the fly, tens of images) with the pretrained resnet20, and an
-`imagenet`-scenario run on a few staged JPEGs with a random resnet18 at 64x64; skipped without the shared data.
+Tiny real streams (the CIFAR-10 test set corrupted on the fly, tens of images) with the pretrained resnet20 (through
+the script, in a subprocess), and an `imagenet`-scenario run on a few staged JPEGs with a random resnet18 at 64x64
+(through the package); skipped without the shared data.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tta_surgical.bench import streams as st
 from tta_surgical.config import load_config
 from tta_surgical.models import create_model
 from tta_surgical.streams import build_stream
@@ -23,27 +27,21 @@ REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("gaussian_noise", "brightness")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("stream_timing", REPO / "benchmarks" / "stream_timing.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+def _script(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "benchmarks" / "stream_timing.py"), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def st():
-    return _script()
-
-
-@pytest.fixture(scope="module")
-def cifar_result(st, data_root, tmp_path_factory):
+def cifar_result(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("stream_timing")
-    argv = [
-        "--corruptions", ",".join(DOMAINS), "--n-per-corruption", "20", "--batch-size", "10",
-        "--methods", "tent", "--device", "cpu", "--data-root", str(data_root), "--out", str(out),
-    ]  # fmt: skip
-    assert st.main(argv) == 0
+    done = _script(
+        "--corruptions", ",".join(DOMAINS), "--n-per-corruption", "20", "--batch-size", "10", "--methods", "tent",
+        "--device", "cpu", "--threads", "1", "--data-root", str(data_root), "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| source |" in done.stdout  # the table is printed too
     text = (out / "cifar.json").read_text()
     return out, json.loads(text), text
 
@@ -85,6 +83,9 @@ def test_cifar_json_is_complete_and_times_add_up(cifar_result):
     d = res["data_only"]
     assert d["images"] == 40 and d["fingerprint"] == s["fingerprint"] and d["stream_s"] > 0
     assert res["target"]["applies"] is False and set(res["target"]["met"]) == {"source", "tent"}
+    assert res["command"].startswith("python benchmarks/stream_timing.py --corruptions")
+    assert res["versions"]["torch"] == torch.__version__ and res["machine"]["device_name"] == "cpu"
+    assert {"date", "git"} <= set(res)
     md = (out / "cifar.md").read_text()
     assert "| source |" in md and "| tent |" in md and "data only" in md
 
@@ -103,14 +104,15 @@ def test_cifar_source_error_matches_an_independent_evaluation(cifar_result, data
     assert src["errors"] == pytest.approx({d: 100 * w / 20 for d, w in wrong.items()})
 
 
-def test_imagenet_scenario_stages_images_and_flags_the_error(st, data_root, tmp_path):
-    argv = [
-        "--scenario", "imagenet", "--model", "resnet18", "--no-pretrained", "--image-size", "64",
-        "--corruptions", "brightness", "--n-per-corruption", "6", "--batch-size", "3", "--methods", "norm",
-        "--no-warmup", "--no-data-pass", "--device", "cpu", "--data-root", str(data_root), "--out", str(tmp_path),
-    ]  # fmt: skip
-    assert st.main(argv) == 0
+def test_imagenet_scenario_stages_images_and_flags_the_error(data_root, tmp_path):
+    opts = st.StreamTimingOptions(
+        scenario="imagenet", model="resnet18", pretrained=False, image_size=64, corruptions=("brightness",),
+        n_per_corruption=6, batch_size=3, methods=("norm",), warmup=False, data_pass=False, device="cpu",
+        data_root=str(data_root), out=tmp_path,
+    )  # fmt: skip
+    returned = st.run_stream_timing(opts, log=None)
     res = json.loads((tmp_path / "imagenet.json").read_text())
+    assert res == json.loads(json.dumps(returned))
     s = res["stream"]
     assert s["source"] == "imagenet" and s["image_size"] == 64 and s["images"] == 6 and s["n_batches"] == 2
     staged = Path(s["path"])
@@ -129,23 +131,47 @@ def test_imagenet_scenario_stages_images_and_flags_the_error(st, data_root, tmp_
     assert secs > 0 and len(list(folder.glob("class*/*.jpg"))) == 7
 
 
-def test_method_names_resolve_and_unknown_ones_are_refused(st):
-    path, overrides = st.resolve_method("surgical:block1+block2")
-    assert path.name == "surgical_block1.yaml" and overrides == ["method.blocks=[block1,block2]"]
-    assert st.resolve_method("tent") == (REPO / "configs" / "tent.yaml", [])
-    with pytest.raises(ValueError, match="surgical_block1"):
+def test_method_labels_resolve_and_unknown_ones_are_refused(tmp_path):
+    path, method = st.resolve_method("surgical:block1+block2")
+    assert path is None and method.name == "surgical" and method.blocks == ("block1", "block2") and method.kind == "all"
+    assert st.resolve_method(str(REPO / "configs" / "tent.yaml")) == (REPO / "configs" / "tent.yaml", None)
+    with pytest.raises(ValueError, match="unknown bench method 'tnet'.*run config YAML"):
         st.resolve_method("tnet")
-    with pytest.raises(ValueError, match="name the blocks"):
+    with pytest.raises(ValueError, match="names no block"):
         st.resolve_method("surgical:")
-    assert st.method_labels(["tent", "source", "norm", "tent"]) == ["source", "tent", "norm"]
-    assert st.safe_label("surgical:block1+block2") == "surgical-block1+block2"
-    with pytest.raises(SystemExit, match="unknown method 'tnet'"):
-        st.main(["--methods", "source,tnet", "--out", "/nonexistent/never-written"])
-    with pytest.raises(SystemExit, match="unknown corruption"):
-        st.main(["--corruptions", "snowy", "--out", "/nonexistent/never-written"])
+    with pytest.raises(ValueError, match="the engine does not run"):
+        st.resolve_method("reference_tent")
+    with pytest.raises(FileNotFoundError):
+        st.resolve_method("no/such/config.yaml")
+    assert st.StreamTimingOptions(methods=("tent", "source", "norm", "tent")).labels() == ("source", "tent", "norm")
+    with pytest.raises(ValueError, match="unknown bench method 'tnet'"):
+        st.StreamTimingOptions(methods=("source", "tnet"))
+    with pytest.raises(ValueError, match="repeats"):
+        st.StreamTimingOptions(repeats=0)
+    never = tmp_path / "never-written"
+    with pytest.raises(ValueError, match="unknown corruption"):
+        st.plan_stream_timing(st.StreamTimingOptions(corruptions=("snowy",), out=never, device="cpu"))
+    assert not never.exists()
 
 
-def test_ratios_and_table(st):
+def test_a_label_and_its_yaml_give_the_same_run_config(data_root):
+    opts = st.StreamTimingOptions(
+        corruptions=DOMAINS, n_per_corruption=20, device="cpu", data_root=str(data_root), overrides=("optim.lr=0.01",)
+    )
+    for label, yaml in (("tent", "tent"), ("surgical:block1", "surgical_block1"), ("source", "source")):
+        by_label = st.build_config(opts, label, domains=list(DOMAINS), n=20, image_path=None)
+        by_yaml = st.build_config(opts, str(REPO / "configs" / f"{yaml}.yaml"), domains=list(DOMAINS), n=20,
+                                  image_path=None)  # fmt: skip
+        assert by_label == by_yaml and by_label.optim.lr == 0.01 and by_label.stream.reset == "never"
+
+
+def test_the_script_refuses_bad_options_with_their_message(tmp_path):
+    done = _script("--methods", "source,tnet", "--out", str(tmp_path / "never"))
+    assert done.returncode != 0 and "unknown bench method 'tnet'" in done.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_ratios_and_table():
     rows = [
         {"label": "tent", "stream_s": 3.0, "step_s": 2.0, "total_s": 4.0},
         {"label": "source", "stream_s": 1.5, "step_s": 0.5, "total_s": 2.0},
@@ -154,3 +180,18 @@ def test_ratios_and_table(st):
     assert rows[1]["stream_ratio_to_source"] == 1.0
     assert rows[0]["stream_ratio_to_source"] == 2.0 and rows[0]["step_ratio_to_source"] == 4.0
     assert rows[0]["total_ratio_to_source"] == 2.0
+    from tta_surgical.bench.report import stream_markdown
+
+    for r in rows:
+        r.update(images_per_s=None, data_s=0.1, checkpoint_s=0.2, other_s=0.3, online_error=12.5, mean_error=None)
+    result = {
+        "scenario": "cifar", "model": "resnet20", "model_pretrained": True, "device": "cpu", "error_meaningful": True,
+        "stream": {"n_corruptions": 2, "n_per_corruption": 20, "batch_size": 10, "image_size": 32, "images": 40},
+        "methods": rows[::-1], "data_only": {"stream_s": 0.5, "images_per_s": 80.0, "build_s": 0.25},
+        "target": {"applies": True, "limit_s": 10.0, "met": {"source": True, "tent": False}},
+    }  # fmt: skip
+    table = [line for line in stream_markdown(result).splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 3 and len({line.count(" | ") for line in table}) == 1  # every row fills every column
+    assert table[2].startswith("| source | 1.50 | – | 0.50 | 0.10 |") and "| 12.50 | – |" in table[2]
+    assert table[4].startswith("| (data only: generation, no model) | 0.50 | 80 | – | 0.50 |")
+    assert "Target (whole stream under 10 s): source: yes, tent: NO." in stream_markdown(result)

@@ -1,28 +1,18 @@
-"""Tables and plots of run summaries: one run as Markdown, several side by side, an optional error plot."""
+"""Tables and plots of run summaries: one run as Markdown, several side by side, an optional error plot.
+
+Formatting (numbers, Markdown tables, the bold best value) comes from `tta_surgical.tables`; `pyplot` and
+`save_figure` are the one way this package opens and saves a matplotlib figure.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
-def _fmt(v: Any, digits: int = 2) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return "–" if math.isnan(v) else f"{v:.{digits}f}"
-    return str(v)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_from: int = 1) -> str:
-    """A GitHub Markdown table; numeric columns right-aligned."""
-    sep = ["---" if i < align_right_from else "---:" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+from .tables import bold_best, fmt, markdown_table
 
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
@@ -33,20 +23,20 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         title += f" ({stream})"
     if summary.get("model_pretrained") is False:
         title += "\n\n**Warning: randomly initialised weights; these errors say nothing about the method.**"
-    rows = [[d, _fmt(e)] for d, e in summary.get("errors", {}).items()]
-    rows.append(["**mean**", f"**{_fmt(summary.get('mean_error'))}**"])
-    errors = _table(["domain", "error %"], rows)
+    rows = [[d, fmt(e)] for d, e in summary.get("errors", {}).items()]
+    rows.append(["**mean**", f"**{fmt(summary.get('mean_error'))}**"])
+    errors = markdown_table(["domain", "error %"], rows)
     lat = summary.get("latency_ms", {})
     stats = [
-        ["online error %", _fmt(summary.get("online_error"))],
-        ["latency p50 / p95 / p99 (ms/batch)", " / ".join(_fmt(lat.get(k)) for k in ("p50", "p95", "p99"))],
-        ["images / s", _fmt(summary.get("images_per_s"), 1)],
-        [f"peak memory MiB ({summary.get('peak_memory_kind', '?')})", _fmt(summary.get("peak_memory_mb"), 1)],
-        ["skipped updates", _fmt(summary.get("n_skipped_updates"))],
-        ["images", _fmt(summary.get("n_images"))],
-        ["device", _fmt(summary.get("device"))],
+        ["online error %", fmt(summary.get("online_error"))],
+        ["latency p50 / p95 / p99 (ms/batch)", " / ".join(fmt(lat.get(k)) for k in ("p50", "p95", "p99"))],
+        ["images / s", fmt(summary.get("images_per_s"), 1)],
+        [f"peak memory MiB ({summary.get('peak_memory_kind', '?')})", fmt(summary.get("peak_memory_mb"), 1)],
+        ["skipped updates", fmt(summary.get("n_skipped_updates"))],
+        ["images", fmt(summary.get("n_images"))],
+        ["device", fmt(summary.get("device"))],
     ]
-    return "\n\n".join([title, errors, _table(["metric", "value"], stats)]) + "\n"
+    return "\n\n".join([title, errors, markdown_table(["metric", "value"], stats)]) + "\n"
 
 
 def compare_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
@@ -63,10 +53,7 @@ def compare_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
                 domains.append(d)
 
     def row(label: str, values: list[float | None], lower_is_better: bool = True, digits: int = 2) -> list[str]:
-        finite = [v for v in values if v is not None and not math.isnan(v)]
-        best = (min(finite) if lower_is_better else max(finite)) if len(finite) > 1 else None
-        cells = [f"**{_fmt(v, digits)}**" if best is not None and v == best else _fmt(v, digits) for v in values]
-        return [label, *cells]
+        return [label, *bold_best(values, [fmt(v, digits) for v in values], lower=lower_is_better)]
 
     rows = [row(d, [s.get("errors", {}).get(d) for s in summaries.values()]) for d in domains]
     rows.append(row("**mean**", [s.get("mean_error") for s in summaries.values()]))
@@ -74,24 +61,12 @@ def compare_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     rows.append(row("latency p50 (ms)", [s.get("latency_ms", {}).get("p50") for s in summaries.values()]))
     rows.append(row("images / s", [s.get("images_per_s") for s in summaries.values()], lower_is_better=False, digits=1))
     rows.append(row("peak memory (MiB)", [s.get("peak_memory_mb") for s in summaries.values()], digits=1))
-    return _table(["error %", *names], rows) + "\n"
+    return markdown_table(["error %", *names], rows) + "\n"
 
 
 def plot_errors(summaries: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Save a grouped bar chart of error per domain (one bar per run) to `path` (PNG/PDF/SVG by suffix).
-
-    matplotlib is an optional dependency (`pip install tta-surgical[plot]`), imported only here.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only; never needs a display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError(
-            "plotting needs matplotlib, which is not installed: pip install 'tta-surgical[plot]' "
-            "(or pip install matplotlib); the tables were written without it"
-        ) from None
+    """Save a grouped bar chart of error per domain (one bar per run) to `path` (PNG/PDF/SVG by suffix)."""
+    plt = pyplot()
     names = list(summaries)
     domains: list[str] = []
     for s in summaries.values():
@@ -110,10 +85,25 @@ def plot_errors(summaries: Mapping[str, Mapping[str, Any]], path: str | os.PathL
     return save_figure(fig, path)
 
 
+def pyplot() -> Any:
+    """`matplotlib.pyplot` on the file-only Agg backend (never needs a display). matplotlib is an optional
+    dependency (`pip install tta-surgical[plot]`): without it, an ImportError that says how to get it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            "plotting needs matplotlib, which is not installed: pip install 'tta-surgical[plot]' "
+            "(or pip install matplotlib); the tables were written without it"
+        ) from None
+    return plt
+
+
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Lay out, save (creating the folder) and close a matplotlib figure; return the path."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="METHOD",
         default=None,
-        help="inference, source, norm, tent, surgical:<block>[+<block>] (e.g. surgical:block1, surgical:all), "
-        "autorgn, reference_tent (default: all of these; inference is always measured: it is the ratio baseline)",
+        help="method labels: a registered method name (its default settings), <method>:<block>[+<block>] for a "
+        "method that adapts (every parameter of those blocks, e.g. surgical:block1), autorgn, reference_tent (the "
+        "plain Tent loop), inference (always measured: the ratio baseline); default: every registered method, "
+        "surgical:block1, autorgn and reference_tent",
     )
     parser.add_argument("--batch-sizes", nargs="+", metavar="N", default=None, help="batch sizes (default 16 64 200)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="where to run (default auto)")

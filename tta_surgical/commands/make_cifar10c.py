@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     from ..corruptions.textures import default_frost_dir
     from ..data.cifar import find_cifar10
     from ..data.make_cifar10c import make_cifar10c
-    from ..engine import pick_device
+    from ..runtime import pick_device
 
     try:
         severities = [int(s) for s in _csv(args.severities)]

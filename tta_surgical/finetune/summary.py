@@ -1,5 +1,6 @@
 """Summaries of finetune results: mean test accuracy per option and corruption, standard errors, average ranks,
-Markdown tables and an optional plot of the auto-RGN per-block weights."""
+Markdown tables and an optional plot of the auto-RGN per-block weights (formatting and the standard error come
+from `tta_surgical.tables`; `standard_error` stays importable from here)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from ..tables import bold_best, fmt, fmt_mean_se, markdown_table, standard_error
+
 __all__ = ["average_ranks", "plot_rgn_weights", "rank_row", "standard_error", "summarize", "summary_markdown"]
-
-
-def standard_error(values: Sequence[float]) -> float | None:
-    """Standard error of the mean (sample std / sqrt(n)); None for fewer than two values."""
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    if len(v) < 2:
-        return None
-    return float(v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def rank_row(values: Mapping[str, float]) -> dict[str, float]:
@@ -137,23 +132,6 @@ def summarize(
     return summary
 
 
-def _fmt(v: float | None, digits: int = 1) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def _cell(mean: float | None, se: float | None) -> str:
-    if mean is None:
-        return "–"
-    return f"{mean:.1f} ± {se:.1f}" if se is not None else f"{mean:.1f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    sep = ["---"] + ["---:"] * (len(header) - 1)
-    return "\n".join(
-        ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"] + ["| " + " | ".join(r) + " |" for r in rows]
-    )
-
-
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     """Options as columns, corruptions as rows ("mean ± s.e." over seeds), a mean row and a rank row; the best
     accuracy of each row in bold; then the auto-RGN per-block weights when auto-rgn ran."""
@@ -163,28 +141,24 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     header = ["corruption", *options, "no tuning"]
     rows = []
     for c in summary["corruptions"]:
-        vals = {o: acc.get(o, {}).get(c) for o in options}
-        best = max((v for v in vals.values() if v is not None), default=None)
-        cells = []
-        for o in options:
-            text = _cell(vals[o], se.get(o, {}).get(c))
-            cells.append(f"**{text}**" if best is not None and vals[o] == best and len(options) > 1 else text)
-        rows.append([c, *cells, _fmt(src.get(c))])
+        vals = [acc.get(o, {}).get(c) for o in options]
+        texts = [fmt_mean_se(v, se.get(o, {}).get(c)) for o, v in zip(options, vals)]
+        rows.append([c, *bold_best(vals, texts, lower=False), fmt(src.get(c), 1)])
     rows.append(
         [
             "**mean**",
-            *(_cell(summary["mean_accuracy"].get(o), summary["mean_accuracy_se"].get(o)) for o in options),
-            _fmt(summary.get("source_mean_accuracy")),
+            *(fmt_mean_se(summary["mean_accuracy"].get(o), summary["mean_accuracy_se"].get(o)) for o in options),
+            fmt(summary.get("source_mean_accuracy"), 1),
         ]
     )
-    rows.append(["**rank**", *(_fmt(summary["rank"].get(o), 2) for o in options), ""])
+    rows.append(["**rank**", *(fmt(summary["rank"].get(o), 2) for o in options), ""])
     title = (
         f"### Supervised few-shot fine-tuning: {summary.get('model', '?')}, {summary.get('source', '?')} severity "
         f"{summary.get('severity', '?')}, test accuracy % (mean ± s.e. over seeds)"
     )
     if summary.get("model_pretrained") is False:
         title += "\n\n**Warning: randomly initialised weights; these accuracies say nothing about the method.**"
-    parts = [title, _table(header, rows)]
+    parts = [title, markdown_table(header, rows)]
     notes = (
         "Each cell: the test accuracy at the (learning rate, epoch) with the best validation accuracy (ties: lower "
         "lr, then earlier epoch). Rank: average over corruptions of each option's rank (1 = best; ties averaged). "
@@ -194,29 +168,20 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     table = summary.get("rgn_block_weights")
     if table:
         blocks = list(table["mean"])
-        rgn_rows = [[c, *(_fmt(w[b], 3) for b in blocks)] for c, w in table.items()]
+        rgn_rows = [[c, *(fmt(w[b], 3) for b in blocks)] for c, w in table.items()]
         parts.append(
             "#### auto-RGN per-block weights (mean over the tensors of a block and over the epochs of the "
             "chosen learning rate; mean over seeds)"
         )
-        parts.append(_table(["corruption", *blocks], rgn_rows))
+        parts.append(markdown_table(["corruption", *blocks], rgn_rows))
     return "\n\n".join(parts) + "\n"
 
 
 def plot_rgn_weights(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Save a bar chart of the mean auto-RGN weight per block (matplotlib is optional, imported only here)."""
-    from ..report import save_figure
+    from ..report import pyplot, save_figure
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError(
-            "plotting needs matplotlib, which is not installed: pip install matplotlib (the tables were written "
-            "without it)"
-        ) from None
+    plt = pyplot()
     table = summary.get("rgn_block_weights")
     if not table:
         raise ValueError("no auto-RGN weights in this summary (run the auto-rgn option to get them)")

@@ -8,11 +8,12 @@ to `timings.json`), so two launchers give byte-identical `sweep.jsonl` and `summ
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..provenance import provenance
+from ..tables import bold_best, escape, fmt, markdown_table, mean_sd
 from .cell import TIMING_FILE, atomic_write_text, read_done
 from .spec import Cell, Sweep, format_value
 
@@ -47,23 +48,8 @@ def merged_lines(sweep: Sweep, out: Path, failed: Iterable[str] = ()) -> list[di
     return lines
 
 
-def _fmt(v: Any, digits: int = 2) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
 def _cell_text(v: Any) -> str:
-    return format_value(v).replace("|", "\\|")
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], n_left: int, n_right: int | None = None) -> str:
-    """A Markdown table: the first `n_left` columns left-aligned, the next `n_right` (default: all) right-aligned."""
-    n_right = len(header) - n_left if n_right is None else n_right
-    sep = ["---:" if n_left <= i < n_left + n_right else "---" for i in range(len(header))]
-    return "\n".join(["| " + " | ".join(r) + " |" for r in [list(header), sep, *rows]])
+    return escape(format_value(v))
 
 
 def _metric_columns(sweep: Sweep, lines: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any, bool]]:
@@ -81,13 +67,6 @@ def _metric_columns(sweep: Sweep, lines: Sequence[Mapping[str, Any]]) -> list[tu
     return [(f"acc % {o}", (lambda m, o=o: (m.get("mean_accuracy") or {}).get(o)), False) for o in options]
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float | None]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-
-
 def summary_markdown(sweep: Sweep, lines: Sequence[Mapping[str, Any]]) -> str:
     """The sweep as Markdown: a status line, one row per cell, and means over the seed axes when there are any."""
     n = len(lines)
@@ -103,10 +82,11 @@ def summary_markdown(sweep: Sweep, lines: Sequence[Mapping[str, Any]]) -> str:
         m = line["metrics"] or {}
         axes = [_cell_text(line["axes"][k]) if k in line["axes"] else "" for k in keys]
         status = [] if line["status"] == "done" else [f"({line['status']})"]
-        rows.append([str(line["cell"]), f"`{line['id']}`", *axes, *[_fmt(get(m)) for _, get, _ in columns], *status])
+        rows.append([str(line["cell"]), f"`{line['id']}`", *axes, *[fmt(get(m)) for _, get, _ in columns], *status])
     width = 2 + len(keys) + len(columns)
     rows = [r + [""] * (width + 1 - len(r)) for r in rows]
-    parts.append(_table(["#", "id", *keys, *[c for c, _, _ in columns], "note"], rows, 2 + len(keys), len(columns)))
+    header = ["#", "id", *keys, *[c for c, _, _ in columns], "note"]
+    parts.append(markdown_table(header, rows, left=2 + len(keys), right=len(columns)))
 
     seeds = [k for k in sweep.seed_axes]
     group_keys = [k for k in keys if k not in seeds]
@@ -124,11 +104,11 @@ def summary_markdown(sweep: Sweep, lines: Sequence[Mapping[str, Any]]) -> str:
             vals = [float(v) for v in (get(m) for m in g["m"]) if v is not None]
             if not vals:
                 continue
-            mean, sd = _mean_sd(vals)
+            mean, sd = mean_sd(vals)
             g["mean"] = mean
-            agg_rows.append([*(_cell_text(v) for v in g["axes"]), _fmt(mean), _fmt(sd), str(len(vals))])
+            agg_rows.append([*(_cell_text(v) for v in g["axes"]), fmt(mean), fmt(sd), str(len(vals))])
         parts.append(f"## {title} over {', '.join(seeds)} (mean, sample sd, n)")
-        parts.append(_table([*group_keys, title, "sd", "n"], agg_rows, len(group_keys)))
+        parts.append(markdown_table([*group_keys, title, "sd", "n"], agg_rows, left=len(group_keys)))
         if len(group_keys) == 2:
             parts.append(_pivot(group_keys, groups.values(), title, lower))
     return "\n\n".join(parts) + "\n"
@@ -149,11 +129,9 @@ def _pivot(group_keys: list[str], groups: Iterable[Mapping[str, Any]], title: st
     out_rows = []
     for r in rows_v:
         vals = [grid.get((r, c)) for c in cols_v]
-        finite = [v for v in vals if v is not None]
-        best = (min(finite) if lower else max(finite)) if len(finite) > 1 else None
-        out_rows.append([r, *(f"**{_fmt(v)}**" if v is not None and v == best else _fmt(v) for v in vals)])
+        out_rows.append([r, *bold_best(vals, [fmt(v) for v in vals], lower=lower)])
     head = f"## {title}: {group_keys[0]} (rows) x {group_keys[1]} (columns), mean over seeds"
-    return head + "\n\n" + _table([group_keys[0], *cols_v], out_rows, 1)
+    return head + "\n\n" + markdown_table([group_keys[0], *cols_v], out_rows, left=1)
 
 
 def merge(
@@ -176,6 +154,7 @@ def merge(
     walls = [t["wall_s"] for t in timings.values() if isinstance(t.get("wall_s"), (int, float))]
     payload = {
         "session": dict(session or {}),
+        "provenance": provenance(),
         "n_cells": len(sweep.cells),
         "cell_wall_s_total": round(sum(walls), 3),
         "cell_wall_s_mean": round(sum(walls) / len(walls), 3) if walls else None,
