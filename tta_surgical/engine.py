@@ -265,12 +265,10 @@ def run(
 
     # Imported here so that `import tta_surgical.engine` stays light for the CLI's --help.
     from .methods import build_method
-    from .models import create_model
+    from .models import create_model_from_config
     from .streams import build_stream
 
-    model, info = create_model(
-        cfg.model.name, pretrained=cfg.model.pretrained, data_root=data_root, allow_random=cfg.model.allow_random
-    )
+    model, info = create_model_from_config(cfg.model, data_root=data_root)
     model = model.to(device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)

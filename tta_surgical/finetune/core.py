@@ -434,7 +434,7 @@ def run_finetune(
     """
     from ..config import dump_yaml
     from ..engine import pick_device
-    from ..models import create_model
+    from ..models import create_model_from_config
     from .summary import summarize, summary_markdown
 
     out = Path(out_dir)
@@ -458,9 +458,7 @@ def run_finetune(
 
     device = pick_device(rt.device)
     frost_dir = default_frost_dir(frost_dir, data_root)
-    model, info = create_model(
-        cfg.model.name, pretrained=cfg.model.pretrained, data_root=data_root, allow_random=cfg.model.allow_random
-    )
+    model, info = create_model_from_config(cfg.model, data_root=data_root)
     model = model.to(device)
     validate_options(model, sec.options, sec.kind)
     pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
