@@ -6,9 +6,9 @@
 Keys are `input`, `block1` ... `blockN` (numbered from 1 without gaps) and `head`; values are dotted names
 of modules or parameters of the model (a single string or a list), matched on whole components like the
 built-in maps. Units are optional: keys `blockK.0`, `blockK.1`, ... give a block's units explicitly;
-without them a block's units are the children of its largest module when that module is a list of
-residual units (the same rule as inference, `infer.as_stage`; the block's other names join the unit next
-to them), else the whole block is one unit `blockK.0`.
+without them a block's units are the residual units of its names that are stages (lists of units, the
+same rule as inference, `infer.as_stage`), in order, with its other names joining the next unit; a block
+without any stage is one unit `blockK.0`.
 
 The map is validated like a hand-written one before it is used: unknown names, empty blocks, a parameter
 in no block (named, first few + count) or in several, units outside their block are errors. A valid map is
@@ -112,17 +112,24 @@ def _check_names(model: nn.Module, groups: dict[str, list[str]]) -> None:
 
 
 def _derived_units(model: nn.Module, block: str, names: list[str]) -> list[tuple[str, tuple[str, ...]]]:
-    """A block's units when none are given: the units of its largest module when that is a stage, else one."""
+    """A block's units when none are given: the units of each of its names that is a stage (a list of residual
+    units, `infer.as_stage`), in order; a name that is not a stage joins the next unit (the last unit when it
+    comes last), as a downsampling layer opens the stage after it; no stage at all makes one unit."""
     known = dict(model.named_modules())
-    modules = [(i, n) for i, n in enumerate(names) if n in known]
-    if modules:
-        i, main = max(modules, key=lambda m: sum(p.numel() for p in known[m[1]].parameters()))
-        stage = as_stage(known[main], main)
-        if stage is not None:
-            stage.first = names[:i] + stage.first
-            stage.last = stage.last + names[i + 1 :]
-            return stage.unit_groups(block)
-    return [(f"{block}.0", tuple(names))]
+    groups: list[list[str]] = []
+    pending: list[str] = []
+    for name in names:
+        stage = as_stage(known[name], name) if name in known else None
+        if stage is None:
+            pending.append(name)
+            continue
+        stage.first = pending + stage.first
+        pending = []
+        groups += [list(g) for _, g in stage.unit_groups(block)]
+    if not groups:
+        return [(f"{block}.0", tuple(names))]
+    groups[-1] += pending
+    return [(f"{block}.{i}", tuple(g)) for i, g in enumerate(groups)]
 
 
 def spec_from_mapping(model: nn.Module, mapping: Mapping[str, object]) -> BlockSpec:
