@@ -153,7 +153,9 @@ def spec_from_mapping(model: nn.Module, mapping: Mapping[str, object]) -> BlockS
     for what, grouping in (("block", spec.blocks), ("unit", spec.units)):
         problem = check_partition(inner, grouping, what)
         if problem:
-            raise BlockMapError(f"block map for {type(inner).__qualname__}: {problem}. {HOW_TO_GIVE_A_BLOCK_MAP}")
+            raise BlockMapError(
+                f"block map for {type(inner).__qualname__}: {problem}. To fix it, {HOW_TO_GIVE_A_BLOCK_MAP}"
+            )
     _check_units_inside_blocks(inner, spec)
     return spec
 
