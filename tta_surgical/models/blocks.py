@@ -172,12 +172,24 @@ def _matches(name: str, prefix: str) -> bool:
 
 
 def _assign(model: nn.Module, groups: Groups) -> tuple[dict[str, list[str]], list[str], list[tuple[str, list[str]]]]:
-    """Each parameter's group: `(groups -> names, names in no group, [(name, groups)] for names in several)`."""
+    """Each parameter's group: `(groups -> names, names in no group, [(name, groups)] for names in several)`.
+
+    Whole-component matching by lookup: a parameter `a.b.c` can only match the prefixes `a`, `a.b`, `a.b.c`, so
+    each of those is looked up instead of testing every prefix of every group (ViT/EfficientNet maps have
+    hundreds of tensors and dozens of units).
+    """
     out: dict[str, list[str]] = {name: [] for name, _ in groups}
+    rank = {name: i for i, (name, _) in enumerate(groups)}
+    owners: dict[str, list[str]] = {}
+    for name, prefixes in groups:
+        for prefix in prefixes:
+            owners.setdefault(prefix, []).append(name)
     orphans: list[str] = []
     several: list[tuple[str, list[str]]] = []
     for pname, _ in model.named_parameters():
-        hits = [g for g, prefixes in groups if any(_matches(pname, p) for p in prefixes)]
+        parts = pname.split(".")
+        found = {g for i in range(1, len(parts) + 1) for g in owners.get(".".join(parts[:i]), ())}
+        hits = sorted(found, key=rank.__getitem__)
         if not hits:
             orphans.append(pname)
         elif len(hits) > 1:

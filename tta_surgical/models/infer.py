@@ -65,8 +65,21 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+Sizes = dict[nn.Module, int]
+
+
+def _sizes(model: nn.Module) -> Sizes:
+    """Parameter count of every module, in one bottom-up pass (the walk compares subtree sizes at every level)."""
+    sizes: Sizes = {}
+
+    def visit(module: nn.Module) -> int:
+        if module not in sizes:
+            own = sum(p.numel() for p in module.parameters(recurse=False))
+            sizes[module] = own + sum(visit(c) for c in module.children())
+        return sizes[module]
+
+    visit(model)
+    return sizes
 
 
 def _param_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -108,13 +121,14 @@ class _Stage:
         return [(f"{block}.{i}", tuple(g)) for i, g in enumerate(groups)]
 
 
-def as_stage(module: nn.Module, prefix: str) -> _Stage | None:
+def as_stage(module: nn.Module, prefix: str, sizes: Sizes | None = None) -> _Stage | None:
     """`module` seen as a stage (rule 1 of the module docstring), or None when it is not one."""
+    sizes = _sizes(module) if sizes is None else sizes
     kids = _param_children(module)
     if _is_unit_list(module):
         return _Stage([prefix], [_join(prefix, n) for n, _ in kids])
     lists = [(i, n, c) for i, (n, c) in enumerate(kids) if _is_unit_list(c)]
-    if len(lists) != 1 or 2 * _numel(lists[0][2]) < _numel(module):
+    if len(lists) != 1 or 2 * sizes[lists[0][2]] < sizes[module]:
         return None
     i, name, inner = lists[0]
     stage = _Stage([prefix], [_join(prefix, _join(name, n)) for n, _ in _param_children(inner)])
@@ -134,9 +148,9 @@ class _Layout:
     rule: str = ""
 
 
-def _stage_level(kids: list[tuple[str, nn.Module]], prefix: str) -> _Layout | None:
+def _stage_level(kids: list[tuple[str, nn.Module]], prefix: str, sizes: Sizes) -> _Layout | None:
     """Rule 2 at one level: the largest same-class group (>= 2) of stages among `kids`, with input/head around."""
-    found = [(i, type(c), as_stage(c, _join(prefix, n))) for i, (n, c) in enumerate(kids)]
+    found = [(i, type(c), as_stage(c, _join(prefix, n), sizes)) for i, (n, c) in enumerate(kids)]
     by_class: dict[type, list[tuple[int, _Stage]]] = {}
     for i, cls, stage in found:
         if stage is not None:
@@ -144,7 +158,7 @@ def _stage_level(kids: list[tuple[str, nn.Module]], prefix: str) -> _Layout | No
     groups = [g for g in by_class.values() if len(g) >= 2]
     if not groups:
         return None
-    group = max(groups, key=lambda g: (len(g), sum(_numel(kids[i][1]) for i, _ in g)))
+    group = max(groups, key=lambda g: (len(g), sum(sizes[kids[i][1]] for i, _ in g)))
     layout = _Layout(rule="stages")
     pending: list[str] = []  # parameter-holding modules between two stages: they open the next one
     members = dict(group)
@@ -185,19 +199,20 @@ def _flat_level(module: nn.Module, prefix: str) -> _Layout | None:
 
 def _structural_layout(model: nn.Module) -> _Layout | None:
     """Rules 1-4: walk down the heaviest path until a stage level or a flat unit list is found."""
+    sizes = _sizes(model)
     before: list[str] = []
     after: list[str] = []
     module, prefix = model, ""
     while True:
         kids = _param_children(module)
-        layout = _stage_level(kids, prefix) or _flat_level(module, prefix)
+        layout = _stage_level(kids, prefix, sizes) or _flat_level(module, prefix)
         if layout is not None:
             layout.input = before + _own_params(module, prefix) + layout.input
             layout.head = layout.head + after
             return layout
         if not kids:
             return None
-        i = max(range(len(kids)), key=lambda j: _numel(kids[j][1]))
+        i = max(range(len(kids)), key=lambda j: sizes[kids[j][1]])
         before += _own_params(module, prefix) + [_join(prefix, n) for n, _ in kids[:i]]
         after = [_join(prefix, n) for n, _ in kids[i + 1 :]] + after
         module, prefix = kids[i][1], _join(prefix, kids[i][0])
