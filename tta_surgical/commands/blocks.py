@@ -88,8 +88,10 @@ def main(args: argparse.Namespace) -> int:
     if args.block_map:
         set_block_map(model, args.block_map)
     table = BlockTable(model)
+    # a module: model's input size is unknown (ModelInfo assumes 224 for timing), so it is not printed
+    size = "" if info.dataset == "custom" else f", {info.input_size}px input"
     print(
-        f"{info.name} ({info.dataset}, {info.input_size}px input, {info.num_classes} classes): "
+        f"{info.name} ({info.dataset}{size}, {info.num_classes} classes): "
         f"{table.total:,} parameters in {table.tensors} tensors"
     )
     print("weights: none loaded, random init (the block map needs shapes only)")
