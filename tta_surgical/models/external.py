@@ -11,7 +11,8 @@
 - `module:<python.path>:<factory>`: `factory()` (or `factory(num_classes=N)` when N is given) imported from
   your module (the working directory is on the import path). The factory is trusted to return the weights
   you want unless a checkpoint is given; `pretrained` only records whether it does. Normalisation default:
-  none (your model receives [0, 1] images; set `mean`/`std` when it expects normalised input).
+  none (your model receives [0, 1] images; set `mean`/`std` when it expects normalised input). Its input size
+  is unknown: `ModelInfo.input_size` says 224, which only `bench` uses (for its random batches).
 
 A checkpoint (`checkpoint=`) replaces the pretrained weights and is loaded strictly with `weights_only=True`.
 When pretrained weights cannot be obtained, `allow_random=True` continues with random init and says so in
