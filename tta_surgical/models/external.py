@@ -288,7 +288,8 @@ def weights_status(name: str, data_root: str | os.PathLike | None = None) -> str
         return f"whatever {target} loads (a checkpoint can be given with model.checkpoint)"
     if source == "timm":
         timm = _import_timm()
-        cfg = dict(timm.get_pretrained_cfg(target).to_dict()) if timm.is_model(target) else {}  # type: ignore
+        pcfg = timm.get_pretrained_cfg(target) if timm.is_model(target) else None  # type: ignore[attr-defined]
+        cfg = dict(pcfg.to_dict()) if pcfg is not None else {}
         where = "in the local Hugging Face cache" if _timm_cached(cfg) else "not in the local Hugging Face cache"
         return f"timm {cfg.get('hf_hub_id') or target} {where}"
     enum = _torchvision_weights(target)
