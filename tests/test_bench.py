@@ -212,8 +212,8 @@ def test_every_registered_method_is_a_label_and_blocks_need_an_adapting_method()
     for name in (n for n in METHODS.names() if not METHODS.get(n).adapts):
         with pytest.raises(ValueError, match="adapts no parameters"):
             parse_method(f"{name}:block1")
-    with pytest.raises(ValueError, match="bench method 'tent:block1': method tent fixes"):
-        parse_method("tent:block1")  # the config's own rule, named with the label
+    tent_block1 = parse_method("tent:block1")  # every adapting method takes any blocks (kind all for a label)
+    assert tent_block1.cfg.blocks == ("block1",) and tent_block1.cfg.kind == "all"
     ordered = labels.baseline_first(["tent", " ", "inference", "tent", "norm"], "inference")
     assert ordered == ("inference", "tent", "norm")
     assert labels.split_args(["tent,norm", "surgical:block1"]) == ("tent", "norm", "surgical:block1")

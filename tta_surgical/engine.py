@@ -104,14 +104,12 @@ def build(
         memory); None = open it from `cfg.stream.path` / `data_root`.
     """
     from .methods import MethodContext, build_method
-    from .models import create_model
+    from .models import create_model_from_config
     from .streams import build_stream
 
     rt = cfg.runtime
     device = pick_device(rt.device)
-    model, info = create_model(
-        cfg.model.name, pretrained=cfg.model.pretrained, data_root=data_root, allow_random=cfg.model.allow_random
-    )
+    model, info = create_model_from_config(cfg.model, data_root=data_root)
     model = model.to(device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)

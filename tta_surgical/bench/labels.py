@@ -54,7 +54,9 @@ class MethodSpec:
         return self.cfg is not None and METHODS.get(self.cfg.name).adapts
 
 
-def method_settings(name: str, blocks: tuple[str, ...] | None = None, *, weighting: str | None = None) -> MethodSettings:
+def method_settings(
+    name: str, blocks: tuple[str, ...] | None = None, *, weighting: str | None = None
+) -> MethodSettings:
     """The method config a label stands for: `name`'s defaults, with `blocks` adapted in full (kind all) and a
     per-tensor learning-rate `weighting` when given. The one place labels meet the method configs."""
     settings: dict[str, object] = {}
@@ -97,7 +99,7 @@ def parse_method(text: str) -> MethodSpec:
         raise ValueError(f"unknown bench method {label!r}; valid: {valid_labels()}")
     try:
         return MethodSpec(label, "method", method_settings(name, blocks, weighting=weighting))
-    except ValueError as err:  # the config's own check, e.g. a method that fixes its blocks
+    except ValueError as err:  # the config's own check of the method's settings
         raise ValueError(f"bench method {label!r}: {err}") from None
 
 

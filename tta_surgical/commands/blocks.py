@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,15 +11,33 @@ import torch
 HELP = "show a model's blocks (input, block1..N, head) with parameter counts"
 DESCRIPTION = (
     "Print the block map used to choose which parameters adapt: each block (or, with --units, each residual "
-    "unit), its parameter-name prefixes, and its tensor and parameter counts. Needs no weights."
+    "unit), its parameter-name prefixes, and its tensor and parameter counts. Needs no weights: the model is "
+    "built with random weights (shapes only). MODEL is a zoo name, torchvision:<name>, timm:<name> or "
+    "module:<python.path>:<factory>; models outside the zoo get a map inferred from their structure, or the "
+    "one given with --block-map."
 )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from ..models import MODELS
 
-    parser.add_argument("model", metavar="MODEL", help=f"model name ({', '.join(MODELS.names())})")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help=f"model name: {', '.join(MODELS.names())}, or torchvision:<name>, timm:<name>, "
+        "module:<python.path>:<factory>",
+    )
     parser.add_argument("--units", action="store_true", help="also list the residual units inside each block")
+    parser.add_argument(
+        "--block-map",
+        metavar="FILE",
+        default=None,
+        help="YAML file mapping block names to module names (input: [conv1, bn1], block1: [layer1], ..., head: [fc]); "
+        "validated and used instead of the model's own or inferred map",
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="classifier size (default: the architecture's own)"
+    )
     parser.add_argument(
         "--data-root",
         default=None,
@@ -29,7 +48,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _weights_status(name: str, data_root: str | None) -> str:
     from .. import hub
     from ..models import MODELS, WEIGHTS
+    from ..models.external import is_external, weights_status
 
+    if is_external(name):
+        return weights_status(name, data_root)
     entry = MODELS.get(name)
     if entry.weights is None:
         return "none published"
@@ -45,38 +67,35 @@ def _weights_status(name: str, data_root: str | None) -> str:
     return f"{spec.filename} not found locally ({where})"
 
 
+def _build(name: str, num_classes: int | None) -> tuple[torch.nn.Module, object]:
+    """The model with random weights: on the meta device (no memory, no init cost) when its constructor allows."""
+    from ..models import create_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # random weights are the point here, and said below
+        try:
+            with torch.device("meta"):
+                return create_model(name, pretrained=False, num_classes=num_classes)
+        except (NotImplementedError, RuntimeError):
+            # some constructors compute on tensors (torchvision RegNet's widths): build on the CPU instead
+            return create_model(name, pretrained=False, num_classes=num_classes)
+
+
 def main(args: argparse.Namespace) -> int:
-    from ..models import block_spec, create_model, unit_map
-    from ..models.blocks import block_map
+    from ..models import BlockTable, set_block_map
 
-    # Shapes are all we need: build on the meta device (no memory, no init cost, even for ViT-B/16).
-    with torch.device("meta"):
-        model, info = create_model(args.model, pretrained=False)
-    sizes = {n: p.numel() for n, p in model.named_parameters()}
-    total = sum(sizes.values())
-    spec = dict(block_spec(model).blocks)
-    units = unit_map(model) if args.units else {}
-    unit_prefixes = dict(block_spec(model).units)
-
+    model, info = _build(args.model, args.num_classes)
+    if args.block_map:
+        set_block_map(model, args.block_map)
+    table = BlockTable(model)
+    # a module: model's input size is unknown (ModelInfo assumes 224 for timing), so it is not printed
+    size = "" if info.dataset == "custom" else f", {info.input_size}px input"
     print(
-        f"{info.name} ({info.dataset}, {info.input_size}px input, {info.num_classes} classes): "
-        f"{total:,} parameters in {len(sizes)} tensors"
+        f"{info.name} ({info.dataset}{size}, {info.num_classes} classes): "
+        f"{table.total:,} parameters in {table.tensors} tensors"
     )
+    print("weights: none loaded, random init (the block map needs shapes only)")
     print(f"pretrained weights: {_weights_status(args.model, args.data_root)}")
-    rows = [("block", "tensors", "params", "%", "prefixes")]
-
-    def row(label: str, names: list[str], prefixes: tuple[str, ...]) -> None:
-        n = sum(sizes[k] for k in names)
-        rows.append((label, str(len(names)), f"{n:,}", f"{100 * n / total:.2f}", ", ".join(prefixes)))
-
-    for block, names in block_map(model).items():
-        row(block, names, spec[block])
-        if args.units:
-            for unit, unames in units.items():
-                if unit != block and unit.split(".")[0] == block:
-                    row("  " + unit, unames, unit_prefixes[unit])
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        print(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}")
-    print(f"{'total':<{widths[0]}}  {len(sizes):>{widths[1]}}  {total:>{widths[2]},}  {100:>{widths[3]}.2f}")
+    print(f"block map: {table.source}{f' from {args.block_map}' if args.block_map else ''}")
+    print(table.format(units=args.units))
     return 0

@@ -448,14 +448,12 @@ class _FinetuneJob:
         frost_dir: str | os.PathLike | None,
         target: TargetData | None,
     ) -> None:
-        from ..models import create_model
+        from ..models import create_model_from_config
         from ..runtime import pick_device
 
         self.cfg, sec = cfg, cfg.finetune
         self.device = pick_device(cfg.runtime.device)
-        model, self.info = create_model(
-            cfg.model.name, pretrained=cfg.model.pretrained, data_root=data_root, allow_random=cfg.model.allow_random
-        )
+        model, self.info = create_model_from_config(cfg.model, data_root=data_root)
         self.model = model.to(self.device)
         validate_options(self.model, sec.options, sec.kind)
         self.pretrained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

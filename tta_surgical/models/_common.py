@@ -32,3 +32,45 @@ def normalize_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if module.mean is None:
         return x
     return (x - module.mean.to(x.dtype)) / module.std.to(x.dtype)
+
+
+# Names of the buffers `attach_input_norm` adds to a model we do not own (unlikely to clash with the user's).
+HOOK_MEAN, HOOK_STD = "tta_input_mean", "tta_input_std"
+
+
+def _normalize_pre_hook(module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
+    """Forward pre-hook: replace the first input x by (x - mean) / std (module-level, so deepcopy keeps it valid)."""
+    x = args[0]
+    mean, std = getattr(module, HOOK_MEAN), getattr(module, HOOK_STD)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != mean.shape[1]:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected images of shape (B, {mean.shape[1]}, H, W) in [0, 1], got {shape}")
+    return ((x - mean.to(x.dtype)) / std.to(x.dtype), *args[1:])
+
+
+def attach_input_norm(model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+    """Make a model we did not write (torchvision, timm, a user's) take [0, 1] images: a forward pre-hook
+    applies (x - mean) / std with non-persistent buffers, so parameter names, block maps and `state_dict` keys
+    stay exactly the model's own. `None` (both) attaches nothing: the model takes raw [0, 1] input."""
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    if mean is None:
+        return
+    if hasattr(model, HOOK_MEAN):
+        raise ValueError(f"{type(model).__qualname__} already has an input normalisation attached")
+    model.register_buffer(HOOK_MEAN, torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+    model.register_buffer(HOOK_STD, torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+    model.register_forward_pre_hook(_normalize_pre_hook)
+
+
+def describe_norm(mean: Sequence[float] | None, std: Sequence[float] | None) -> str:
+    """A short human description of an input normalisation, for `ModelInfo` and the `blocks` command."""
+    if mean is None or std is None:
+        return "none (the model takes raw [0, 1] images)"
+    if (
+        tuple(round(float(v), 3) for v in mean) == IMAGENET_MEAN
+        and tuple(round(float(v), 3) for v in std) == IMAGENET_STD
+    ):
+        return "ImageNet mean/std"
+    fmt = lambda vs: "(" + ", ".join(f"{float(v):g}" for v in vs) + ")"  # noqa: E731
+    return f"mean {fmt(mean)}, std {fmt(std)}"

@@ -12,8 +12,9 @@ Two granularities share one vocabulary:
   block K), for finer surgery.
 
 Architectures provide a spec either with a `block_spec()` method (the models in this package) or
-through `register_block_spec(cls, fn)` (e.g. torchvision's `ResNet` and `VisionTransformer`, so plain
-torchvision models work too). `torch.compile` and `DataParallel` wrappers are looked through.
+through `register_block_spec(cls, fn)` (e.g. torchvision's `ResNet` and `VisionTransformer`). Any other
+model gets a map inferred from its structure (`infer.py`), and a user can attach a map given as data to
+one model instance (`overrides.py`). `torch.compile` and `DataParallel` wrappers are looked through.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ __all__ = [
     "block_map",
     "block_names",
     "block_spec",
+    "block_spec_source",
+    "check_partition",
     "norm_layers",
     "register_block_spec",
     "resolve_blocks",
@@ -119,23 +122,48 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
             return model, prefix
 
 
+# Attribute under which `set_block_map` (tta_surgical.models.overrides) attaches a user's map to one model instance.
+OVERRIDE_ATTR = "_tta_surgical_block_spec"
+
+
 def block_spec(model: nn.Module) -> BlockSpec:
-    """The `BlockSpec` of `model` (with wrapper prefixes applied); a clear error for unknown architectures."""
+    """The `BlockSpec` of `model` (with wrapper prefixes applied).
+
+    Sources, first match wins: a map attached to this instance (`set_block_map`, `tta_surgical.blocks(model,
+    block_map=...)`, `model.block_map` in a config); the class's `block_spec()` method; a spec registered for
+    the class (`register_block_spec`); otherwise the map inferred from the module structure
+    (`tta_surgical.models.infer`), which raises a clear error naming the unassigned parameters when it fails.
+    """
     inner, prefix = _unwrap(model)
+    attached = inner.__dict__.get(OVERRIDE_ATTR)
     method = getattr(inner, "block_spec", None)
-    if callable(method):
+    if isinstance(attached, BlockSpec):
+        spec = attached
+    elif callable(method):
         spec = method()
     else:
-        for cls in type(inner).__mro__:
-            if cls in _SPEC_BUILDERS:
-                spec = _SPEC_BUILDERS[cls](inner)
-                break
+        builder = next((_SPEC_BUILDERS[c] for c in type(inner).__mro__ if c in _SPEC_BUILDERS), None)
+        if builder is not None:
+            spec = builder(inner)
         else:
-            raise TypeError(
-                f"no block map for {type(inner).__qualname__}: give the class a block_spec() method or call "
-                "tta_surgical.models.register_block_spec(cls, fn)"
-            )
+            from .infer import infer_block_spec
+
+            spec = infer_block_spec(inner)
     return spec.prefixed(prefix)
+
+
+def block_spec_source(model: nn.Module) -> str:
+    """Where `block_spec(model)` comes from: `given`, `built-in`, `built-in (registered)` or `inferred (<rule>)`."""
+    inner, _ = _unwrap(model)
+    if isinstance(inner.__dict__.get(OVERRIDE_ATTR), BlockSpec):
+        return "given"
+    if callable(getattr(inner, "block_spec", None)):
+        return "built-in"
+    if any(c in _SPEC_BUILDERS for c in type(inner).__mro__):
+        return "built-in (registered)"
+    from .infer import infer_layout_rule
+
+    return f"inferred ({infer_layout_rule(inner)})"
 
 
 def _matches(name: str, prefix: str) -> bool:
@@ -143,21 +171,65 @@ def _matches(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def _partition(model: nn.Module, groups: Groups, what: str) -> dict[str, list[str]]:
+def _assign(model: nn.Module, groups: Groups) -> tuple[dict[str, list[str]], list[str], list[tuple[str, list[str]]]]:
+    """Each parameter's group: `(groups -> names, names in no group, [(name, groups)] for names in several)`.
+
+    Whole-component matching by lookup: a parameter `a.b.c` can only match the prefixes `a`, `a.b`, `a.b.c`, so
+    each of those is looked up instead of testing every prefix of every group (ViT/EfficientNet maps have
+    hundreds of tensors and dozens of units).
+    """
     out: dict[str, list[str]] = {name: [] for name, _ in groups}
+    rank = {name: i for i, (name, _) in enumerate(groups)}
+    owners: dict[str, list[str]] = {}
+    for name, prefixes in groups:
+        for prefix in prefixes:
+            owners.setdefault(prefix, []).append(name)
+    orphans: list[str] = []
+    several: list[tuple[str, list[str]]] = []
     for pname, _ in model.named_parameters():
-        hits = [g for g, prefixes in groups if any(_matches(pname, p) for p in prefixes)]
+        parts = pname.split(".")
+        found = {g for i in range(1, len(parts) + 1) for g in owners.get(".".join(parts[:i]), ())}
+        hits = sorted(found, key=rank.__getitem__)
         if not hits:
-            raise ValueError(
-                f"parameter {pname!r} of {type(model).__qualname__} is in no {what}: the block spec is incomplete "
-                f"({what}s: {', '.join(out)})"
-            )
-        if len(hits) > 1:
-            raise ValueError(f"parameter {pname!r} of {type(model).__qualname__} is in several {what}s: {hits}")
-        out[hits[0]].append(pname)
+            orphans.append(pname)
+        elif len(hits) > 1:
+            several.append((pname, hits))
+        else:
+            out[hits[0]].append(pname)
+    return out, orphans, several
+
+
+def check_partition(model: nn.Module, groups: Groups, what: str) -> str | None:
+    """None when `groups` put every parameter of `model` in exactly one group and leave no group empty;
+    otherwise what is wrong (parameters in no group: the first few and the count)."""
+    return _problem(model, *_assign(model, groups), what)
+
+
+def _problem(
+    model: nn.Module, out: dict[str, list[str]], orphans: list[str], several: list[tuple[str, list[str]]], what: str
+) -> str | None:
+    cls = type(model).__qualname__
+    if orphans:
+        more = f" (+{len(orphans) - 5} more)" if len(orphans) > 5 else ""
+        shown = ", ".join(repr(n) for n in orphans[:5])
+        return (
+            f"parameter(s) {shown}{more} of {cls} are in no {what} ({len(orphans)} in all): the block spec is "
+            f"incomplete ({what}s: {', '.join(out)})"
+        )
+    if several:
+        pname, hits = several[0]
+        return f"parameter {pname!r} of {cls} is in several {what}s: {hits}"
     empty = [g for g, names in out.items() if not names]
     if empty:
-        raise ValueError(f"{what}(s) {empty} of {type(model).__qualname__} match no parameter: the block spec is stale")
+        return f"{what}(s) {empty} of {cls} match no parameter: the block spec is stale"
+    return None
+
+
+def _partition(model: nn.Module, groups: Groups, what: str) -> dict[str, list[str]]:
+    out, orphans, several = _assign(model, groups)
+    problem = _problem(model, out, orphans, several, what)
+    if problem:
+        raise ValueError(problem)
     return out
 
 

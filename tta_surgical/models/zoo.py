@@ -1,4 +1,5 @@
-"""The model zoo: `create_model(name)` builds a registered architecture and loads its weights.
+"""The model zoo: `create_model(name)` builds a registered architecture (or, for `torchvision:`, `timm:` and
+`module:` names, an external one: `external.py`) and loads its weights.
 
 Every model takes float images in [0, 1] with shape (B, 3, H, W) and normalises inside, so callers never
 need to know a checkpoint's preprocessing. Weight sources, in order: `pretrained=<path>` (a local
@@ -12,17 +13,23 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..registry import Registry
 from . import cifar, imagenet
+from ._common import describe_norm, register_input_norm
+from .external import create_external, is_external
 from .weights import WEIGHTS, load_checkpoint, weight_file
 
-__all__ = ["MODELS", "ModelEntry", "ModelInfo", "create_model"]
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+__all__ = ["MODELS", "ModelEntry", "ModelInfo", "create_model", "create_model_from_config"]
 
 RANDOM_INIT = "random init"
 
@@ -56,11 +63,13 @@ class ModelInfo:
     pretrained: bool
     params: int
     warnings: tuple[str, ...] = field(default=())
+    normalization: str = ""  # the input normalisation inside the model (e.g. "ImageNet mean/std")
 
     def summary(self) -> str:
+        norm = f", input normalisation: {self.normalization}" if self.normalization else ""
         return (
             f"{self.name}: {self.params:,} parameters, {self.num_classes} classes, {self.input_size}px input, "
-            f"weights: {self.weights}"
+            f"weights: {self.weights}{norm}"
         )
 
 
@@ -138,31 +147,114 @@ def create_model(
     data_root: str | os.PathLike | None = None,
     allow_random: bool = False,
     num_classes: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    mean: Sequence[float] | str | None = "auto",
+    std: Sequence[float] | str | None = "auto",
 ) -> tuple[nn.Module, ModelInfo]:
     """Build model `name` and load its weights; return `(model in eval mode, ModelInfo)`.
 
+    name: a zoo name (`MODELS`), or `torchvision:<name>`, `timm:<name>`, `module:<python.path>:<factory>`
+    (see `external.py`).
     pretrained: True = the registry's weights (from `<data_root or $TTA_SURGICAL_DATA>/weights/<file>`, else
-    the cache, downloading with SHA-256 verification); False = random init; a path = that local checkpoint.
+    the cache, downloading with SHA-256 verification); False = random init; a path = that local checkpoint
+    (the same as `checkpoint=`).
+    checkpoint: a local checkpoint loaded strictly with weights_only=True (a bare state dict, or one nested
+    under `state_dict`/`model`/...; `module.` prefixes stripped); it replaces the pretrained weights.
     allow_random: with pretrained=True, fall back to random init (with a warning) when the weights cannot be
     obtained (offline, local-only file absent, none published). A corrupt file is always an error.
-    num_classes: override the classifier size (random init or a matching local checkpoint only).
+    num_classes: override the classifier size (random init or a matching checkpoint only).
+    mean, std: the input normalisation applied inside the model, which always takes [0, 1] images: `auto` =
+    the model's own (zoo: as trained; torchvision/timm: their weights' statistics; module: none), None = raw
+    [0, 1] input, or three numbers each.
     Unknown names raise `KeyError` listing the valid ones.
     """
+    if isinstance(pretrained, (str, os.PathLike)):
+        if checkpoint is not None:
+            raise ValueError("give the checkpoint once: as checkpoint=<path> (pretrained=<path> is the older form)")
+        checkpoint, pretrained = pretrained, True
+    elif not isinstance(pretrained, bool):
+        raise TypeError(f"pretrained must be True, False or a checkpoint path, got {pretrained!r}")
+    if num_classes is not None and int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if is_external(name):
+        model, fields = create_external(
+            name,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            allow_random=allow_random,
+            num_classes=num_classes,
+            data_root=data_root,
+            mean=mean,
+            std=std,
+        )
+        nc = num_classes if num_classes is not None else _num_outputs(model)
+        info = ModelInfo(name=name, num_classes=nc, params=_count(model), **fields)  # type: ignore[arg-type]
+        return model, info
+    model, info = _create_zoo(name, pretrained, checkpoint, data_root, allow_random, num_classes)
+    if (mean == "auto") != (std == "auto"):
+        raise ValueError(f"{name}: give mean and std together (both auto, both null, or both numbers)")
+    if mean != "auto":
+        register_input_norm(model, mean, std)  # type: ignore[arg-type]
+    return model, replace(info, normalization=_zoo_norm(model))
+
+
+def _zoo_norm(model: nn.Module) -> str:
+    """The description of a zoo model's internal normalisation (its `mean`/`std` buffers)."""
+    if model.mean is None:
+        return describe_norm(None, None)
+    if model.mean.is_meta:  # built on the meta device for shapes only: no values to read
+        return "inside the model"
+    return describe_norm(model.mean.flatten().tolist(), model.std.flatten().tolist())
+
+
+def create_model_from_config(
+    model_cfg: ModelConfig, data_root: str | os.PathLike | None = None
+) -> tuple[nn.Module, ModelInfo]:
+    """`create_model` driven by a config's `model:` section, plus its `block_map` file attached to the model."""
+    model, info = create_model(
+        model_cfg.name,
+        pretrained=model_cfg.pretrained,
+        data_root=data_root,
+        allow_random=model_cfg.allow_random,
+        num_classes=model_cfg.num_classes,
+        checkpoint=model_cfg.checkpoint,
+        mean=model_cfg.mean,
+        std=model_cfg.std,
+    )
+    if model_cfg.block_map is not None:
+        from .overrides import set_block_map
+
+        set_block_map(model, model_cfg.block_map)
+    return model, info
+
+
+def _num_outputs(model: nn.Module) -> int:
+    """The classifier size of an external model: its last Linear layer's outputs (0 when there is none)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return int(linears[-1].out_features) if linears else 0
+
+
+def _create_zoo(
+    name: str,
+    pretrained: bool,
+    checkpoint: str | os.PathLike | None,
+    data_root: str | os.PathLike | None,
+    allow_random: bool,
+    num_classes: int | None,
+) -> tuple[nn.Module, ModelInfo]:
     entry = MODELS.get(name)
     nc = entry.num_classes if num_classes is None else int(num_classes)
-    if nc < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     model = entry.builder(nc)
     notes: list[str] = []
     source = RANDOM_INIT
 
-    if isinstance(pretrained, (str, os.PathLike)):
-        path = Path(pretrained).expanduser()
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} for model {name!r} does not exist")
         load_checkpoint(model, path)
         source = str(path)
-    elif pretrained is True:
+    elif pretrained:
         problem = None
         if entry.weights is None:
             problem = (
@@ -190,9 +282,7 @@ def create_model(
                 )
             msg = f"{name}: pretrained weights unavailable, model is RANDOMLY INITIALISED ({problem})"
             notes.append(msg)
-            warnings.warn(msg, UserWarning, stacklevel=2)
-    elif pretrained is not False:
-        raise TypeError(f"pretrained must be True, False or a checkpoint path, got {pretrained!r}")
+            warnings.warn(msg, UserWarning, stacklevel=3)
 
     model.eval()
     info = ModelInfo(

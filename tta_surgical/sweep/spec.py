@@ -333,15 +333,23 @@ def check_cells(sweep: Sweep, cells: Sequence[Cell] | None = None) -> None:
 
     Builds each distinct model once without weights (a few ms for CIFAR ResNets; no download).
     """
-    from ..models import create_model, resolve_blocks, select_params
+    import dataclasses
+
+    from ..config import ModelConfig, from_dict
+    from ..models import create_model_from_config, resolve_blocks, select_params
 
     models: dict[str, Any] = {}
     for cell in sweep.cells if cells is None else cells:
-        name = cell.config["model"]["name"]
+        section = cell.config["model"]
+        # The architecture, its classes and block map decide which blocks exist; weights do not.
+        key = json.dumps({k: v for k, v in section.items() if k not in ("pretrained", "checkpoint")}, sort_keys=True)
         try:
-            if name not in models:
-                models[name] = create_model(name, pretrained=False)[0]
-            model = models[name]
+            if key not in models:
+                shape_only = dataclasses.replace(
+                    from_dict(ModelConfig, section, "model"), pretrained=False, checkpoint=None, allow_random=True
+                )
+                models[key] = create_model_from_config(shape_only)[0]
+            model = models[key]
             if sweep.kind == "run":
                 method = cell.config["method"]
                 if "blocks" in method:  # an adapting method (its settings have blocks / kind)
