@@ -10,6 +10,7 @@ A sweep file (YAML, see `configs/sweeps/`):
       stream.domains: [gaussian_noise, fog]
       method.blocks: [block1, all]
     # or cells: [{method.blocks: [block1]}, {method.name: tent, method.blocks: [all], method.kind: norm}]
+    # `base` may also be an axis or a cell key: that cell's config file (e.g. one YAML per method)
     resources: {num_gpus: 0, num_cpus: 1}   # per cell (Ray scheduling; threads per cell)
     retries: 2                            # re-runs of a cell whose worker process died
 
@@ -277,15 +278,26 @@ def sweep_from_dict(
     if clash:
         raise ConfigError(f"override {clash[0]} sets a key the sweep varies; change the sweep file instead")
 
-    try:
-        load = _loader(kind, base, stream)
-    except (ConfigError, ValueError, TypeError) as err:
-        raise ConfigError(f"{where}: the base config {base} (stream {stream}) is invalid: {err}") from None
+    loaders: dict[Path | None, Any] = {}
+
+    def loader(path: Path | None) -> Any:
+        """The loader of one base config (read once, whichever cells use it)."""
+        if path not in loaders:
+            try:
+                loaders[path] = _loader(kind, path, stream)
+            except (ConfigError, ValueError, TypeError) as err:
+                raise ConfigError(f"{where}: the base config {path} (stream {stream}) is invalid: {err}") from None
+        return loaders[path]
+
     cells: list[Cell] = []
     seen: dict[str, int] = {}
     for index, point in enumerate(points):
-        cell_overrides = (*overrides, *(_override(k, v) for k, v in point.items()), *extra, "runtime.progress=false")
         label = ", ".join(f"{k}={format_value(v)}" for k, v in point.items()) or "(base config)"
+        # `base` as an axis or cell key picks that cell's config file (e.g. one YAML per method).
+        cell_base = _find(point["base"], source, f"cell {index} ({label}): base") if "base" in point else base
+        values = {k: v for k, v in point.items() if k != "base"}
+        cell_overrides = (*overrides, *(_override(k, v) for k, v in values.items()), *extra, "runtime.progress=false")
+        load = loader(cell_base)
         try:
             cfg = load(list(cell_overrides))
         except (ConfigError, ValueError, TypeError, KeyError) as err:
