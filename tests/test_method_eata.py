@@ -381,3 +381,36 @@ def test_configs_are_the_defaults_with_the_authors_optimiser(name):
     assert isinstance(cfg, Config) and cfg.method == method_config(name)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay) == ("adam", 1e-3, (0.9, 0.999), 0.0)
     assert cfg.model.name == "resnet20"
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_eata_run_reports_filtered_images_loss_and_the_source_warning(tmp_path, data_root):
+    """configs/eata.yaml through the engine on a tiny real stream: without method.source_data the Fisher comes from
+    the clean test images and summary.json says so; filtered images and losses reach the results lines."""
+    import json
+
+    from tta_surgical.corruptions import CORRUPTIONS
+    from tta_surgical.engine import run
+
+    if "gaussian_noise" not in CORRUPTIONS:
+        pytest.skip("gaussian_noise is not registered")
+    overrides = [
+        "stream.domains=[gaussian_noise]",
+        "stream.severities=[5]",
+        "stream.n_examples=64",
+        "stream.batch_size=32",
+        "runtime.device=cpu",
+        "runtime.progress=false",
+        "method.fisher_samples=64",
+        "method.fisher_batch_size=32",
+    ]
+    cfg = load_config(REPO / "configs" / "eata.yaml", overrides=overrides)
+    with pytest.warns(UserWarning, match="clean CIFAR-10 \\*test\\* images"):
+        summary = run(cfg, tmp_path / "eata", data_root=data_root)
+    assert any("method.source_data" in w for w in summary["method_warnings"])
+    lines = [json.loads(x) for x in (tmp_path / "eata" / "results.jsonl").read_text().splitlines() if x.strip()]
+    assert summary["n_filtered"] == sum(r["n_filtered"] for r in lines) > 0
+    assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in lines)
+    assert summary["n_updates"] == len(lines) == 2

@@ -8,16 +8,20 @@ Both minimise the entropy of the test predictions, like Tent, but only on sample
   no m yet, so only the reliability filter applies to it and m starts at the mean of its reliable samples' p;
   a batch that keeps nothing leaves m as it was (authors' `update_model_probs`);
 - each kept sample's entropy is weighted by 1 / exp(H(x) - E0) (no gradient through the weight) and the loss is
-  the mean over the kept samples (Eqn. 6); a batch that keeps nothing takes no step.
+  the mean over the kept samples; a batch that keeps nothing takes no step.
 
 `eata` adds the anti-forgetting regulariser (Eqns. 8-9): alpha * sum_i F_i (theta_i - theta0_i)^2 over the adapted
 tensors, theta0 their values after `configure`, and F a diagonal Fisher information computed once, in `configure`,
 on `fisher_samples` source images with the model exactly as the method runs it (test-batch BatchNorm statistics):
-pseudo-labels y = argmax f(x), and, as in the authors' code (`main.py` of mr-eggplant/EATA, copied by
+pseudo-labels y = argmax f(x), and, as in the authors' code (`main.py` of mr-eggplant/EATA, followed by
 `classification/methods/eata.py` of mariodoebler/test-time-adaptation), F is the *squared gradient of the batch-mean
 cross-entropy*, averaged over the batches (of `fisher_batch_size` images; the collection uses the test batch size,
-200 on CIFAR-10-C). Deliberate note: the paper's Eqn. 9 writes a per-sample average of squared gradients; the
-CIFAR default alpha = 1.0 was tuned with the code's batch form, which we follow. `fisher_alpha=0` is ETA.
+200 on CIFAR-10-C). `fisher_alpha=0` is ETA.
+
+Deliberate differences: (1) the paper's Eqn. 9 averages per-sample squared gradients; we follow the authors' code
+(batch form), with which the CIFAR default alpha = 1.0 was chosen. (2) The moving average m absorbs a batch only when
+the guarded update was taken (the authors' code has no non-finite guard and updates m whenever samples are kept), so a
+batch with a non-finite loss or gradient changes no state.
 
 Source samples: `method.source_data` (a CIFAR-10 python-layout folder with `data_batch_*`; a seeded random subset of
 `fisher_samples` training images, drawn with the method's `rng`), else the run's `MethodContext.source_images`
@@ -25,9 +29,10 @@ Source samples: `method.source_data` (a CIFAR-10 python-layout folder with `data
 `summary.json`) and as a `UserWarning`; with neither, a clear error asks for `method.source_data`.
 
 State: the moving average m is registered (reset restores "no m yet"). F and theta0 never change after `configure`;
-they are registered too, so a checkpoint carries them and a resumed run does not depend on recomputing them
-bit-identically (backward kernels on a GPU need not be deterministic) nor on the source data still being readable.
-They are as large as the adapted tensors (for the default norm affines, a few thousand numbers).
+they are registered too, so a checkpoint carries them and a resumed run (which builds the method, so computes them
+once more, then loads the checkpoint) does not depend on recomputing them bit-identically (backward kernels on a GPU
+need not be deterministic). They are as large as the adapted tensors (for the default norm affines, ~1,400 numbers
+on resnet20; for kind=all, twice the adapted parameters in every checkpoint and in the reset snapshot).
 
 Defaults are the authors' CIFAR-10-C settings as run by the best-known collection
 (`classification/cfgs/cifar10_c/eata.yaml` / `eta.yaml` of mariodoebler/test-time-adaptation): batch 200, Adam lr 1e-3,
