@@ -63,7 +63,12 @@ def test_predict_reset_and_state_round_trip():
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_registered_method_works_through_adapt(name):
-    adapted = tta_surgical.adapt(resnet18(), name, optim={"lr": 1e-3}, **TINY.get(name, {}))
+    def source_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:  # for methods that need source samples (EATA)
+        return images(99, n=min(n, 32)), torch.randint(0, 10, (min(n, 32),))
+
+    adapted = tta_surgical.adapt(
+        resnet18(), name, optim={"lr": 1e-3}, source_images=source_images, **TINY.get(name, {})
+    )
     for s in range(2):
         out = adapted(images(s, n=16))
         assert out.shape == (16, 10) and torch.isfinite(out).all()

@@ -265,12 +265,15 @@ class EATA(ETA):
                 "method.source_data to a CIFAR-10 folder with data_batch_* files (or method.fisher_alpha=0, i.e. ETA)"
             )
         images, _ = self.context.source_images(n)
-        note = self.context.source_note or "source samples come from the run, not from a source split"
+        # The provider says when its images are not a real source split (the engine's clean test images); images a
+        # user hands over through the Python API carry no note and need no warning, unless there are too few.
+        notes = [self.context.source_note] if self.context.source_note else []
         if len(images) < n:
-            note += f" (only {len(images)} of the {n} requested images)"
-        message = f"method {cfg.name}: {note}"
-        self.warnings.append(message)
-        warnings.warn(message, UserWarning, stacklevel=2)
+            notes.append(f"only {len(images)} of the {n} requested source images were available")
+        if notes:
+            message = f"method {cfg.name}: " + "; ".join(notes)
+            self.warnings.append(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
         return images[self._permutation(len(images))]
 
     def _permutation(self, n: int) -> Tensor:
