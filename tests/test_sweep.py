@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _extras import require
 
 from tta_surgical.config import ConfigError
 from tta_surgical.sweep import (
@@ -365,7 +366,7 @@ def test_ray_missing_gives_install_hint(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'tta-surgical[ray]'); Ray tests skip")
+    ray = require("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
