@@ -164,7 +164,7 @@ def _truncate_lines(path: Path, n_lines: int) -> list[dict[str, Any]]:
         path.touch()
         return []
     with open(path, "rb") as f:
-        raw = f.read().split(b"\n")
+        *raw, _torn = f.read().split(b"\n")  # after the last newline: half a line from a killed writer, or nothing
     kept = [line for line in raw if line.strip()][:n_lines]
     if len(kept) < n_lines:
         raise OSError(f"{path} holds {len(kept)} complete lines but the checkpoint expects {n_lines}; start afresh")
