@@ -358,6 +358,21 @@ def test_shared_resnet56_loads_strictly_and_is_accurate(data_root, monkeypatch):
     assert abs(n_correct(model, x, y) - 470) <= 3  # 94.0% on the first 500 (93.39% on all 10,000)
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "correct", "published"),
+    [("resnet32", 464_154, 466, 92.63), ("resnet44", 658_586, 465, 93.10)],
+)
+def test_shared_resnet32_and_resnet44_load_strictly_and_are_accurate(data_root, name, params, correct, published):
+    """The default-suite share of the slow full-test-set check below: the weights load into the architecture and
+    classify the first 500 test images as measured here, within sampling error of the published accuracy."""
+    model, info = create_model(name, data_root=data_root)
+    assert info.pretrained and info.params == params and info.weights.endswith(WEIGHTS.get(name).filename)
+    x, y = cifar_test(data_root, 500)
+    got = n_correct(model, x, y)
+    assert abs(got - correct) <= 3
+    assert abs(got / 5 - published) <= 3.5  # 3 standard errors of an accuracy near 93% on 500 images
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "acc"), [("resnet20", 91.73), ("resnet32", 92.63), ("resnet44", 93.10), ("resnet56", 93.39)]
