@@ -63,12 +63,28 @@ def method_config_files() -> list[Path]:
     return files
 
 
-CASES = [(p.stem, p, False) for p in method_config_files()] + [("tent+rng_probe", REPO / "configs" / "tent.yaml", True)]
+def _cases() -> list[tuple[str, Path, bool]]:
+    """(id, config file, rng probe) per distinct run: configs that resolve to the same run here (quickstart.yaml is
+    tent.yaml with a progress bar) are checked once, under the file named after the method when there is one."""
+    from tta_surgical.config import to_dict
+
+    seen, cases = set(), []
+    configs = {path: load_config(path, overrides=STREAM) for path in method_config_files()}
+    for path, cfg in sorted(configs.items(), key=lambda kv: (kv[0].stem != kv[1].method.name, kv[0].stem)):
+        key = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            cases.append((path.stem, path, False))
+    return [*cases, ("tent+rng_probe", REPO / "configs" / "tent.yaml", True)]
+
+
+CASES = _cases()
 
 
 def test_the_config_list_holds_the_shipped_methods():
     names = {p.stem for p in method_config_files()}
     assert {"source", "norm", "tent", "surgical_block1", "surgical_all", "surgical_autorgn"} <= names
+    assert {c[0] for c in CASES} >= {"source", "norm", "tent", "surgical_block1", "surgical_autorgn", "tent+rng_probe"}
     assert not names & {"finetune_cifar10c", "finetune_imagenetc"}  # no top-level method: section
 
 
@@ -86,7 +102,7 @@ def _child(mode: str, cases: list[dict], data_root: Path, tmp: Path) -> list[dic
                           timeout=600, cwd=tmp)  # fmt: skip
     reports = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert [r["id"] for r in reports] == [c["id"] for c in cases], proc.stdout + proc.stderr[-3000:]
-    return reports
+    return [{**r, "log": proc.stderr[-3000:]} for r in reports]
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +113,17 @@ def runs(tmp_path_factory, data_root):
     tmp = tmp_path_factory.mktemp("resume_process")
     import tta_surgical.methods as methods
 
-    cases, whole = [], {}
+    cases, whole, errors = [], {}, {}
     for case_id, path, probe in CASES:
         overrides = [*STREAM]
         real = methods.build_method
         if probe:
             methods.build_method = probe_builder(real)
+        whole[case_id] = tmp / "whole" / case_id
         try:
-            whole[case_id] = tmp / "whole" / case_id
             run(load_config(path, overrides=overrides), whole[case_id], data_root=data_root, record_predictions=True)
+        except Exception as err:  # reported by this config's test; the other configs still run
+            errors[case_id] = f"{type(err).__name__}: {err}"
         finally:
             methods.build_method = real
         cases.append({"id": case_id, "config": str(path), "overrides": overrides, "out": str(tmp / "killed" / case_id),
@@ -113,8 +131,8 @@ def runs(tmp_path_factory, data_root):
     crashed = {r["id"]: r for r in _child("crash", cases, data_root, tmp)}
     after_kill = {c["id"]: _snapshot(Path(c["out"])) for c in cases}
     resumed = {r["id"]: r for r in _child("resume", cases, data_root, tmp)}
-    return {c["id"]: (whole[c["id"]], Path(c["out"]), crashed[c["id"]], after_kill[c["id"]], resumed[c["id"]])
-            for c in cases}  # fmt: skip
+    return {c["id"]: (whole[c["id"]], Path(c["out"]), crashed[c["id"]], after_kill[c["id"]], resumed[c["id"]],
+                      errors.get(c["id"])) for c in cases}  # fmt: skip
 
 
 def _snapshot(folder: Path) -> dict:
@@ -125,11 +143,12 @@ def _snapshot(folder: Path) -> dict:
 
 @pytest.mark.parametrize("case_id", [c[0] for c in CASES])
 def test_killed_and_resumed_in_fresh_processes_equals_uninterrupted(runs, case_id):
-    whole, folder, crashed, after_kill, resumed = runs[case_id]
-    assert crashed["exit_code"] == KILLED, "the child was to die right after batch 2"
+    whole, folder, crashed, after_kill, resumed, error = runs[case_id]
+    assert error is None, f"the uninterrupted run failed: {error}"
+    assert crashed["exit_code"] == KILLED, f"the child was to die right after batch 2:\n{crashed['log']}"
     # Killed after writing batch 2's line, one batch past the checkpoint at the domain boundary.
     assert after_kill == {"lines": KILL_AFTER + 1, "next_batch": KILL_AFTER, "summary": False}
-    assert resumed["exit_code"] == 0
+    assert resumed["exit_code"] == 0, resumed["log"]
 
     assert masked(folder / RESULTS_FILE) == masked(whole / RESULTS_FILE)
     a = json.loads((whole / SUMMARY_FILE).read_text())
