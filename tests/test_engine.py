@@ -210,16 +210,18 @@ def test_resume_with_changed_config_is_an_error(baseline, data_root):
         run(tiny_cfg("tent", "optim.lr=1e-4"), out, data_root=data_root, resume=True)
 
 
-def test_resume_with_changed_execution_settings_gives_the_same_numbers(baseline, tmp_path, data_root):
+def test_resume_with_changed_execution_settings_gives_the_same_numbers(continual, tmp_path, data_root):
     """Only execution settings may differ on resume (progress bar, memory layout, optimiser kernels): they move
-    results by floating-point rounding, so the predictions and errors stay those of the uninterrupted run."""
-    out, summary = baseline
+    results by floating-point rounding, so the predictions and errors stay those of the uninterrupted run.
+    Continual, so the second domain depends on the adapted state the resume restores."""
+    out, summary = continual
     folder = tmp_path / "changed"
     with pytest.raises(Crash):
-        run(tiny_cfg(), folder, data_root=data_root, on_batch=crash_after(3), record_predictions=True)
+        run(tiny_cfg("tent", "stream.reset=never"), folder, data_root=data_root, on_batch=crash_after(3),
+            record_predictions=True)  # fmt: skip
     changed = ("runtime.progress=true", "runtime.channels_last=false", "optim.implementation=for-loop")
     seen: list[int] = []
-    resumed = run(tiny_cfg("tent", *changed), folder, data_root=data_root, resume=True,
+    resumed = run(tiny_cfg("tent", "stream.reset=never", *changed), folder, data_root=data_root, resume=True,
                   on_batch=lambda i, r: seen.append(i), record_predictions=True)  # fmt: skip
     assert seen == [2, 3] and resumed["resumed_from_batch"] == 2  # it really computed the second domain
     assert numbers(read_lines(folder)) == numbers(read_lines(out))
