@@ -254,3 +254,33 @@ def test_method_config_builds_each_registered_method_with_defaults():
         settings = method_config(name)
         assert settings.name == name and isinstance(settings, METHODS.get(name).Settings)
         assert from_dict(Config, to_dict(Config(method=settings))).method == settings  # round trip
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.lr=-1e-3", r"optim\.lr must be a finite number >= 0"),
+        ("optim.lr=.nan", r"optim\.lr must be a finite number >= 0"),
+        ("optim.lr=.inf", r"optim\.lr must be a finite number >= 0"),
+        ("optim.momentum=1.0", r"optim\.momentum must lie in \[0, 1\)"),
+        ("optim.momentum=-0.1", r"optim\.momentum must lie in \[0, 1\)"),
+        ("optim.momentum=.nan", r"optim\.momentum must lie in \[0, 1\)"),
+        ("optim.weight_decay=-1e-4", r"optim\.weight_decay must be"),
+        ("optim.weight_decay=.nan", r"optim\.weight_decay must be"),
+        ("optim.weight_decay=.inf", r"optim\.weight_decay must be"),
+        ("runtime.num_workers=-1", r"runtime\.num_workers must be >= 0 or null"),
+        ("runtime.num_workers=1.5", r"runtime\.num_workers: expected"),
+    ],
+)
+def test_numeric_ranges_are_checked(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        apply_overrides(Config(), [override])
+
+
+def test_numeric_range_boundaries_are_accepted():
+    cfg = apply_overrides(
+        Config(), ["optim.lr=0", "optim.momentum=0", "optim.weight_decay=0", "runtime.num_workers=0"]
+    )
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.runtime.num_workers) == (0, 0, 0, 0)
+    cfg = apply_overrides(Config(), ["optim.momentum=0.999", "optim.weight_decay=0.5", "runtime.num_workers=null"])
+    assert (cfg.optim.momentum, cfg.optim.weight_decay, cfg.runtime.num_workers) == (0.999, 0.5, None)

@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _extras import require
 
 from tta_surgical.corruptions import blur, corrupt, make_generator
 from tta_surgical.corruptions.params import PRESETS
@@ -129,7 +130,7 @@ def test_glass_blur_distortion_follows_its_recipe() -> None:
 
 
 def _official_disk(radius: float, alias_blur: float) -> np.ndarray:
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require("cv2")
     if radius <= 8:
         grid, ksize = np.arange(-8, 8 + 1), (3, 3)
     else:
@@ -142,7 +143,7 @@ def _official_disk(radius: float, alias_blur: float) -> np.ndarray:
 
 @pytest.mark.parametrize(("preset", "size"), (("cifar", 32), ("imagenet", 64)))
 def test_defocus_matches_opencv(preset: str, size: int) -> None:
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require("cv2")
     x = _uint8_images(2, size, size)
     imgs = _hwc(x)
     for s in SEVERITIES:
@@ -167,7 +168,7 @@ def test_defocus_kernel_grids() -> None:
 
 @pytest.mark.parametrize(("preset", "size"), (("cifar", 32), ("imagenet", 64)))
 def test_gaussian_blur_matches_skimage(preset: str, size: int) -> None:
-    filters = pytest.importorskip("skimage.filters")
+    filters = require("skimage.filters")
     x = _uint8_images(2, size, size)
     for s in SEVERITIES:
         sigma = PRESETS[preset]["gaussian_blur"][s - 1]
@@ -177,7 +178,7 @@ def test_gaussian_blur_matches_skimage(preset: str, size: int) -> None:
 
 def _official_zoom_blur(img: np.ndarray, factors, mode: str = "constant") -> np.ndarray:
     """make_*_c.py zoom_blur on one (H, W, 3) image, with `clipped_zoom`'s crop/trim applied per axis."""
-    ndimage = pytest.importorskip("scipy.ndimage")
+    ndimage = require("scipy.ndimage")
     x = img.astype(np.float32)
     out = np.zeros_like(x)
     for z in factors:
@@ -255,7 +256,7 @@ def test_glass_shuffle_equals_sequential_loop(delta: int) -> None:
 
 
 def test_skimage_gaussian64_is_bit_exact() -> None:
-    filters = pytest.importorskip("skimage.filters")
+    filters = require("skimage.filters")
     rng = np.random.default_rng(0)
     flat = np.repeat(np.repeat((np.arange(256) / 255.0).reshape(16, 16), 6, 0), 6, 1)[..., None].repeat(3, 2)
     for im in (flat, rng.integers(0, 256, (20, 17, 3)) / 255.0):
@@ -267,7 +268,7 @@ def test_skimage_gaussian64_is_bit_exact() -> None:
 
 @pytest.mark.parametrize(("preset", "size"), (("cifar", 32), ("imagenet", 24)))
 def test_glass_blur_matches_official_pipeline(preset: str, size: int) -> None:
-    filters = pytest.importorskip("skimage.filters")
+    filters = require("skimage.filters")
     x = _uint8_images(2, size, size, seed=3)
     b = x.shape[0]
     for s in SEVERITIES:
@@ -294,7 +295,7 @@ def test_glass_blur_matches_official_pipeline(preset: str, size: int) -> None:
 def ic():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pkg_resources deprecation inside imagecorruptions
-        return pytest.importorskip("imagecorruptions.corruptions")
+        return require("imagecorruptions.corruptions")
 
 
 @pytest.mark.parametrize(("preset", "size"), (("cifar", 32), ("imagenet", 48)))

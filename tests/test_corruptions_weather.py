@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _extras import require
 
 from tta_surgical import hub
 from tta_surgical.corruptions import corrupt, make_generator, to_uint8
@@ -102,11 +103,14 @@ def test_cuda(frost_dir: Path) -> None:
 def test_frost_files_table() -> None:
     assert set(T.FROST_FILES) == {f"frost{i}.{'png' if i <= 3 else 'jpg'}" for i in range(1, 7)}
     assert T.FROST_USED == tuple(sorted(T.FROST_FILES))[:5]
-    sums = Path(__file__).resolve().parents[2] / "shared" / "data" / "SHA256SUMS"
-    if sums.is_file():
-        listed = dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())
-        for name, digest in T.FROST_FILES.items():
-            assert listed[f"frost/{name}"] == digest
+
+
+def test_frost_checksums_equal_the_data_roots(data_sha256: dict[str, str], frost_dir: Path) -> None:
+    """The package's frost digests are those the data root lists, and the files there have them."""
+    assert {k for k in data_sha256 if k.startswith("frost/")} == {f"frost/{n}" for n in T.FROST_FILES}
+    for name, digest in T.FROST_FILES.items():
+        assert data_sha256[f"frost/{name}"] == digest, name
+        assert hub.sha256_file(frost_dir / name) == digest, name
 
 
 def test_frost_missing_folder(tmp_path: Path) -> None:
@@ -157,7 +161,7 @@ def test_frost_cache_offline(tmp_path: Path, frost_dir: Path, monkeypatch: pytes
 
 def test_frost_textures_match_cv2(frost_dir: Path) -> None:
     """decode_rgb == cv2.imread + BGR->RGB; the CIFAR bank == cv2.resize(fx=fy=0.2), bit for bit."""
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require("cv2")
     bank, sizes = T.frost_bank("cifar", torch.device("cpu"), frost_dir)
     for i, path in enumerate(T.frost_paths(frost_dir)):
         ref = cv2.imread(str(path))
@@ -171,7 +175,7 @@ def test_frost_textures_match_cv2(frost_dir: Path) -> None:
 @pytest.mark.parametrize("preset,size", [("cifar", 32), ("imagenet", 224)])
 def test_frost_matches_reference(preset: str, size: int, frost_dir: Path) -> None:
     """The generators' frost, computed with cv2 from our documented draws (texture index, then crop starts)."""
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require("cv2")
     b, s = 3, 4
     x = torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(1))
     y = corrupt(x, "frost", s, seed=9, frost_dir=frost_dir, preset=preset)
@@ -220,9 +224,9 @@ def draws(monkeypatch: pytest.MonkeyPatch):
 
 
 def _ic():
-    pytest.importorskip("cv2")
-    pytest.importorskip("skimage")
-    return pytest.importorskip("imagecorruptions.corruptions")
+    require("cv2")
+    require("skimage")
+    return require("imagecorruptions.corruptions")
 
 
 @pytest.mark.parametrize("mapsize,decay", [(32, 3.0), (32, 1.75), (256, 1.4)])
@@ -303,7 +307,7 @@ def test_spatter_matches_imagecorruptions(severity: int, draws) -> None:
 @pytest.mark.parametrize("n", [32, 224])
 def test_clipped_zoom_matches_scipy(zoom: float, n: int) -> None:
     """The generators' clipped_zoom: central ceil(n/z) crop, scipy zoom order 1, trim (out - n) // 2."""
-    ndimage = pytest.importorskip("scipy.ndimage")
+    ndimage = require("scipy.ndimage")
     a = np.random.default_rng(0).normal(size=(n, n, 1))
     ch = int(np.ceil(n / zoom))
     top = (n - ch) // 2
@@ -319,7 +323,7 @@ def test_clipped_zoom_matches_scipy(zoom: float, n: int) -> None:
 
 def _liquid_layers(n: int, size: int, preset: str) -> list[np.ndarray]:
     """uint8 liquid layers as the water mode makes them (N(mean, std), gaussian, threshold, x255)."""
-    skf = pytest.importorskip("skimage.filters")
+    skf = require("skimage.filters")
     rng = np.random.default_rng(size)
     water = [c for c in PRESETS[preset]["spatter"] if c[5] == 0]
     out = []
@@ -337,7 +341,7 @@ def _stack(layers: list[np.ndarray]) -> torch.Tensor:
 
 def test_canny_matches_cv2(data_root: Path) -> None:
     """Bit-exact to cv2.Canny(50, 150) on liquid layers and on real (CIFAR) grey images."""
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require("cv2")
     layers = _liquid_layers(24, 32, "cifar") + _liquid_layers(3, 224, "imagenet")
     import pickle
 
@@ -353,7 +357,7 @@ def test_canny_matches_cv2(data_root: Path) -> None:
 
 
 def test_distance_transform_matches_cv2() -> None:
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require("cv2")
     layers = _liquid_layers(12, 32, "cifar") + _liquid_layers(2, 224, "imagenet")
     for group in (layers[:12], layers[12:]):
         edges = np.stack([cv2.Canny(a, 50, 150) for a in group])
@@ -375,7 +379,7 @@ def test_distance_transform_matches_cv2() -> None:
 
 
 def test_equalize_hist_matches_cv2() -> None:
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require("cv2")
     rng = np.random.default_rng(3)
     imgs = [
         rng.integers(0, 21, (32, 32), dtype=np.uint8),
@@ -390,7 +394,7 @@ def test_equalize_hist_matches_cv2() -> None:
 @pytest.mark.parametrize("size,preset,n", [(32, "cifar", 24), (224, "imagenet", 3)])
 def test_water_mask_matches_cv2(size: int, preset: str, n: int) -> None:
     """The whole water chain (Canny -> distance -> mean -> equalise -> emboss -> mean) against cv2 (with IPP)."""
-    cv2 = pytest.importorskip("cv2")
+    cv2 = require("cv2")
     layers = _liquid_layers(n, size, preset)
     ker = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])
     refs = []

@@ -320,22 +320,27 @@ def test_unknown_model_lists_valid_names():
 
 
 def test_weight_registry_entries():
-    sums = {}
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "SHA256SUMS"
-    if shared.is_file():
-        for line in shared.read_text().splitlines():
-            digest, path = line.split()
-            sums[Path(path).name] = digest
     for depth in (20, 32, 44, 56):
         spec = WEIGHTS.get(f"resnet{depth}")
         assert (
             spec.url
             == "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/" + spec.filename
         )
-        assert len(spec.sha256) == 64
-        if sums:
-            assert spec.sha256 == sums[spec.filename]
+        assert len(spec.sha256) == 64 and spec.filename.startswith(f"resnet{depth}-{spec.sha256[:8]}")
     assert WEIGHTS.get("wrn28_10").url is None and "1t98aEuzeTL8P7Kpd5DIrCoCL21BNZUhC" in WEIGHTS.get("wrn28_10").howto
+
+
+def test_weight_and_cifar_checksums_equal_the_data_roots(data_sha256):
+    """The registry's digests (and the CIFAR-10 test batch's) are those the data root's SHA256SUMS lists."""
+    from tta_surgical.data.cifar import TEST_BATCH_SHA256
+
+    listed = {rel: d for rel, d in data_sha256.items() if rel.startswith("weights/")}
+    assert len(listed) == 4
+    for depth in (20, 32, 44, 56):
+        spec = WEIGHTS.get(f"resnet{depth}")
+        assert listed.pop(f"weights/{spec.filename}") == spec.sha256, spec.filename
+    assert not listed
+    assert data_sha256["cifar-10-batches-py/test_batch"] == TEST_BATCH_SHA256
 
 
 def test_shared_resnet20_loads_strictly_and_is_accurate(data_root):
@@ -351,6 +356,21 @@ def test_shared_resnet56_loads_strictly_and_is_accurate(data_root, monkeypatch):
     assert info.pretrained and info.params == 853_018
     x, y = cifar_test(data_root, 500)  # 500 images keep the default suite fast on 2 shared cores
     assert abs(n_correct(model, x, y) - 470) <= 3  # 94.0% on the first 500 (93.39% on all 10,000)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "correct", "published"),
+    [("resnet32", 464_154, 466, 92.63), ("resnet44", 658_586, 465, 93.10)],
+)
+def test_shared_resnet32_and_resnet44_load_strictly_and_are_accurate(data_root, name, params, correct, published):
+    """The default-suite share of the slow full-test-set check below: the weights load into the architecture and
+    classify the first 500 test images as measured here, within sampling error of the published accuracy."""
+    model, info = create_model(name, data_root=data_root)
+    assert info.pretrained and info.params == params and info.weights.endswith(WEIGHTS.get(name).filename)
+    x, y = cifar_test(data_root, 500)
+    got = n_correct(model, x, y)
+    assert abs(got - correct) <= 3
+    assert abs(got / 5 - published) <= 3.5  # 3 standard errors of an accuracy near 93% on 500 images
 
 
 @pytest.mark.slow

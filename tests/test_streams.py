@@ -55,8 +55,8 @@ def label_entropy(y: np.ndarray, n_classes: int = 10) -> float:
 def test_plan_is_reproducible(order, shift):
     s = spec(order=order, label_shift=shift, severities=(1, 3, 5), shuffle=True)
     a, b = plan_stream(s, RNG_LABELS), plan_stream(dataclasses.replace(s), RNG_LABELS.copy())
-    assert plan_fingerprint(a) == plan_fingerprint(b)
-    assert all(np.array_equal(x.indices, y.indices) and x.noise_seed == y.noise_seed for x, y in zip(a, b))
+    assert plan_fingerprint(a) == plan_fingerprint(b) and len(a) == len(b) > 0
+    assert all(np.array_equal(x.indices, y.indices) and x.noise_seed == y.noise_seed for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("kw", [dict(order="mixed"), dict(label_shift="dirichlet"), dict(shuffle=True, n_examples=0)])
@@ -70,8 +70,9 @@ def test_seed_changes_random_plans(kw):
 
 def test_seed_only_changes_noise_of_a_deterministic_plan():
     a, b = plan_stream(spec(seed=0), RNG_LABELS), plan_stream(spec(seed=1), RNG_LABELS)
-    assert all(np.array_equal(x.indices, y.indices) for x, y in zip(a, b))
-    assert all(x.noise_seed != y.noise_seed for x, y in zip(a, b))
+    assert len(a) == len(b) == 15
+    assert all(np.array_equal(x.indices, y.indices) for x, y in zip(a, b, strict=True))
+    assert all(x.noise_seed != y.noise_seed for x, y in zip(a, b, strict=True))
     assert len({p.noise_seed for p in a}) == len(a)  # every batch draws its own noise
 
 
@@ -358,7 +359,9 @@ def test_cifar10c_files(tmp_path, order):
             want = torch.as_tensor(np.array(arr[(sev - 1) * 30 + row])).permute(2, 0, 1).float() / 255
             assert torch.equal(b.x[i], want)
     tail = list(stream.iter_from(5))
-    assert all(torch.equal(a.x, b.x) for a, b in zip(batches[5:], tail))
+    # sequential: ceil(30 / 8) = 4 batches per (domain, severity); mixed: 120 images in ceil(120 / 8) = 15
+    assert len(batches) == (16 if order == "sequential" else 15) and len(tail) == len(batches) - 5
+    assert all(torch.equal(a.x, b.x) and a.batch_index == b.batch_index for a, b in zip(batches[5:], tail, strict=True))
 
 
 def test_missing_data_errors(tmp_path):
@@ -432,7 +435,8 @@ def test_imagenetc_stream_reads_the_files(fake_imagenetc):
             assert torch.equal(b.x[i], decode_jpeg(read_file(str(path))).float() / 255)
     # worker processes give the same batches, and resume works
     tail = list(build_stream(s, data_root=fake_imagenetc.parent, num_workers=1).iter_from(5))
-    assert all(torch.equal(a.x, b.x) and a.batch_index == b.batch_index for a, b in zip(batches[5:], tail))
+    assert len(tail) == len(batches) - 5 == 3
+    assert all(torch.equal(a.x, b.x) and a.batch_index == b.batch_index for a, b in zip(batches[5:], tail, strict=True))
 
 
 def test_iter_image_folder_and_subset(fake_imagenetc):
@@ -478,9 +482,13 @@ def test_real_cifar10_stream(data_root):
     assert torch.equal(batches[0].y, torch.as_tensor(labels[:50]))
     assert torch.equal(batches[2].y, torch.as_tensor(labels[:50]))
     clean = torch.as_tensor(images[:50]).permute(0, 3, 1, 2).float() / 255
-    # severity-5 gaussian noise (sigma 0.10) on the real images: residual std near 0.1 (less where clipped)
-    resid = (batches[0].x - clean).std().item()
-    assert 0.07 < resid < 0.11, resid
+    # Severity-5 Gaussian noise: sigma 0.10 in CIFAR-10-C (0.09 at severity 4, 0.08 at 3). Measured where clipping
+    # to [0, 1] cannot act (clean values 3 sigma inside), the residual's std estimates sigma to about +-0.0005 on
+    # these ~60k pixels (uint8 rounding adds 0.001 in quadrature), so the window below excludes severity 4.
+    inside = (clean > 0.32) & (clean < 0.68)
+    assert inside.sum() > 30_000
+    resid = (batches[0].x - clean)[inside].std().item()
+    assert abs(resid - 0.10) < 0.004, resid
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -499,7 +507,8 @@ def test_cifar10_stream_on_cuda(tmp_path):
     full = list(stream)
     assert all(b.x.is_cuda and b.y.is_cuda for b in full)
     tail = list(build_stream(s, device="cuda").iter_from(2))
-    assert all(torch.equal(a.x, b.x) for a, b in zip(full[2:], tail))
+    assert len(tail) == len(full) - 2 > 0
+    assert all(torch.equal(a.x, b.x) for a, b in zip(full[2:], tail, strict=True))
 
 
 @pytest.mark.gpu
@@ -509,7 +518,8 @@ def test_imagenetc_gpu_decode(fake_imagenetc):
     s = StreamSpec(source="imagenetc", domains=("fog",), severities=(3,), batch_size=4, reset="never")
     cpu = list(build_stream(s, data_root=fake_imagenetc.parent, num_workers=0))
     gpu = list(build_stream(s, data_root=fake_imagenetc.parent, device="cuda", num_workers=2))
-    for a, b in zip(cpu, gpu):
+    assert len(cpu) == len(gpu) == 2  # 6 images, batches of 4
+    for a, b in zip(cpu, gpu, strict=True):
         assert b.x.is_cuda and torch.equal(a.y, b.y.cpu())
         # nvjpeg and libjpeg-turbo may round differently (IDCT / upsampling): within a few levels
         assert (a.x - b.x.cpu()).abs().mean() < 2 / 255

@@ -3,7 +3,10 @@ retries of dead workers (local worker processes and Ray), and one real engine ce
 
 Most tests use `fake_runner`, a module-level runner (importable by worker processes and Ray workers) whose
 behaviour is read from `OUT/control.json` and whose calls are counted in files under OUT, so the counts
-survive process boundaries. Torch runs single-threaded (a shared 2-core machine).
+survive process boundaries. Its metrics are a hash of the config, so identity across launchers and retries holds
+by construction there; the real-engine tests (`real_sweep`, `dying_engine_runner`) check it where it can fail:
+real cells in worker processes, one killed mid-cell and resumed from its checkpoint by the retry.
+Torch runs single-threaded (a shared 2-core machine).
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from _extras import require
 
 from tta_surgical.config import ConfigError
 from tta_surgical.sweep import (
@@ -337,6 +342,73 @@ def test_real_engine_cell_end_to_end(tmp_path, data_root):
     assert "images_per_s" in (out / "timings.json").read_text()
 
 
+# ------------------------------------------------------------------------------------------------ real launchers
+
+REAL_KILL_AFTER = 2  # batch after which the first attempt of the doomed real cell kills its worker
+_TIMING = re.compile(rb'"(latency_ms|warmup)": [^,}]*')
+
+
+def dying_engine_runner(kind, config, out_dir, *, data_root=None, frost_dir=None):
+    """The real runner (`run_cell`: engine.run with resume=True), except that the first attempt of the cell with
+    stream.seed 1 kills its worker process right after batch 2, one batch past the checkpoint at the domain
+    boundary. Module-level, so worker processes can import it."""
+    import tta_surgical.engine as engine
+    from tta_surgical.sweep.cell import run_cell
+
+    marker = Path(out_dir) / "killed_once"
+    if config["stream"]["seed"] == 1 and not marker.exists():
+        real = engine.run
+
+        def die(batch_index, record):
+            if batch_index == REAL_KILL_AFTER:
+                marker.write_text(f"killed after batch {batch_index}\n")
+                os._exit(9)
+
+        engine.run = lambda *a, **kw: real(*a, on_batch=die, **kw)  # this process dies inside it
+    return run_cell(kind, config, out_dir, data_root=data_root, frost_dir=frost_dir)
+
+
+@pytest.fixture(scope="module")
+def real_sweep(tmp_path_factory, data_root):
+    """Two real engine cells (continual surgical block1, 2 domains x 2 batches of 16) and their in-process result."""
+    folder = tmp_path_factory.mktemp("real_sweep")
+    overrides = ["stream.domains=[gaussian_noise,brightness]", "stream.n_examples=32", "stream.batch_size=16",
+                 "stream.reset=never"]  # fmt: skip
+    path = write_sweep(folder, {"stream.seed": [0, 1]}, overrides=overrides)
+    sweep = load_sweep(path, overrides=["runtime.device=cpu"])
+    inline = folder / "inline"
+    result = run_sweep(sweep, inline, data_root=data_root, progress=False)
+    assert result.ok and result.ran == [c.id for c in sweep.cells], result.failed
+    return sweep, inline
+
+
+def _masked_results(out: Path, cell) -> bytes:
+    return _TIMING.sub(rb'"\1": _', (cell_dir(out, cell) / "results.jsonl").read_bytes())
+
+
+def test_real_sweep_in_worker_processes_with_a_killed_cell_equals_in_process(real_sweep, tmp_path, data_root):
+    """Two real cells in two worker processes; the worker of cell 1 dies inside it after batch 2. The retry (a
+    fresh worker) continues from the cell's checkpoint, and the merged files equal the in-process sweep's."""
+    sweep, inline = real_sweep
+    out = tmp_path / "pool"
+    result = run_sweep(sweep, out, data_root=data_root, runner=dying_engine_runner, max_parallel=2, progress=False)
+    assert result.ok, [f.log.read_text() for f in result.failed]
+    timing = [json.loads((cell_dir(out, c) / "timing.json").read_text()) for c in sweep.cells]
+    assert os.getpid() not in {t["pid"] for t in timing}  # both cells ran in worker processes
+    assert [t["attempts"] for t in timing] == [1, 2]
+    doomed = cell_dir(out, sweep.cells[1])
+    assert (doomed / "killed_once").read_text() == f"killed after batch {REAL_KILL_AFTER}\n"
+    # The retry resumed at the domain boundary (batch 2), not from scratch ...
+    assert json.loads((doomed / "summary.json").read_text())["resumed_from_batch"] == REAL_KILL_AFTER
+    assert json.loads((cell_dir(out, sweep.cells[0]) / "summary.json").read_text())["resumed_from_batch"] is None
+    # ... and every cell's lines and the merged files are those of the uninterrupted in-process sweep.
+    for cell in sweep.cells:
+        assert _masked_results(out, cell) == _masked_results(inline, cell), cell.index
+    for name in ("sweep.jsonl", "summary.md"):
+        assert (out / name).read_bytes() == (inline / name).read_bytes(), name
+    assert [json.loads(x)["status"] for x in lines_of(out / "sweep.jsonl")] == ["done", "done"]
+
+
 def test_command_runs_a_sweep(tmp_path, monkeypatch, capsys):
     import tta_surgical.cli as cli
     import tta_surgical.sweep.cell as cellmod
@@ -365,7 +437,7 @@ def test_ray_missing_gives_install_hint(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'tta-surgical[ray]'); Ray tests skip")
+    ray = require("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -232,8 +232,8 @@ class OptimConfig:
             raise ConfigError(f"optim.betas must both lie in [0, 1), got {list(self.betas)!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"optim.momentum must lie in [0, 1), got {self.momentum!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.name == "sgd" and self.nesterov and self.momentum <= 0:
             raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
 
