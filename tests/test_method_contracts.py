@@ -25,6 +25,11 @@ TINY: dict[str, dict] = {
     "memo": {"n_augmentations": 4},
     "rotta": {"memory_size": 10, "update_every": 16},
     "eata": {"fisher_samples": 32},
+    # A random tiny net barely reacts to patch shuffling (PLPD ~ +-0.1): threshold 0 still filters about half.
+    "deyo": {"plpd_threshold": 0.0},
+    # The tiny net is so confident (entropy ~0.17 < e_m 0.2) that SAR would recover at every batch; recovery is
+    # checked in tests/test_method_sar.py.
+    "sar": {"e_m": 0.05},
 }
 N_CLASSES = 5
 
