@@ -28,6 +28,11 @@ TINY: dict[str, dict] = {
     # the first would be redundant; 0.999 keeps both of EATA's filters active while later batches still update.
     "eata": {"fisher_samples": 32, "d_margin": 0.999},
     "eta": {"d_margin": 0.999},
+    # A random tiny net barely reacts to patch shuffling (PLPD ~ +-0.1): threshold 0 still filters about half.
+    "deyo": {"plpd_threshold": 0.0},
+    # The tiny net is so confident (entropy ~0.17 < e_m 0.2) that SAR would recover at every batch; recovery is
+    # checked in tests/test_method_sar.py.
+    "sar": {"e_m": 0.05},
 }
 N_CLASSES = 5
 
