@@ -44,6 +44,7 @@ __all__ = [
     "load_yaml",
     "method_config",
     "parse_override",
+    "read_yaml",
     "stream_section",
     "to_dict",
 ]
@@ -503,13 +504,69 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with `yaml.safe_load` (an empty file is an empty mapping)."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that rejects a key written twice in one mapping (plain YAML keeps the last one silently,
+    so `lr: 1e-3` ... `lr: 1e-2` would hide a mistake). Merge keys (`<<: *base`) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice (first on line {seen[key].start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(path: Path, text: str, err: yaml.YAMLError) -> ConfigError:
+    """One line: `file:line:column: invalid YAML: what (while ...)` from PyYAML's multi-line message."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        line, col = mark.line + 1, mark.column + 1
+        what = str(getattr(err, "problem", None) or "invalid YAML")
+        context = getattr(err, "context", None)
+        if context:
+            what += f" ({context})"
+    elif isinstance(err, yaml.reader.ReaderError):
+        before = text[: err.position]
+        line, col = before.count("\n") + 1, err.position - (before.rfind("\n") + 1) + 1
+        what = f"the character {chr(err.character)!r} is not allowed in YAML"
+    else:
+        return ConfigError(f"{path}: invalid YAML: {err}".replace("\n", " "))
+    return ConfigError(f"{path}:{line}:{col}: invalid YAML: {what}".replace("\n", " "))
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The data of a YAML file, read safely (`yaml.SafeLoader`; a key twice in one mapping is an error): the one
+    place this package parses YAML files. A missing file raises `FileNotFoundError` naming `what`; text that is not
+    UTF-8 or not valid YAML raises a one-line `ConfigError` with the file, line and column."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with path.open(encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+        raise FileNotFoundError(f"{what} not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise _yaml_error(path, text, err) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+
+
+def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML mapping with `read_yaml` (an empty file is an empty mapping; anything else is a `ConfigError`)."""
+    data = read_yaml(path, what)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -286,8 +286,9 @@ class RunFolder:
         path = self.path / self.CONFIG
         if not path.is_file():
             return
-        with open(path, encoding="utf-8") as f:
-            saved = yaml.safe_load(f) or {}
+        from .config import load_yaml
+
+        saved = load_yaml(path, "saved config")
         diffs = config_differences(saved, plain_config(cfg), ignored)
         if diffs:
             raise ValueError(

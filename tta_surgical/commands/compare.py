@@ -39,11 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..runfolder import folder_lock
 
-    # argparse gives `--configs` every following word, so `key=value` overrides written straight after the
-    # config files land here: move them back where they belong.
-    moved = [c for c in args.configs if "=" in c and not Path(c).is_file()]
-    args.configs = [c for c in args.configs if c not in moved]
-    args.overrides = [*moved, *(args.overrides or [])]
+    # `key=value` words written straight after the config files are overrides: the CLI took them out already.
     if not args.configs:
         raise ValueError("--configs needs at least one config file")
     stems = [Path(c).stem for c in args.configs]
