@@ -14,8 +14,8 @@ DESCRIPTION = (
     "Run each config (e.g. configs/source.yaml configs/tent.yaml configs/surgical_block1.yaml) over the same "
     "stream, each in its own subfolder of --out, then write compare.md and compare.json (domains as rows, "
     "configs as columns). Finished runs with the same config are reused and interrupted ones resumed, so "
-    "rerunning the same command after a crash only does the missing work. Trailing key=value overrides apply "
-    "to every config."
+    "rerunning the same command after a crash only does the missing work. key=value overrides (anywhere after "
+    "the command) apply to every config."
 )
 
 
