@@ -307,8 +307,16 @@ def _dotted(path: str, key: str) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    """A type as messages write it: `int`, `bool | None`, `int | 'all' | None` (never `Union[..., NoneType]`)."""
+    if tp is type(None):
+        return "None"
     if isinstance(tp, type):
         return tp.__name__
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
     return str(tp).replace("typing.", "")
 
 
