@@ -260,3 +260,20 @@ def test_tables_explain_mean_versus_online_error():
     assert "unweighted mean of the per-domain errors" in ERROR_NOTE and "all images of the stream" in ERROR_NOTE
     assert ERROR_NOTE in compare_markdown({"a": a, "b": a})
     assert "by round" not in summary_markdown({**a, "errors_by_round": [25.0]})
+
+
+def test_readme_outputs_explain_every_summary_and_results_field(tmp_path, data_root):
+    from tta_surgical.config import load_config
+    from tta_surgical.engine import RESULTS_FILE, run
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    outputs = readme[readme.index("## Outputs") : readme.index("## Sweeps")]
+    cfg = load_config(
+        overrides=["method.name=norm", "stream.order=mixed", "stream.reset=never", "stream.domains=[fog,contrast]",
+                   "stream.n_examples=20", "stream.batch_size=10", "runtime.device=cpu", "runtime.progress=false"]
+    )  # fmt: skip
+    summary = run(cfg, tmp_path / "r", data_root=data_root, record_predictions=True)
+    line = json.loads((tmp_path / "r" / RESULTS_FILE).read_text().splitlines()[0])
+    assert "by_domain" in line and "pred" in line  # the optional fields are there to be checked too
+    missing = [k for k in [*summary, *summary["timing_this_session"], *line] if f"`{k}`" not in outputs]
+    assert not missing, f"README.md ## Outputs does not explain {missing}"
