@@ -6,8 +6,12 @@ import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..hub import DATA_ENV
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 HELP = "list the 19 corruptions with their parameters, or save a preview grid"
 DESCRIPTION = (
@@ -98,7 +102,7 @@ def _preview(args: argparse.Namespace) -> None:
 
 
 def labelled_grid(
-    tiles: Sequence[Sequence[object]],
+    tiles: Sequence[Sequence[Tensor]],
     row_labels: Sequence[str],
     col_labels: Sequence[str],
     path: str | os.PathLike,
@@ -118,7 +122,7 @@ def labelled_grid(
         left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
         return right - left, bottom - top
 
-    h, w = (int(v) * scale for v in tiles[0][0].shape[1:])  # type: ignore[attr-defined]
+    h, w = (int(v) * scale for v in tiles[0][0].shape[1:])
     left = max(size(t)[0] for t in row_labels) + 2 * pad
     top = max(size(t)[1] for t in col_labels) + 2 * pad
     grid = Image.new("RGB", (left + len(col_labels) * (w + pad), top + len(row_labels) * (h + pad)), "white")
@@ -130,7 +134,7 @@ def labelled_grid(
         y = top + i * (h + pad)
         draw.text((pad, y + (h - size(label)[1]) // 2), label, fill="black", font=font)
         for j, tile in enumerate(row):
-            img = Image.fromarray(tile.permute(1, 2, 0).cpu().numpy())  # type: ignore[attr-defined]
+            img = Image.fromarray(tile.permute(1, 2, 0).cpu().numpy())
             grid.paste(img.resize((w, h), Image.NEAREST), (left + j * (w + pad), y))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
