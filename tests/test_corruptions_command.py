@@ -10,10 +10,11 @@ import torch
 from test_cifar_c_official_params import OFFICIAL_CIFAR
 
 from tta_surgical.cli import main
+from tta_surgical.commands.corruptions import grid_origin
 from tta_surgical.corruptions import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, corrupt, to_uint8
 from tta_surgical.corruptions.params import IMAGENET
 
-TILE, PAD, SCALE = 32, 2, 3  # the preview's image size, make_grid padding and upscaling
+TILE, PAD, SCALE = 32, 4, 3  # the preview's image size, the grid's padding and upscaling
 
 
 def _table(capsys, *args: str) -> dict[str, list[str]]:
@@ -65,14 +66,19 @@ def test_preview_grid_holds_each_corruption_at_each_severity(tmp_path: Path, dat
     assert main([*argv, "--frost-dir", str(data_root / "frost"), "--seed", str(seed)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     grid = read_image(str(out))
-    step = TILE + PAD
-    assert tuple(grid.shape) == (3, SCALE * (len(ALL_CORRUPTIONS) * step + PAD), SCALE * (6 * step + PAD))
-    small = grid[:, ::SCALE, ::SCALE]  # undo the nearest-neighbour upscaling
+    columns = [f"clean #{index}", *(f"severity {s}" for s in range(1, 6))]
+    x0, y0 = grid_origin(list(ALL_CORRUPTIONS), columns, PAD)
+    step = TILE * SCALE + PAD
+    assert tuple(grid.shape) == (3, y0 + len(ALL_CORRUPTIONS) * step, x0 + 6 * step)
+
+    def tile(row: int, col: int) -> torch.Tensor:  # one tile, the nearest-neighbour upscaling undone
+        y, x = y0 + row * step, x0 + col * step
+        return grid[:, y : y + TILE * SCALE : SCALE, x : x + TILE * SCALE : SCALE]
 
     images, _ = load_cifar10(data_root)
     x = torch.from_numpy(images[index : index + 1]).permute(0, 3, 1, 2).float() / 255
     for row, name in enumerate(ALL_CORRUPTIONS):
-        tiles = [small[:, PAD + row * step :, PAD + col * step :][:, :TILE, :TILE] for col in range(6)]
+        tiles = [tile(row, col) for col in range(6)]
         assert torch.equal(tiles[0], to_uint8(x[0])), f"{name}: the first column is the clean image"
         for severity in range(1, 6):
             want = to_uint8(corrupt(x, name, severity, seed=seed, preset="cifar", frost_dir=data_root / "frost")[0])

@@ -59,7 +59,9 @@ def test_plan_is_reproducible(order, shift):
     assert all(np.array_equal(x.indices, y.indices) and x.noise_seed == y.noise_seed for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("kw", [dict(order="mixed"), dict(label_shift="dirichlet"), dict(shuffle=True, n_examples=0)])
+@pytest.mark.parametrize(
+    "kw", [dict(order="mixed"), dict(label_shift="dirichlet"), dict(shuffle=True, n_examples="all")]
+)
 def test_seed_changes_random_plans(kw):
     a, b = plan_stream(spec(seed=0, **kw), RNG_LABELS), plan_stream(spec(seed=1, **kw), RNG_LABELS)
     order_a = np.concatenate([p.indices for p in a])
@@ -101,7 +103,7 @@ def test_sequential_covers_each_domain_once_in_order():
 
 
 def test_all_examples_and_shorthands():
-    s = StreamSpec(domains="benchmark", n_examples=0)
+    s = StreamSpec(domains="benchmark", n_examples="all")
     assert s.domains == BENCHMARK_CORRUPTIONS and s.n_examples is None
     assert StreamSpec(domains="all").domains == ALL_CORRUPTIONS
     assert StreamSpec(domains=["benchmark"]).domains == BENCHMARK_CORRUPTIONS
@@ -175,7 +177,7 @@ def test_reset_flags(reset, extra, expected):
 
 
 def test_per_class_subset():
-    s = spec(per_class=7, n_examples=0, domains=("fog",), batch_size=1000)
+    s = spec(per_class=7, n_examples="all", domains=("fog",), batch_size=1000)
     (p,) = plan_stream(s, RNG_LABELS)
     assert np.bincount(RNG_LABELS[p.indices], minlength=10).tolist() == [7] * 10
     (q,) = plan_stream(s, RNG_LABELS)
@@ -200,7 +202,7 @@ def test_per_class_subset():
         (dict(reset="every_n"), r"reset_every >= 1"),
         (dict(order="mixed", reset="per_domain"), r"no domain boundary"),
         (dict(label_shift="dirichlet", dirichlet_delta=0.0), r"positive"),
-        (dict(n_examples=-1), r"non-negative"),
+        (dict(n_examples=-1), r"n_examples=-1 selects no images; write stream.n_examples=all"),
         (dict(source="imagenetc", image_size=128), r"224x224"),
         (dict(domains=()), r"non-empty"),
     ],

@@ -44,6 +44,7 @@ __all__ = [
     "load_yaml",
     "method_config",
     "parse_override",
+    "read_yaml",
     "stream_section",
     "to_dict",
 ]
@@ -232,7 +233,7 @@ class OptimConfig:
             raise ConfigError(f"optim.betas must both lie in [0, 1), got {list(self.betas)!r}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"optim.momentum must lie in [0, 1), got {self.momentum!r}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):  # NaN fails every comparison
             raise ConfigError(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.name == "sgd" and self.nesterov and self.momentum <= 0:
             raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
@@ -306,8 +307,16 @@ def _dotted(path: str, key: str) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    """A type as messages write it: `int`, `bool | None`, `int | 'all' | None` (never `Union[..., NoneType]`)."""
+    if tp is type(None):
+        return "None"
     if isinstance(tp, type):
         return tp.__name__
+    origin = typing.get_origin(tp)
+    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
     return str(tp).replace("typing.", "")
 
 
@@ -415,9 +424,15 @@ _MOVED_KEYS = {
 }
 
 
-def _unknown_key_error(cls: type, keys: Iterable[str], path: str) -> ConfigError:
+def _shown_key(key: object) -> str:
+    """A key as messages write it: plain names as they are, anything else (a number, odd characters) as its repr,
+    so every message stays on one line."""
+    return key if isinstance(key, str) and key.isprintable() and key.strip() == key and key else repr(key)
+
+
+def _unknown_key_error(cls: type, keys: Iterable[object], path: str) -> ConfigError:
     valid = [f.name for f in dataclasses.fields(cls) if f.init]
-    dotted = [_dotted(path, k) for k in sorted(map(str, keys))]
+    dotted = [_dotted(path, k) for k in sorted(map(_shown_key, keys))]
     where = f"in section {path!r}" if path else "at the top level"
     if issubclass(cls, MethodSettings) and path:
         where += f" for method {getattr(cls, 'name', '?')!r}"
@@ -425,21 +440,24 @@ def _unknown_key_error(cls: type, keys: Iterable[str], path: str) -> ConfigError
     return ConfigError(f"unknown config key {', '.join(dotted)}; valid keys {where}: {', '.join(valid)}{hints}")
 
 
-def _resolve_variant(cls: type[T], data: Any) -> type[T]:
+def _resolve_variant(cls: type[T], data: Any, path: str = "") -> type[T]:
     """For a polymorphic section type (`_VARIANT_KEY`), the subclass its data names; else `cls` itself."""
     key = _VARIANT_KEY.get(cls)
     if key is None or not isinstance(data, Mapping):
         return cls
     default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
-    return cls.variant(data.get(key, default))  # type: ignore[attr-defined]
+    name = data.get(key, default)
+    if not isinstance(name, str):
+        raise ConfigError(f"{_dotted(path, key)}: expected a name (a string), got {name!r}")
+    return cls.variant(name)  # type: ignore[attr-defined]
 
 
 def _switch_variant(cls: type, section: Mapping[str, Any], key: str, value: Any, path: str) -> dict[str, Any]:
     """`method.name=other`: the section for the other variant. Keys left at the old variant's defaults are dropped
     (they are not the user's choice and may not exist in the new one); values the user changed are kept, so an
     invalid combination still fails loudly when the new section is checked."""
-    new_cls = _resolve_variant(cls, {key: value})
-    old = _resolve_variant(cls, section)
+    new_cls = _resolve_variant(cls, {key: value}, path)
+    old = _resolve_variant(cls, section, path)
     defaults = to_dict(from_dict(old, {key: section.get(key)}, path))
     kept = {k: v for k, v in section.items() if k != key and _normalise_plain(v) != _normalise_plain(defaults.get(k))}
     del new_cls  # resolved only to fail early on an unknown name
@@ -462,7 +480,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path or 'config'}: expected a mapping of keys to values, got {data!r}")
-    cls = _resolve_variant(cls, data)
+    cls = _resolve_variant(cls, data, path)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -503,13 +521,76 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping with `yaml.safe_load` (an empty file is an empty mapping)."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that rejects a key written twice in one mapping (plain YAML keeps the last one silently,
+    so `lr: 1e-3` ... `lr: 1e-2` would hide a mistake). Merge keys (`<<: *base`) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} twice (first on line {seen[key].start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(text: str, err: yaml.YAMLError) -> tuple[int, int, str] | None:
+    """(line, column, what) of a PyYAML error, 1-based, on one line; None when PyYAML gives no position."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        what = str(getattr(err, "problem", None) or "invalid YAML")
+        context = getattr(err, "context", None)
+        if context:
+            what += f" ({context})"
+        return mark.line + 1, mark.column + 1, what.replace("\n", " ")
+    if isinstance(err, yaml.reader.ReaderError):
+        before = text[: err.position]
+        col = err.position - (before.rfind("\n") + 1) + 1
+        return before.count("\n") + 1, col, f"the character {chr(err.character)!r} is not allowed in YAML"
+    return None
+
+
+def _yaml_error(path: Path, text: str, err: yaml.YAMLError) -> ConfigError:
+    """One line: `file:line:column: invalid YAML: what (while ...)` from PyYAML's multi-line message."""
+    found = _yaml_problem(text, err)
+    if found is None:
+        return ConfigError(f"{path}: invalid YAML: {err}".replace("\n", " "))
+    line, col, what = found
+    return ConfigError(f"{path}:{line}:{col}: invalid YAML: {what}")
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The data of a YAML file, read safely (`yaml.SafeLoader`; a key twice in one mapping is an error): the one
+    place this package parses YAML files. A missing file raises `FileNotFoundError` naming `what`; text that is not
+    UTF-8 or not valid YAML raises a one-line `ConfigError` with the file, line and column."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with path.open(encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+        raise FileNotFoundError(f"{what} not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise _yaml_error(path, text, err) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+
+
+def load_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML mapping with `read_yaml` (an empty file is an empty mapping; anything else is a `ConfigError`)."""
+    data = read_yaml(path, what)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -537,7 +618,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({err})") from None
+        found = _yaml_problem(raw, err)
+        what = f"{found[2]} at column {found[1]}" if found else str(err).replace("\n", " ")
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {what}") from None
+    except RecursionError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: nested too deeply") from None
     return key.split("."), value
 
 
@@ -557,7 +642,7 @@ def _set_override(cls: type, data: dict[str, Any], keys: list[str], value: Any, 
         if rest == [variant_key]:
             data[key] = _switch_variant(tp, data[key], variant_key, value, here)
             return
-        _set_override(_resolve_variant(tp, data[key]), data[key], rest, value, raw, here)
+        _set_override(_resolve_variant(tp, data[key], here), data[key], rest, value, raw, here)
         return
     if is_section:
         if not isinstance(value, Mapping):

@@ -181,13 +181,18 @@ def _monitor(cfg: Config) -> CollapseMonitor:
     return CollapseMonitor(rt.collapse_window, rt.collapse_share, rt.collapse_entropy_ratio)
 
 
+def _round(batch: Any, spec: Any) -> int | None:
+    """The batch's round for its domain key: only streams with several rounds key their domains per round."""
+    return batch.plan.round if spec.rounds > 1 and batch.plan is not None else None
+
+
 def _record(batch: Any, logits: torch.Tensor, method: Any, ms: float, spec: Any, multi: bool) -> dict[str, Any]:
     """The results line of one batch: accuracy, the method's report, the collapse statistics, the latency."""
     correct, entropy, top, share = batch_prediction_stats(logits, batch.y)
     last = method.last
     rec: dict[str, Any] = {
         "batch_index": int(batch.batch_index),
-        "domain": domain_key(batch.domain, batch.severity, multi),
+        "domain": domain_key(batch.domain, batch.severity, multi, _round(batch, spec)),
         "severity": int(batch.severity),
         "correct": correct,
         "count": int(logits.shape[0]),
@@ -273,8 +278,8 @@ def _open_folder(folder: RunFolder, cfg: Config, resume: bool, overwrite: bool) 
     folder.check_config(cfg)
     if checkpoint.get("version") != STATE_VERSION:
         raise ValueError(
-            f"{folder.file(STATE_FILE)} has checkpoint version {checkpoint.get('version')}, this version of "
-            f"tta-surgical writes and reads version {STATE_VERSION}; start a new run (--overwrite, or another --out)"
+            f"{folder.file(STATE_FILE)} has checkpoint version {checkpoint.get('version')}, expected {STATE_VERSION} "
+            "(written by another version of tta-surgical); start a new run (--overwrite, or another --out)"
         )
     return checkpoint
 
@@ -359,7 +364,8 @@ class _Loop:
             t_ready = time.perf_counter()
             for batch in stream.iter_from(self.start):
                 self.timing["data_s"] += time.perf_counter() - t_ready
-                segment = (int(batch.domain_index), domain_key(batch.domain, batch.severity, built.multi_severity))
+                key = domain_key(batch.domain, batch.severity, built.multi_severity, _round(batch, self.cfg.stream))
+                segment = (int(batch.domain_index), key)
                 if self._due(batch, prev, segment):
                     self.save_checkpoint(batch.batch_index, writer)
                 prev = segment
@@ -429,6 +435,7 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
     method, tally, timing = built.method, loop.tally, loop.timing
     peak, peak_kind = peak_memory(built.device)
     lat = tally.latency.summary()
+    errors_by_round, online_by_round = tally.errors.by_round()
     summary: dict[str, Any] = {
         "method": cfg.method.name,
         "model": cfg.model.name,
@@ -442,6 +449,8 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "errors": tally.errors.errors(),
         "mean_error": tally.errors.mean_error(),
         "online_error": tally.errors.online_error(),
+        "errors_by_round": errors_by_round,
+        "online_errors_by_round": online_by_round,
         "images_per_s": tally.latency.images_per_s(),
         "latency_ms": {k: lat[k] for k in ("p50", "p95", "p99", "mean")},
         "latency_batches": lat["n_batches"],
@@ -461,6 +470,8 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "stopped_on_collapse_at_batch": loop.stopped_at,
         "n_images": tally.errors.n_images,
         "n_batches": len(built.stream),
+        # segments whose single-image last batch was merged into the previous one (streams.batch_bounds)
+        "n_single_image_batches_merged": sum(len(p) > cfg.stream.batch_size for p in built.stream.plan),
         "batch_size": int(cfg.stream.batch_size),
         "device": describe_device(built.device),
         "precision": cfg.runtime.precision,
@@ -483,8 +494,8 @@ def _item_keys(batch: Any, spec: Any, multi: bool) -> list[str] | None:
     ids, sev = np.asarray(plan.domain_ids), np.asarray(plan.item_severities)
     if np.all(ids == ids[0]) and np.all(sev == sev[0]):
         return None
-    domains = tuple(spec.domains)
-    return [domain_key(domains[int(i)], int(s), multi) for i, s in zip(ids, sev)]
+    domains, r = tuple(spec.domains), _round(batch, spec)
+    return [domain_key(domains[int(i)], int(s), multi, r) for i, s in zip(ids, sev)]
 
 
 def _multi_severity(stream: Any, spec: Any) -> bool:
@@ -504,6 +515,7 @@ def _describe_stream(spec: Any) -> str:
     return (
         f"{spec.source}, {len(spec.domains)} domains, severity {sev}, {spec.order}, reset {spec.reset}, "
         f"{spec.n_examples or 'all'} images/domain, batch {spec.batch_size}"
+        + (f", {spec.rounds} rounds" if spec.rounds > 1 else "")
     )
 
 

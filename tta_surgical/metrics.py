@@ -16,12 +16,22 @@ from typing import Any
 
 import torch
 
+ROUND_MARK = "/r"  # "fog/r2": the domain fog in the second round of a stream with stream.rounds > 1
 
-def domain_key(corruption: str, severity: int | None, multi_severity: bool) -> str:
-    """Name of a domain in results: "<corruption>" when the stream has one severity, "<corruption>@<s>" otherwise."""
+
+def domain_key(corruption: str, severity: int | None, multi_severity: bool, round_index: int | None = None) -> str:
+    """Name of a domain in results: "<corruption>" when the stream has one severity, "<corruption>@<s>" otherwise;
+    with a `round_index` (0-based; streams with several rounds) followed by "/r<round>" (1-based): "fog@5/r2"."""
+    key = str(corruption)
     if multi_severity and severity:  # severity 0 marks a batch mixing severities (a mixed stream)
-        return f"{corruption}@{int(severity)}"
-    return str(corruption)
+        key = f"{corruption}@{int(severity)}"
+    return key if round_index is None else f"{key}{ROUND_MARK}{int(round_index) + 1}"
+
+
+def round_of(key: str) -> int:
+    """The (1-based) round a domain key belongs to; 1 for keys without a round mark."""
+    _, mark, tail = key.rpartition(ROUND_MARK)
+    return int(tail) if mark and tail.isdigit() else 1
 
 
 @dataclass
@@ -54,6 +64,15 @@ class ErrorMeter:
         """Error (%) over every prediction of the stream (weights domains by their number of images)."""
         n = self.n_images
         return 100.0 * (1.0 - sum(self.correct.values()) / n) if n else math.nan
+
+    def by_round(self) -> tuple[list[float], list[float]]:
+        """(mean error, online error) of each round in order (`round_of` the domain keys): one item per round."""
+        rounds: dict[int, ErrorMeter] = {}
+        for d in self.count:
+            part = rounds.setdefault(round_of(d), ErrorMeter())
+            part.update(d, self.correct[d], self.count[d])
+        ordered = [rounds[r] for r in sorted(rounds)]
+        return [m.mean_error() for m in ordered], [m.online_error() for m in ordered]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -14,6 +14,13 @@ from typing import Any
 
 from .tables import bold_best, fmt, markdown_table
 
+# Printed under every error table: the two stream-level errors are computed differently and can differ.
+ERROR_NOTE = (
+    "mean = the unweighted mean of the per-domain errors (the number papers report); online error = the errors "
+    "over all images of the stream. They are equal (up to rounding in the last digit) when every domain has the "
+    "same number of images, and differ when the domains differ in size (a mixed stream, a run stopped early)."
+)
+
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
     """One run: error per domain and their mean, then online error, latency, throughput and memory."""
@@ -27,8 +34,10 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     rows.append(["**mean**", f"**{fmt(summary.get('mean_error'))}**"])
     errors = markdown_table(["domain", "error %"], rows)
     lat = summary.get("latency_ms", {})
+    by_round = summary.get("errors_by_round") or []
     stats = [
         ["online error %", fmt(summary.get("online_error"))],
+        *([["mean error % by round", " / ".join(fmt(e) for e in by_round)]] if len(by_round) > 1 else []),
         ["latency p50 / p95 / p99 (ms/batch)", " / ".join(fmt(lat.get(k)) for k in ("p50", "p95", "p99"))],
         ["images / s", fmt(summary.get("images_per_s"), 1)],
         [f"peak memory MiB ({summary.get('peak_memory_kind', '?')})", fmt(summary.get("peak_memory_mb"), 1)],
@@ -36,7 +45,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         ["images", fmt(summary.get("n_images"))],
         ["device", fmt(summary.get("device"))],
     ]
-    return "\n\n".join([title, errors, markdown_table(["metric", "value"], stats)]) + "\n"
+    return "\n\n".join([title, errors, markdown_table(["metric", "value"], stats), ERROR_NOTE]) + "\n"
 
 
 def compare_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
@@ -61,7 +70,7 @@ def compare_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     rows.append(row("latency p50 (ms)", [s.get("latency_ms", {}).get("p50") for s in summaries.values()]))
     rows.append(row("images / s", [s.get("images_per_s") for s in summaries.values()], lower_is_better=False, digits=1))
     rows.append(row("peak memory (MiB)", [s.get("peak_memory_mb") for s in summaries.values()], digits=1))
-    return markdown_table(["error %", *names], rows) + "\n"
+    return markdown_table(["error %", *names], rows) + "\n\n" + ERROR_NOTE + "\n"
 
 
 def plot_errors(summaries: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:

@@ -174,6 +174,11 @@ def read_jsonl(path: str | os.PathLike, keep: int | None = None) -> list[dict[st
     the file; with `keep`, only the first `keep` records stay (the file is cut there too) and fewer is an error.
     A missing file reads as empty (and with `keep` > 0 is an error)."""
     path = Path(path)
+    if keep and not path.is_file():
+        raise OSError(
+            f"{path} is missing but the checkpoint expects {keep} result lines: start a new run (--overwrite, or "
+            "another --out)"
+        )
     raw = path.read_bytes() if path.is_file() else b""
     records: list[dict[str, Any]] = []
     good = 0  # bytes of complete, valid lines
@@ -286,8 +291,9 @@ class RunFolder:
         path = self.path / self.CONFIG
         if not path.is_file():
             return
-        with open(path, encoding="utf-8") as f:
-            saved = yaml.safe_load(f) or {}
+        from .config import load_yaml
+
+        saved = load_yaml(path, "saved config")
         diffs = config_differences(saved, plain_config(cfg), ignored)
         if diffs:
             raise ValueError(

@@ -85,7 +85,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--warmup", type=int, default=None, metavar="N", help="untimed steps per cell (default 5)")
     parser.add_argument("--iters", type=int, default=None, metavar="N", help="timed steps per cell (default 30)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the random weights and input (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=None, metavar="S", help="seed of the random weights and input (default 0)"
+    )
     parser.add_argument(
         "--no-autograd", action="store_true", help="skip the per-cell autograd report (saved tensors, gradients)"
     )

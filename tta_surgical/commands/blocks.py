@@ -36,10 +36,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "validated and used instead of the model's own or inferred map",
     )
     parser.add_argument(
-        "--num-classes", type=int, default=None, help="classifier size (default: the architecture's own)"
+        "--num-classes", type=int, default=None, metavar="N", help="classifier size (default: the architecture's own)"
     )
     parser.add_argument(
         "--data-root",
+        metavar="DIR",
         default=None,
         help="data folder (default $TTA_SURGICAL_DATA); only used to report whether the weights are present",
     )

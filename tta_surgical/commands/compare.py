@@ -14,8 +14,8 @@ DESCRIPTION = (
     "Run each config (e.g. configs/source.yaml configs/tent.yaml configs/surgical_block1.yaml) over the same "
     "stream, each in its own subfolder of --out, then write compare.md and compare.json (domains as rows, "
     "configs as columns). Finished runs with the same config are reused and interrupted ones resumed, so "
-    "rerunning the same command after a crash only does the missing work. Trailing key=value overrides apply "
-    "to every config."
+    "rerunning the same command after a crash only does the missing work. key=value overrides (anywhere after "
+    "the command) apply to every config."
 )
 
 
@@ -39,11 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..runfolder import folder_lock
 
-    # argparse gives `--configs` every following word, so `key=value` overrides written straight after the
-    # config files land here: move them back where they belong.
-    moved = [c for c in args.configs if "=" in c and not Path(c).is_file()]
-    args.configs = [c for c in args.configs if c not in moved]
-    args.overrides = [*moved, *(args.overrides or [])]
+    # `key=value` words written straight after the config files are overrides: the CLI took them out already.
     if not args.configs:
         raise ValueError("--configs needs at least one config file")
     stems = [Path(c).stem for c in args.configs]

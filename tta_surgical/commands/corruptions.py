@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..hub import DATA_ENV
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 HELP = "list the 19 corruptions with their parameters, or save a preview grid"
+DESCRIPTION = (
+    "Print the parameter table of the 19 corruptions (the 15 benchmark ones and the 4 extra) at severities 1..5. "
+    "With --preview, also corrupt one CIFAR-10 test image with every corruption at every severity and save a "
+    "labelled PNG grid: one row per corruption (named on the left), columns the clean image and severities 1..5 "
+    "(named on top). The image and the frost textures come from --data-root / $TTA_SURGICAL_DATA when present."
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -19,16 +33,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--preview",
         metavar="PNG",
         default=None,
-        help="write a PNG grid: one row per corruption, columns clean and severities 1..5",
+        help="write a labelled PNG grid: one row per corruption, columns clean and severities 1..5 (CIFAR preset)",
     )
     parser.add_argument(
         "--data-root",
-        default=os.environ.get("TTA_SURGICAL_DATA"),
-        help="folder holding cifar-10-batches-py/ for --preview (default $TTA_SURGICAL_DATA)",
+        metavar="DIR",
+        default=os.environ.get(DATA_ENV),
+        help=f"folder holding cifar-10-batches-py/ and frost/ for --preview (default ${DATA_ENV}; without "
+        "either, the download cache)",
     )
-    parser.add_argument("--index", type=int, default=0, help="CIFAR-10 test image shown by --preview (default 0)")
-    parser.add_argument("--frost-dir", default=None, help="folder with the frost textures (default: the cache)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the preview (default 0)")
+    parser.add_argument(
+        "--index", type=int, default=0, metavar="N", help="CIFAR-10 test image shown by --preview (default 0)"
+    )
+    parser.add_argument(
+        "--frost-dir",
+        metavar="DIR",
+        default=None,
+        help="folder with the frost textures (default: <data-root>/frost when present, else the verified "
+        "download cache)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="random seed of the preview's corruption noise (default 0)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -54,21 +80,77 @@ def main(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> None:
     import torch
-    from torchvision.io import write_png
-    from torchvision.utils import make_grid
 
     from ..corruptions import ALL_CORRUPTIONS, corrupt, to_uint8
+    from ..corruptions.textures import default_frost_dir
     from ..data.cifar import find_cifar10, load_cifar10
 
     images, _ = load_cifar10(find_cifar10(args.data_root))
+    if not 0 <= args.index < len(images):
+        raise ValueError(f"--index {args.index} is not a CIFAR-10 test image; choose 0..{len(images) - 1}")
+    frost_dir = default_frost_dir(args.frost_dir, args.data_root)  # the data root's textures: no download
     x = torch.from_numpy(images[args.index : args.index + 1]).permute(0, 3, 1, 2).float() / 255
-    rows = []
-    for name in ALL_CORRUPTIONS:
-        rows.append(x[0])
-        rows.extend(
-            corrupt(x, name, s, seed=args.seed, preset="cifar", frost_dir=args.frost_dir)[0] for s in range(1, 6)
-        )
-    grid = make_grid(torch.stack(rows), nrow=6, padding=2, pad_value=1.0)
-    grid = torch.nn.functional.interpolate(grid[None], scale_factor=3, mode="nearest")[0]
-    write_png(to_uint8(grid), args.preview)
-    print(f"wrote {args.preview}: rows {', '.join(ALL_CORRUPTIONS)}; columns clean, severity 1..5")
+    clean = to_uint8(x[0])
+    rows = [
+        [clean]
+        + [to_uint8(corrupt(x, name, s, seed=args.seed, preset="cifar", frost_dir=frost_dir)[0]) for s in range(1, 6)]
+        for name in ALL_CORRUPTIONS
+    ]
+    columns = [f"clean #{args.index}", *(f"severity {s}" for s in range(1, 6))]
+    labelled_grid(rows, list(ALL_CORRUPTIONS), columns, args.preview)
+    print(f"wrote {args.preview}: rows {', '.join(ALL_CORRUPTIONS)}; columns {', '.join(columns)}")
+
+
+def _text_size() -> tuple[Any, Any]:
+    """(text -> (width, height) in pixels, the font): Pillow's built-in font, so no plotting library is needed."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text: str) -> tuple[int, int]:
+        left, top, right, bottom = measure.textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    return size, font
+
+
+def grid_origin(row_labels: Sequence[str], col_labels: Sequence[str], pad: int = 4) -> tuple[int, int]:
+    """(x, y) of the first tile of a `labelled_grid`: the row labels' width and the column labels' height, padded.
+    Tile (i, j) of a grid with tiles of w x h pixels (after scaling) starts at (x + j (w + pad), y + i (h + pad))."""
+    size, _ = _text_size()
+    return max(size(t)[0] for t in row_labels) + 2 * pad, max(size(t)[1] for t in col_labels) + 2 * pad
+
+
+def labelled_grid(
+    tiles: Sequence[Sequence[Tensor]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    path: str | os.PathLike,
+    scale: int = 3,
+    pad: int = 4,
+) -> Path:
+    """Save uint8 (3, H, W) tiles as a PNG grid with each row's label on the left and each column's on top.
+
+    Drawn with Pillow (a torchvision dependency) and its built-in font, so no plotting library is needed.
+    """
+    from PIL import Image, ImageDraw
+
+    size, font = _text_size()
+    h, w = (int(v) * scale for v in tiles[0][0].shape[1:])
+    left, top = grid_origin(row_labels, col_labels, pad)
+    grid = Image.new("RGB", (left + len(col_labels) * (w + pad), top + len(row_labels) * (h + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, text in enumerate(col_labels):
+        tw, _ = size(text)
+        draw.text((left + j * (w + pad) + (w - tw) // 2, pad), text, fill="black", font=font)
+    for i, (label, row) in enumerate(zip(row_labels, tiles, strict=True)):
+        y = top + i * (h + pad)
+        draw.text((pad, y + (h - size(label)[1]) // 2), label, fill="black", font=font)
+        for j, tile in enumerate(row):
+            img = Image.fromarray(tile.permute(1, 2, 0).cpu().numpy())
+            grid.paste(img.resize((w, h), Image.NEAREST), (left + j * (w + pad), y))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out, format="PNG")
+    return out

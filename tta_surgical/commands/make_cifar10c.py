@@ -20,27 +20,39 @@ def _csv(text: str) -> list[str]:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-root",
+        metavar="DIR",
         default=os.environ.get("TTA_SURGICAL_DATA"),
         help="folder holding cifar-10-batches-py/ (default: $TTA_SURGICAL_DATA; without either, the cache, "
         "downloading CIFAR-10 there if needed)",
     )
-    parser.add_argument("--out", required=True, help="output folder for <corruption>.npy, .json and labels.npy")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder for <corruption>.npy, .json and labels.npy"
+    )
     parser.add_argument(
         "--corruptions",
+        metavar="NAMES",
         default="all",
         help="comma-separated corruption names, or 'all' (19) / 'benchmark' (the 15) / 'extra' (the 4); default all",
     )
-    parser.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities in 1..5 (default all)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N test images")
     parser.add_argument(
-        "--seed", type=int, default=0, help="random seed (default 0); same seed, same device: same bytes"
+        "--severities", default="1,2,3,4,5", metavar="S,...", help="comma-separated severities in 1..5 (default all)"
+    )
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N test images")
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="random seed (default 0); same seed, same device: same bytes"
     )
     parser.add_argument(
-        "--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available; default auto)"
+        "--device",
+        default="auto",
+        metavar="DEVICE",
+        help="cpu, cuda, cuda:N or auto (CUDA when available; default auto)",
     )
-    parser.add_argument("--batch-size", type=int, default=1000, help="images corrupted per call (default 1000)")
+    parser.add_argument(
+        "--batch-size", type=int, default=1000, metavar="N", help="images corrupted per call (default 1000)"
+    )
     parser.add_argument(
         "--frost-dir",
+        metavar="DIR",
         default=None,
         help="folder with frost1.png..frost5.jpg (default: <data-root>/frost when present, else the verified "
         "download cache)",

@@ -13,7 +13,8 @@ DESCRIPTION = (
     "Run one method config (configs/*.yaml) over one deployment stream (streams/*.yaml) and write "
     "config.yaml, results.jsonl (one line per batch), summary.json and summary.md to the output folder. "
     "A checkpoint is written at every domain boundary; --resume continues an interrupted run with identical results. "
-    "Trailing key=value arguments override config fields, e.g. optim.lr=1e-4 stream.n_examples=1000."
+    "key=value arguments (anywhere after the command) override config fields, e.g. optim.lr=1e-4 "
+    "stream.n_examples=1000."
 )
 
 
@@ -23,7 +24,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         "--data-root",
         metavar="DIR",
         default=os.environ.get(DATA_ENV),
-        help=f"folder holding cifar-10-batches-py/, CIFAR-10-C/ and weights/ (default: ${DATA_ENV}; "
+        help=f"folder holding cifar-10-batches-py/, CIFAR-10-C/, weights/ and frost/ (default: ${DATA_ENV}; "
         "unset means download into the cache)",
     )
     parser.add_argument(
@@ -43,7 +44,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="config overrides as dotted keys, e.g. optim.lr=1e-4 method.blocks=[block1] stream.n_examples=1000",
+        help="config overrides as dotted keys, anywhere after the command, e.g. optim.lr=1e-4 "
+        "method.blocks=[block1] stream.n_examples=all (values are read as YAML)",
     )
 
 

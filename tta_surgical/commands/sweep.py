@@ -14,8 +14,9 @@ DESCRIPTION = (
     "Expand a sweep file (configs/sweeps/*.yaml: a base config, overrides, axes or cells, resources, retries) "
     "into cells, validate every cell, run each into OUT/cells/<id>/ (id = hash of its resolved config) and "
     "merge them into OUT/sweep.jsonl and OUT/summary.md (deterministic: the same bytes whichever launcher ran "
-    "them) and OUT/timings.json. --resume skips finished cells and continues interrupted ones. Trailing "
-    "key=value arguments override every cell's config (not the keys the sweep varies), e.g. runtime.device=cpu."
+    "them) and OUT/timings.json. --resume skips finished cells and continues interrupted ones. "
+    "key=value arguments (anywhere after the command) override every cell's config (not the keys the sweep "
+    "varies), e.g. runtime.device=cpu."
 )
 
 
@@ -48,7 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--data-root",
         metavar="DIR",
         default=os.environ.get(DATA_ENV),
-        help=f"folder holding cifar-10-batches-py/, CIFAR-10-C/ and weights/ (default: ${DATA_ENV}); on a Ray "
+        help=f"folder holding cifar-10-batches-py/, CIFAR-10-C/, weights/ and frost/ (default: ${DATA_ENV}); on a Ray "
         "cluster it must exist at this path on every node",
     )
     parser.add_argument(
@@ -57,7 +58,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar over cells")
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every cell, e.g. stream.n_examples=100"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides for every cell, anywhere after the command, e.g. stream.n_examples=100",
     )
 
 

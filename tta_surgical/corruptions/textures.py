@@ -35,8 +35,8 @@ CACHE_SUB = "frost"
 def _hint(name: str) -> str:
     url = FROST_URL.format(name=name)
     return (
-        f"get it from {url} (the official ImageNet-C repository) and either pass its folder with "
-        f"--frost-dir / frost_dir=..., or put it in the cache folder {hub.cache_dir(CACHE_SUB)}"
+        f"get it from {url} (the official ImageNet-C repository) and put it in <--data-root>/frost/, pass its "
+        f"folder with --frost-dir, or put it in the cache folder {hub.cache_dir(CACHE_SUB)}"
     )
 
 

@@ -23,7 +23,6 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
 from torch import nn
 
 from .blocks import OVERRIDE_ATTR, BlockSpec, _unwrap, block_spec, check_partition
@@ -41,14 +40,11 @@ class BlockMapError(ValueError):
 
 
 def load_block_map(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Read a block map from a YAML (or JSON) file with `yaml.safe_load`: a top-level mapping of block names."""
+    """Read a block map from a YAML (or JSON) file with `config.read_yaml`: a top-level mapping of block names."""
+    from ..config import read_yaml  # the package's one YAML reader (lazy: config imports the stream modules)
+
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"block map file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise BlockMapError(f"block map file {p} is not valid YAML: {err}".replace("\n", " ")) from None
+    data = read_yaml(p, "block map file")  # malformed YAML: a one-line ConfigError with file, line and column
     if not isinstance(data, Mapping):
         raise BlockMapError(
             f"block map file {p} must hold a mapping such as `input: [conv1, bn1]`, `block1: [layer1]`, "

@@ -189,7 +189,7 @@ def _torch_hub_file(spec: WeightSpec) -> Path:
     except (OSError, ValueError, RuntimeError) as err:
         raise FileNotFoundError(
             f"could not download {spec.source} weights from {spec.url} to {dest} ({err}). Offline? Download the "
-            f"file elsewhere and place it at {dest} or at <data_root>/weights/{spec.filename}"
+            f"file elsewhere and place it at {dest} or at <--data-root>/weights/{spec.filename}"
         ) from err
     return dest
 
@@ -219,5 +219,5 @@ def weight_file(spec: WeightSpec, data_root: str | os.PathLike | None = None) ->
         spec.url,
         spec.sha256,
         cache_sub="weights",
-        offline_hint=f"Offline? Put {spec.filename} in <data_root>/weights/ (or set ${hub.DATA_ENV}).",
+        offline_hint=f"Offline? Put {spec.filename} in <--data-root>/weights/ (or set ${hub.DATA_ENV}).",
     )

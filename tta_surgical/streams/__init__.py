@@ -18,7 +18,7 @@ Four parts, each usable alone:
 
 from __future__ import annotations
 
-from .plan import BatchPlan, derive_seed, dirichlet_order, plan_fingerprint, plan_stream, select_images
+from .plan import BatchPlan, batch_bounds, derive_seed, dirichlet_order, plan_fingerprint, plan_stream, select_images
 from .sources import SOURCES, MemorySource, Source, open_source, register_source, source_class
 from .spec import DOMAIN_SHORTHANDS, StreamSpec, gradual_severities, load_stream_spec
 from .stream import Batch, Stream, build_stream
@@ -32,6 +32,7 @@ __all__ = [
     "Source",
     "Stream",
     "StreamSpec",
+    "batch_bounds",
     "build_stream",
     "derive_seed",
     "dirichlet_order",

@@ -9,6 +9,10 @@ domain-major), "gradual" (per domain the severities rise and fall, 1,2,3,4,5,4,3
 the gradual continual-TTA protocol of CoTTA), "mixed" (every (domain, severity, image) draw shuffled
 together). Label shift "dirichlet" reorders the images of each segment into a class-correlated temporal
 order (the NOTE / RoTTA protocol; see `dirichlet_order`).
+
+Two rules keep batches meaningful without changing any other plan: a segment's last batch that would hold a
+single image is merged into the previous batch (`batch_bounds`), and `spec.rounds` repeats the whole sequence,
+each round a copy of the first (same images, order and noise seeds) with its own `round`, batch and domain indices.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ import numpy as np
 if TYPE_CHECKING:
     from .spec import StreamSpec
 
-__all__ = ["BatchPlan", "derive_seed", "dirichlet_order", "plan_fingerprint", "plan_stream", "select_images"]
+__all__ = [
+    "BatchPlan",
+    "batch_bounds",
+    "derive_seed",
+    "dirichlet_order",
+    "plan_fingerprint",
+    "plan_stream",
+    "select_images",
+]
 
 # Tags that keep the random streams of the planner independent of each other.
 _TAG_SUBSET, _TAG_SELECT, _TAG_ORDER, _TAG_MIXED, _TAG_DIRICHLET, _TAG_NOISE = 1, 2, 3, 4, 5, 6
@@ -37,7 +49,9 @@ class BatchPlan:
         item_severities: per image, the position in `spec.domains` and the severity (constant unless the stream
         is mixed). domain / severity: the batch's domain name and severity, "mixed" / 0 when a mixed batch holds
         several.
-    noise_seed: seed of the on-the-fly corruption noise, derived from (spec.seed, batch_index) only.
+    noise_seed: seed of the on-the-fly corruption noise, derived from (spec.seed, batch index within the round).
+    round: which repetition of the domain sequence (0-based; `spec.rounds`); domain_index keeps counting across
+        rounds, so a per_domain reset also happens where a round starts.
     """
 
     batch_index: int
@@ -49,6 +63,7 @@ class BatchPlan:
     item_severities: np.ndarray
     reset_before: bool
     noise_seed: int
+    round: int = 0
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -131,7 +146,7 @@ def select_images(spec: StreamSpec, labels: np.ndarray) -> np.ndarray:
             what = f"{spec.per_class} per class = {len(pool)}" if spec.per_class else f"{len(pool)}"
             raise ValueError(
                 f"stream.n_examples = {spec.n_examples} but the source offers only {what} images; "
-                "lower n_examples or set it to 0 (all)"
+                "lower n_examples or set it to all"
             )
         if spec.resolved_shuffle:
             pool = np.sort(_rng(spec.seed, _TAG_SELECT).choice(pool, spec.n_examples, replace=False))
@@ -147,49 +162,36 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of the batches of a segment of `n` images: `batch_size` each, the last one smaller, except that
+    a last batch of a single image (with batch_size > 1) joins the previous one, which then holds batch_size + 1
+    (BatchNorm with the statistics of one image is meaningless). A segment of one image stays one batch."""
+    starts = list(range(0, n, batch_size))
+    if batch_size > 1 and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return [(a, starts[i + 1] if i + 1 < len(starts) else n) for i, a in enumerate(starts)]
+
+
 def plan_stream(spec: StreamSpec, labels: np.ndarray) -> list[BatchPlan]:
     """The explicit, seeded batch plan of `spec` over a source set with these `labels` (pure; no I/O, no device).
 
     Identical inputs give an identical plan (compare with `plan_fingerprint`). Batches never straddle
     segments (a sequential / gradual batch has one domain and one severity); a mixed stream is one segment.
+    A segment's single-image last batch is merged into the previous batch (`batch_bounds`). With `spec.rounds`
+    > 1 the round's batches repeat (same images, order and noise seeds), domain_index continuing across rounds.
     reset_before is False for batch 0 (every run starts from the source model) and otherwise follows
     `spec.reset`: per_domain = first batch of each new domain_index, every_n = batch_index % reset_every
     == 0, episodic = every batch, never = none.
     """
     labels = _check_labels(labels)
-    chosen = select_images(spec, labels)
-    bs = spec.batch_size
-    rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (domain_index, indices, domain_ids, sevs)
-
-    def reorder(idx: np.ndarray, tag: int) -> np.ndarray:
-        if spec.label_shift == "dirichlet":
-            idx = idx[dirichlet_order(labels[idx], spec.dirichlet_delta, _rng(spec.seed, _TAG_DIRICHLET, tag))]
-        return idx
-
-    if spec.order == "mixed":
-        n_d, n_s, n_i = len(spec.domains), len(spec.severities), len(chosen)
-        dom = np.repeat(np.arange(n_d, dtype=np.int64), n_s * n_i)
-        sev = np.tile(np.repeat(np.asarray(spec.severities, dtype=np.int64), n_i), n_d)
-        img = np.tile(chosen, n_d * n_s)
-        perm = _rng(spec.seed, _TAG_MIXED).permutation(len(img))
-        if spec.label_shift == "dirichlet":
-            perm = perm[dirichlet_order(labels[img[perm]], spec.dirichlet_delta, _rng(spec.seed, _TAG_DIRICHLET))]
-        dom, sev, img = dom[perm], sev[perm], img[perm]
-        for a in range(0, len(img), bs):
-            rows.append((0, img[a : a + bs], dom[a : a + bs], sev[a : a + bs]))
-    else:
-        for k, (block, d, s) in enumerate(spec.segments()):
-            idx = chosen
-            if spec.resolved_shuffle:
-                idx = _rng(spec.seed, _TAG_ORDER, k).permutation(idx)
-            idx = reorder(idx, k)
-            for a in range(0, len(idx), bs):
-                part = idx[a : a + bs]
-                rows.append((block, part, np.full(len(part), d, np.int64), np.full(len(part), s, np.int64)))
-
+    rows = _one_round(spec, labels)
+    n_blocks = 1 + max((block for block, *_ in rows), default=0)
     plans = []
     prev_block = 0
-    for b, (block, idx, dom, sev) in enumerate(rows):
+    for b in range(len(rows) * spec.rounds):
+        r, b0 = divmod(b, len(rows))
+        block, idx, dom, sev = rows[b0]
+        block += r * n_blocks
         if b == 0 or spec.reset == "never":
             reset = False
         elif spec.reset == "per_domain":
@@ -210,10 +212,47 @@ def plan_stream(spec: StreamSpec, labels: np.ndarray) -> list[BatchPlan]:
                 domain_ids=np.ascontiguousarray(dom, dtype=np.int64),
                 item_severities=np.ascontiguousarray(sev, dtype=np.int64),
                 reset_before=reset,
-                noise_seed=derive_seed(spec.seed, _TAG_NOISE, b),
+                noise_seed=derive_seed(spec.seed, _TAG_NOISE, b0),  # = batch_index in the first round
+                round=r,
             )
         )
     return plans
+
+
+_Row = tuple[int, np.ndarray, np.ndarray, np.ndarray]  # (domain_index, indices, domain_ids, severities)
+
+
+def _one_round(spec: StreamSpec, labels: np.ndarray) -> list[_Row]:
+    """The batches of one pass over the domain sequence, as rows of `plan_stream`."""
+    chosen = select_images(spec, labels)
+    rows: list[_Row] = []
+
+    def reorder(idx: np.ndarray, tag: int) -> np.ndarray:
+        if spec.label_shift == "dirichlet":
+            idx = idx[dirichlet_order(labels[idx], spec.dirichlet_delta, _rng(spec.seed, _TAG_DIRICHLET, tag))]
+        return idx
+
+    if spec.order == "mixed":
+        n_d, n_s, n_i = len(spec.domains), len(spec.severities), len(chosen)
+        dom = np.repeat(np.arange(n_d, dtype=np.int64), n_s * n_i)
+        sev = np.tile(np.repeat(np.asarray(spec.severities, dtype=np.int64), n_i), n_d)
+        img = np.tile(chosen, n_d * n_s)
+        perm = _rng(spec.seed, _TAG_MIXED).permutation(len(img))
+        if spec.label_shift == "dirichlet":
+            perm = perm[dirichlet_order(labels[img[perm]], spec.dirichlet_delta, _rng(spec.seed, _TAG_DIRICHLET))]
+        dom, sev, img = dom[perm], sev[perm], img[perm]
+        for a, e in batch_bounds(len(img), spec.batch_size):
+            rows.append((0, img[a:e], dom[a:e], sev[a:e]))
+    else:
+        for k, (block, d, s) in enumerate(spec.segments()):
+            idx = chosen
+            if spec.resolved_shuffle:
+                idx = _rng(spec.seed, _TAG_ORDER, k).permutation(idx)
+            idx = reorder(idx, k)
+            for a, e in batch_bounds(len(idx), spec.batch_size):
+                part = idx[a:e]
+                rows.append((block, part, np.full(len(part), d, np.int64), np.full(len(part), s, np.int64)))
+    return rows
 
 
 def plan_fingerprint(plan: list[BatchPlan]) -> str:
@@ -221,6 +260,8 @@ def plan_fingerprint(plan: list[BatchPlan]) -> str:
     h = hashlib.sha256()
     for p in plan:
         h.update(f"{p.batch_index}|{p.domain_index}|{p.domain}|{p.severity}|{p.reset_before}|{p.noise_seed}|".encode())
+        if p.round:  # later rounds only: the first round (every plan with rounds=1) hashes as it always did
+            h.update(f"round {p.round}|".encode())
         for a in (p.indices, p.domain_ids, p.item_severities):
             h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
             h.update(b"/")

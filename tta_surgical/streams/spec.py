@@ -21,7 +21,7 @@ LabelShift = Literal["none", "dirichlet"]
 Reset = Literal["per_domain", "never", "every_n", "episodic"]
 DOMAIN_SHORTHANDS: dict[str, tuple[str, ...]] = {"all": ALL_CORRUPTIONS, "benchmark": BENCHMARK_CORRUPTIONS}
 # Integer fields and their smallest valid value.
-_MINIMUM = {"per_class": 0, "batch_size": 1, "seed": 0, "reset_every": 0}
+_MINIMUM = {"per_class": 0, "batch_size": 1, "seed": 0, "reset_every": 0, "rounds": 1}
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,15 @@ class StreamSpec:
     order: "sequential" | "mixed" | "gradual".
     label_shift: "none" | "dirichlet"; dirichlet_delta: Dirichlet concentration (small = strongly
         class-correlated order; 0.1 as in RoTTA).
-    n_examples: images per domain (per severity step for gradual); None or 0 = all available.
+    n_examples: images per domain (per severity step for gradual); "all" (or None) = every image the source has.
+        0 is an error (it used to mean all; write `all`).
     per_class: > 0 first draws a fixed, seeded subset of that many images per class (e.g. 5 on ImageNet
         = the 5,000-image convention); n_examples then selects from it.
     shuffle: shuffle images within each segment (seeded); None = the source's habit: False for CIFAR (test-set
         order, as the Tent / RobustBench protocol), True for ImageNet (folders are sorted by class).
-    batch_size: images per batch (the last batch of a segment may be smaller).
+    batch_size: images per batch. The last batch of a segment may be smaller; when it would hold a single image
+        (and batch_size > 1), that image joins the previous batch instead, which then holds batch_size + 1:
+        BatchNorm with the statistics of one image is meaningless. Plans without such a batch are unchanged.
     seed: drives every random choice of the plan and the on-the-fly corruption noise.
     reset: "per_domain" (restore the source model at each new segment: Tent's protocol), "never"
         (continual), "every_n" (every `reset_every` batches), "episodic" (before every batch).
@@ -52,6 +55,10 @@ class StreamSpec:
     quantize: round on-the-fly corrupted images to the uint8 grid (`to_uint8`), as the official files are stored.
     indices: an explicit set of source rows, in this order, streamed as if they were the whole source (n_examples,
         per_class and shuffle act within it; plan indices are positions in this list); None = every row.
+    rounds: the whole domain sequence repeated this many times (1 = once), the same images in the same order with
+        the same corruption noise in every round: the 10-round continual protocol (CoTTA, RMT) that exposes slow
+        collapse. With rounds > 1, domains are keyed per round in results ("fog/r2") and the summary reports the
+        error of each round (`errors_by_round`).
     """
 
     source: str = "cifar10"
@@ -61,7 +68,7 @@ class StreamSpec:
     order: Order = "sequential"
     label_shift: LabelShift = "none"
     dirichlet_delta: float = 0.1
-    n_examples: int | None = None
+    n_examples: int | Literal["all"] | None = None
     per_class: int = 0
     shuffle: bool | None = None
     batch_size: int = 200
@@ -71,6 +78,7 @@ class StreamSpec:
     image_size: int | None = None
     quantize: bool = True
     indices: tuple[int, ...] | None = None
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         # Imported here: the config module imports this one for its schema.
@@ -120,10 +128,7 @@ class StreamSpec:
             raise _error(f"stream.severities must be a non-empty list of integers in 1..5, got {list(self.severities)}")
         if not (self.dirichlet_delta > 0 and math.isfinite(self.dirichlet_delta)):
             raise _error(f"stream.dirichlet_delta must be a positive finite number, got {self.dirichlet_delta}")
-        if self.n_examples is not None:
-            if self.n_examples < 0:
-                raise _error(f"stream.n_examples must be a non-negative integer or null (all), got {self.n_examples}")
-            self._put("n_examples", self.n_examples or None)
+        self._check_n_examples()
         for name, lo in _MINIMUM.items():
             if getattr(self, name) < lo:
                 raise _error(f"stream.{name} must be an integer >= {lo}, got {getattr(self, name)}")
@@ -131,12 +136,24 @@ class StreamSpec:
             raise _error("stream.reset 'every_n' needs stream.reset_every >= 1 (the number of batches between resets)")
         if self.reset == "per_domain" and self.order == "mixed":
             raise _error(
-                "stream.reset 'per_domain' has no domain boundary in a mixed stream; use never, every_n or episodic"
+                "stream.reset=per_domain with stream.order=mixed: a mixed stream has no domain boundary; set "
+                "stream.reset to never, every_n or episodic"
             )
         self._check_image_size()
         if self.indices is not None:
             if not self.indices or min(self.indices) < 0 or len(set(self.indices)) != len(self.indices):
                 raise _error("stream.indices must be a non-empty list of distinct row numbers >= 0, or null (all rows)")
+
+    def _check_n_examples(self) -> None:
+        """`all` (or null) = every image, stored as None (so configs that said null keep their meaning and hash)."""
+        if self.n_examples == "all":
+            self._put("n_examples", None)
+        elif self.n_examples is not None and self.n_examples < 1:
+            hint = " (0 no longer means all)" if self.n_examples == 0 else ""
+            raise _error(
+                f"stream.n_examples={self.n_examples} selects no images{hint}; write stream.n_examples=all for every "
+                "image, or a positive number of images per domain"
+            )
 
     def _check_image_size(self) -> None:
         if self.image_size is None:

@@ -146,7 +146,7 @@ def run_sweep(
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher {launcher!r} is not valid; choose one of: {', '.join(LAUNCHERS)}")
     if max_parallel is not None and max_parallel < 1:
-        raise ValueError(f"max_parallel must be >= 1, got {max_parallel}")
+        raise ValueError(f"--max-parallel must be >= 1, got {max_parallel}")
     out = Path(out)
     cells_root = out / CELLS_DIR
     if not resume and cells_root.is_dir() and any(cells_root.iterdir()):

@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import ConfigError, load_yaml, parse_override, to_dict
 
 __all__ = [
@@ -330,10 +328,7 @@ def sweep_from_dict(
 def load_sweep(path: str | Path, *, overrides: Iterable[str] = (), check_models: bool = True) -> Sweep:
     """Read and validate a sweep file; `check_models` also checks block names / finetune options per model."""
     path = Path(path)
-    try:
-        data = load_yaml(path)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from None
+    data = load_yaml(path, "sweep file")  # malformed YAML: one line with file, line and column
     sweep = sweep_from_dict(data, source=path.resolve(), extra_overrides=overrides)
     if check_models:
         check_cells(sweep)
