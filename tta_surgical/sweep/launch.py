@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..runfolder import folder_lock
 from .cell import DONE_FILE, LOG_FILE, execute_cell, read_done, runner_path, runner_spec, write_result
 from .merge import CELLS_DIR, cell_dir, merge
 from .spec import Cell, Sweep
@@ -148,13 +149,48 @@ def run_sweep(
     if max_parallel is not None and max_parallel < 1:
         raise ValueError(f"--max-parallel must be >= 1, got {max_parallel}")
     out = Path(out)
+    # One driver per sweep folder (each cell's run also locks its own folder, whichever worker or node runs it).
+    with folder_lock(out, "sweep"):
+        result, todo = _start(sweep, out, resume)
+        tasks = cell_tasks(sweep, out, todo, data_root=data_root, frost_dir=frost_dir)
+        by_id = {c.id: c for c in todo}
+        bar = _progress(len(sweep.cells), len(result.skipped), sweep.name, progress)
+
+        def finished(cell_id: str, error: str | None) -> None:
+            if error is None:
+                result.ran.append(cell_id)
+            else:
+                cell = by_id[cell_id]
+                result.failed.append(Failure(cell, error, cell_dir(out, cell) / LOG_FILE))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(failed=len(result.failed), refresh=False)
+
+        t0 = time.perf_counter()
+        session: dict[str, Any] = {"launcher": launcher}
+        try:
+            if tasks:
+                session.update(_dispatch(sweep, tasks, runner, launcher, address, max_parallel, out, finished))
+        finally:
+            if bar is not None:
+                bar.close()
+            result.wall_s = time.perf_counter() - t0
+            session["wall_s"] = round(result.wall_s, 3)
+            session["cells_run"] = len(result.ran)
+            result.lines = merge(sweep, out, failed=[f.cell.id for f in result.failed], session=session)
+    # Report failures in sweep order, whatever order they happened in.
+    result.failed.sort(key=lambda f: f.cell.index)
+    return result
+
+
+def _start(sweep: Sweep, out: Path, resume: bool) -> tuple[SweepResult, list[Cell]]:
+    """Check the folder, write the plan, and split the cells into finished (skipped) and to do."""
     cells_root = out / CELLS_DIR
     if not resume and cells_root.is_dir() and any(cells_root.iterdir()):
         raise FileExistsError(
             f"{out} already holds sweep cells; pass --resume to skip the finished ones and continue the others, "
             "or choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
     _write_plan(sweep, out)
     result = SweepResult(out=out, n_cells=len(sweep.cells))
     todo = []
@@ -163,54 +199,37 @@ def run_sweep(
             result.skipped.append(cell.id)
         else:
             todo.append(cell)
-    tasks = cell_tasks(sweep, out, todo, data_root=data_root, frost_dir=frost_dir)
-    by_id = {c.id: c for c in todo}
+    return result, todo
 
+
+def _progress(total: int, initial: int, name: str, enabled: bool) -> Any:
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress must never break a sweep
-        tqdm = None
-    bar = (
-        tqdm(total=len(sweep.cells), initial=len(result.skipped), desc=sweep.name, unit="cell", disable=not progress)
-        if tqdm is not None
-        else None
-    )
+        return None
+    return tqdm(total=total, initial=initial, desc=name, unit="cell", disable=not enabled)
 
-    def finished(cell_id: str, error: str | None) -> None:
-        if error is None:
-            result.ran.append(cell_id)
-        else:
-            cell = by_id[cell_id]
-            result.failed.append(Failure(cell, error, cell_dir(out, cell) / LOG_FILE))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(failed=len(result.failed), refresh=False)
 
-    t0 = time.perf_counter()
-    session: dict[str, Any] = {"launcher": launcher}
-    try:
-        if tasks:
-            if launcher == "ray":
-                session.update(_launch_ray(sweep, tasks, runner, address, max_parallel, finished))
-            else:
-                gpus = gpu_ids()
-                n = max_parallel if max_parallel is not None else (len(gpus) if len(gpus) > 1 else 1)
-                session["workers"] = n
-                if n == 1 and len(gpus) <= 1:
-                    _launch_inline(tasks, runner, finished)
-                else:
-                    session["gpus"] = gpus
-                    _launch_pool(tasks, runner, n, gpus, sweep.retries, out, finished)
-    finally:
-        if bar is not None:
-            bar.close()
-        result.wall_s = time.perf_counter() - t0
-        session["wall_s"] = round(result.wall_s, 3)
-        session["cells_run"] = len(result.ran)
-        result.lines = merge(sweep, out, failed=[f.cell.id for f in result.failed], session=session)
-    # Report failures in sweep order, whatever order they happened in.
-    result.failed.sort(key=lambda f: f.cell.index)
-    return result
+def _dispatch(
+    sweep: Sweep,
+    tasks: list[dict[str, Any]],
+    runner: Callable[..., Any] | None,
+    launcher: str,
+    address: str | None,
+    max_parallel: int | None,
+    out: Path,
+    finished: Callable,
+) -> dict[str, Any]:
+    """Run the tasks with the chosen launcher; returns what the session record says about it."""
+    if launcher == "ray":
+        return _launch_ray(sweep, tasks, runner, address, max_parallel, finished)
+    gpus = gpu_ids()
+    n = max_parallel if max_parallel is not None else (len(gpus) if len(gpus) > 1 else 1)
+    if n == 1 and len(gpus) <= 1:
+        _launch_inline(tasks, runner, finished)
+        return {"workers": n}
+    _launch_pool(tasks, runner, n, gpus, sweep.retries, out, finished)
+    return {"workers": n, "gpus": gpus}
 
 
 # ---------------------------------------------------------------------------------------------- local, inline
@@ -250,76 +269,102 @@ def _launch_pool(
     finished: Callable,
 ) -> None:
     """N slots, each a thread driving one worker subprocess; dead workers are replaced, their cell resubmitted."""
-    from .cell import atomic_write_text, run_cell
+    _WorkerPool(tasks, runner, gpus, retries, out).run(n_workers, finished)
 
-    runner = runner or run_cell
-    spec, extra_path = runner_spec(runner), runner_path(runner)
-    pending: deque[tuple[dict[str, Any], int]] = deque((t, 1) for t in tasks)
-    events: queue.Queue[tuple[str, str | None]] = queue.Queue()
-    cond = threading.Condition()
-    left = [len(tasks)]
-    procs: dict[int, subprocess.Popen] = {}
-    logs_dir = out / "workers"
-    logs_dir.mkdir(parents=True, exist_ok=True)
 
-    def spawn(slot: int, threads: int) -> subprocess.Popen:
-        gpu = gpus[slot % len(gpus)] if gpus else None
-        log = open(logs_dir / f"worker{slot}.log", "ab")  # noqa: SIM115 (the child owns it; closed below)
+class _WorkerPool:
+    """What the slot threads of `_launch_pool` share: the queue of (task, attempt), the results, the workers."""
+
+    def __init__(
+        self, tasks: list[dict[str, Any]], runner: Callable[..., Any] | None, gpus: list[str], retries: int, out: Path
+    ) -> None:
+        from .cell import run_cell
+
+        runner = runner or run_cell
+        self.spec, self.extra_path = runner_spec(runner), runner_path(runner)
+        self.tasks, self.gpus, self.retries = tasks, gpus, retries
+        self.pending: deque[tuple[dict[str, Any], int]] = deque((t, 1) for t in tasks)
+        self.events: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        self.cond = threading.Condition()
+        self.left = len(tasks)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs_dir = out / "workers"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+
+    def spawn(self, slot: int, threads: int) -> subprocess.Popen:
+        gpu = self.gpus[slot % len(self.gpus)] if self.gpus else None
+        log = open(self.logs_dir / f"worker{slot}.log", "ab")  # noqa: SIM115 (the child owns it; closed below)
         try:
             return subprocess.Popen(
                 [sys.executable, "-m", "tta_surgical.sweep.worker"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
-                env=_worker_env(gpu, threads, extra_path),
+                env=_worker_env(gpu, threads, self.extra_path),
                 text=True,
                 bufsize=1,
             )
         finally:
             log.close()
 
-    def slot_loop(slot: int) -> None:
+    def next_task(self) -> tuple[dict[str, Any], int] | None:
+        """The next (task, attempt), waiting while retries may still arrive; None when everything is done."""
+        with self.cond:
+            while not self.pending and self.left > 0:
+                self.cond.wait()
+            return self.pending.popleft() if self.pending else None
+
+    def done_one(self) -> None:
+        with self.cond:
+            self.left -= 1
+            self.cond.notify_all()
+
+    def send(self, proc: subprocess.Popen, task_path: Path) -> str:
+        """Hand a task file to a worker and wait for its one-line reply ("" when the worker died mid-cell)."""
+        try:
+            proc.stdin.write(str(task_path) + "\n")
+            proc.stdin.flush()
+            return proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            return ""
+
+    def slot_loop(self, slot: int) -> None:
+        from .cell import atomic_write_text
+
         proc: subprocess.Popen | None = None
         try:
-            while True:
-                with cond:
-                    while not pending and left[0] > 0:
-                        cond.wait()
-                    if not pending:
-                        return
-                    task, attempt = pending.popleft()
-                task = {**task, "runner": spec, "sys_path": [extra_path] if extra_path else [], "attempt": attempt}
+            while (item := self.next_task()) is not None:
+                task, attempt = item
+                task = {
+                    **task,
+                    "runner": self.spec,
+                    "sys_path": [p for p in (self.extra_path,) if p],
+                    "attempt": attempt,
+                }
                 task_path = Path(task["out_dir"]) / "task.json"
                 atomic_write_text(task_path, json.dumps(task) + "\n")
                 if proc is None or proc.poll() is not None:
-                    proc = spawn(slot, int(task["threads"]))
-                    procs[slot] = proc
-                try:
-                    proc.stdin.write(str(task_path) + "\n")
-                    proc.stdin.flush()
-                    line = proc.stdout.readline()
-                except (BrokenPipeError, OSError):
-                    line = ""
-                if not line:  # the worker died mid-cell
-                    code = proc.wait()
-                    proc = None
-                    if attempt <= retries:
-                        with cond:
-                            pending.append((task, attempt + 1))
-                            cond.notify_all()
+                    proc = self.procs[slot] = self.spawn(slot, int(task["threads"]))
+                line = self.send(proc, task_path)
+                if not line:  # the worker died mid-cell: a fresh one retries the cell (it resumes its checkpoint)
+                    code, proc = proc.wait(), None
+                    if attempt <= self.retries:
+                        with self.cond:
+                            self.pending.append((task, attempt + 1))
+                            self.cond.notify_all()
                         continue
-                    events.put((task["id"], f"worker died (exit code {code}) on all {attempt} attempts"))
+                    self.events.put((task["id"], f"worker died (exit code {code}) on all {attempt} attempts"))
                 else:
                     reply = json.loads(line)
-                    events.put((task["id"], None if reply.get("status") == "done" else reply.get("error", "failed")))
-                with cond:
-                    left[0] -= 1
-                    cond.notify_all()
+                    self.events.put(
+                        (task["id"], None if reply.get("status") == "done" else reply.get("error", "failed"))
+                    )
+                self.done_one()
         except BaseException as err:  # never leave the main loop waiting on a dead slot thread
-            with cond:
-                left[0] = 0
-                cond.notify_all()
-            events.put(("", f"slot {slot} crashed: {err!r}"))
+            with self.cond:
+                self.left = 0
+                self.cond.notify_all()
+            self.events.put(("", f"slot {slot} crashed: {err!r}"))
         finally:
             if proc is not None and proc.poll() is None:
                 proc.stdin.close()
@@ -328,26 +373,30 @@ def _launch_pool(
                 except subprocess.TimeoutExpired:
                     proc.kill()
 
-    threads = [threading.Thread(target=slot_loop, args=(i,), daemon=True) for i in range(min(n_workers, len(tasks)))]
-    for t in threads:
-        t.start()
-    try:
-        for _ in range(len(tasks)):
-            cell_id, error = events.get()
-            if not cell_id:
-                raise RuntimeError(error)
-            finished(cell_id, error)
-    finally:
-        with cond:
-            if left[0] > 0:  # interrupted: stop the workers, the cells stay resumable
-                pending.clear()
-                left[0] = 0
-                for proc in procs.values():
-                    if proc.poll() is None:
-                        proc.kill()
-            cond.notify_all()
+    def run(self, n_workers: int, finished: Callable) -> None:
+        threads = [
+            threading.Thread(target=self.slot_loop, args=(i,), daemon=True)
+            for i in range(min(n_workers, len(self.tasks)))
+        ]
         for t in threads:
-            t.join(timeout=60)
+            t.start()
+        try:
+            for _ in range(len(self.tasks)):
+                cell_id, error = self.events.get()
+                if not cell_id:
+                    raise RuntimeError(error)
+                finished(cell_id, error)
+        finally:
+            with self.cond:
+                if self.left > 0:  # interrupted: stop the workers, the cells stay resumable
+                    self.pending.clear()
+                    self.left = 0
+                    for proc in self.procs.values():
+                        if proc.poll() is None:
+                            proc.kill()
+                self.cond.notify_all()
+            for t in threads:
+                t.join(timeout=60)
 
 
 # ---------------------------------------------------------------------------------------------- ray
