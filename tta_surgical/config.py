@@ -325,52 +325,62 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is Any:
         return value
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{path}: expected {_type_name(tp)}, got null")
-        errors = []
-        for arm in args:
-            if arm is type(None):
-                continue
-            try:
-                return _coerce(arm, value, path)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return _coerce_union(tp, value, path)
     if origin is Literal:
-        if value in args:
+        if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{path}={value!r} is not valid; choose one of: {', '.join(map(str, args))}")
+        raise ConfigError(f"{path}={value!r} is not valid; choose one of: {', '.join(map(str, typing.get_args(tp)))}")
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        return from_dict(tp, value, path)
-    if origin is tuple:
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            if len(args) == 2 and args[1] is Ellipsis:
-                value = [value]  # a single item where a list is expected: `method.blocks=head`
-            else:
-                raise ConfigError(f"{path}: expected a list ({_type_name(tp)}), got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-        if not args:
-            return tuple(value)
-        if len(value) != len(args):
-            raise ConfigError(f"{path}: expected a list of {len(args)} items ({_type_name(tp)}), got {list(value)!r}")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin in (list, set, frozenset):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
-            raise ConfigError(f"{path}: expected a list ({_type_name(tp)}), got {value!r}")
-        items = [_coerce(args[0] if args else Any, v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return origin(items)
-    if origin is dict or tp is dict:
+        return value if isinstance(value, tp) else from_dict(tp, value, path)
+    if origin in (tuple, list, set, frozenset, dict) or tp is dict:
+        return _coerce_container(tp, origin or dict, value, path)
+    return _coerce_scalar(tp, value, path)
+
+
+def _coerce_union(tp: Any, value: Any, path: str) -> Any:
+    """`X | Y | None`: null where allowed, else the first arm that accepts the value."""
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got null")
+    for arm in args:
+        if arm is type(None):
+            continue
+        try:
+            return _coerce(arm, value, path)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_container(tp: Any, origin: Any, value: Any, path: str) -> Any:
+    """Tuples (fixed or `...`), lists, sets and dicts, item by item."""
+    args = typing.get_args(tp)
+    if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping ({_type_name(tp)}), got {value!r}")
         kt, vt = args if args else (Any, Any)
         return {_coerce(kt, k, f"{path}.{k}"): _coerce(vt, v, f"{path}.{k}") for k, v in value.items()}
+    variadic = origin is tuple and len(args) == 2 and args[1] is Ellipsis
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, set, frozenset)):
+        if not variadic:
+            raise ConfigError(f"{path}: expected a list ({_type_name(tp)}), got {value!r}")
+        value = [value]  # a single item where a list is expected: `method.blocks=head`
+    if origin is not tuple:
+        return origin(_coerce(args[0] if args else Any, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if variadic:
+        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if not args:
+        return tuple(value)
+    if len(value) != len(args):
+        raise ConfigError(f"{path}: expected a list of {len(args)} items ({_type_name(tp)}), got {list(value)!r}")
+    return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+
+
+def _coerce_scalar(tp: Any, value: Any, path: str) -> Any:
+    """null, bool, int (whole numbers written as floats or `1e4` strings too), float, str, Path, other classes."""
     if tp is type(None):
         if value is None:
             return None
@@ -379,19 +389,14 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+    if tp in (int, float):
+        if tp is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        # YAML reads `1e4` as a string and `1.0e4` as a float; accept either when it is a whole number.
+        # YAML reads `1e4` as a string and `1.0e4` as a float; accept either (for int: when it is whole).
         number = _as_number(value)
-        if number is not None and math.isfinite(number) and float(number).is_integer():
-            return int(number)
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if tp is float:
-        number = _as_number(value)
-        if number is not None:
-            return float(number)
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if number is not None and (tp is float or (math.isfinite(number) and float(number).is_integer())):
+            return tp(number)
+        raise ConfigError(f"{path}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value

@@ -247,6 +247,19 @@ def sweep_from_dict(
     not set an axis key, since that would make the cells of the axis identical.
     """
     where = str(source) if source is not None else "sweep"
+    head = _header(data, source, where)
+    axis_keys, points = _expand(data)
+    extra = list(extra_overrides)
+    clash = sorted({".".join(parse_override(o)[0]) for o in extra} & set(axis_keys))
+    if clash:
+        raise ConfigError(f"override {clash[0]} sets a key the sweep varies; change the sweep file instead")
+    cells = _resolve_cells(head, points, extra, source, where)
+    name = data.get("name") or (source.stem if source is not None else "sweep")
+    return Sweep(name=str(name), axis_keys=axis_keys, cells=tuple(cells), source=source, **head)
+
+
+def _header(data: Any, source: Path | None, where: str) -> dict[str, Any]:
+    """The sweep file's settings other than its cells: kind, base, stream, overrides, resources, retries."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a YAML mapping at the top level")
     unknown = sorted(set(map(str, data)) - set(SWEEP_KEYS))
@@ -269,13 +282,21 @@ def sweep_from_dict(
     retries = data.get("retries", 2)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ConfigError(f"{where}: retries: expected an integer >= 0 (re-runs of a dead worker), got {retries!r}")
-    resources = _resources(data.get("resources"))
-    axis_keys, points = _expand(data)
-    extra = list(extra_overrides)
-    clash = sorted({".".join(parse_override(o)[0]) for o in extra} & set(axis_keys))
-    if clash:
-        raise ConfigError(f"override {clash[0]} sets a key the sweep varies; change the sweep file instead")
+    return {
+        "kind": kind,
+        "base": base,
+        "stream": stream,
+        "overrides": tuple(overrides),
+        "resources": _resources(data.get("resources")),
+        "retries": retries,
+    }
 
+
+def _resolve_cells(
+    head: Mapping[str, Any], points: list[dict[str, Any]], extra: list[str], source: Path | None, where: str
+) -> list[Cell]:
+    """Each point's config through the real loader (its own `base` when it names one), its id, duplicates refused."""
+    kind, stream = head["kind"], head["stream"]
     loaders: dict[Path | None, Any] = {}
 
     def loader(path: Path | None) -> Any:
@@ -292,9 +313,11 @@ def sweep_from_dict(
     for index, point in enumerate(points):
         label = ", ".join(f"{k}={format_value(v)}" for k, v in point.items()) or "(base config)"
         # `base` as an axis or cell key picks that cell's config file (e.g. one YAML per method).
-        cell_base = _find(point["base"], source, f"cell {index} ({label}): base") if "base" in point else base
+        cell_base = _find(point["base"], source, f"cell {index} ({label}): base") if "base" in point else head["base"]
         values = {k: v for k, v in point.items() if k != "base"}
-        cell_overrides = (*overrides, *(_override(k, v) for k, v in values.items()), *extra, "runtime.progress=false")
+        cell_overrides = (
+            *head["overrides"], *(_override(k, v) for k, v in values.items()), *extra, "runtime.progress=false"
+        )  # fmt: skip
         load = loader(cell_base)
         try:
             cfg = load(list(cell_overrides))
@@ -310,19 +333,7 @@ def sweep_from_dict(
             )
         seen[cid] = index
         cells.append(Cell(index=index, id=cid, axes=point, overrides=tuple(cell_overrides), config=config))
-    name = data.get("name") or (source.stem if source is not None else "sweep")
-    return Sweep(
-        name=str(name),
-        kind=kind,
-        base=base,
-        stream=stream,
-        overrides=tuple(overrides),
-        axis_keys=axis_keys,
-        cells=tuple(cells),
-        resources=resources,
-        retries=retries,
-        source=source,
-    )
+    return cells
 
 
 def load_sweep(path: str | Path, *, overrides: Iterable[str] = (), check_models: bool = True) -> Sweep:
