@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..hub import DATA_ENV
+from .options import add_data_root, add_frost_dir
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -35,23 +35,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="write a labelled PNG grid: one row per corruption, columns clean and severities 1..5 (CIFAR preset)",
     )
-    parser.add_argument(
-        "--data-root",
-        metavar="DIR",
-        default=os.environ.get(DATA_ENV),
-        help=f"folder holding cifar-10-batches-py/ and frost/ for --preview (default ${DATA_ENV}; without "
-        "either, the download cache)",
-    )
+    add_data_root(parser, holds="cifar-10-batches-py/ and frost/ for --preview")
     parser.add_argument(
         "--index", type=int, default=0, metavar="N", help="CIFAR-10 test image shown by --preview (default 0)"
     )
-    parser.add_argument(
-        "--frost-dir",
-        metavar="DIR",
-        default=None,
-        help="folder with the frost textures (default: <data-root>/frost when present, else the verified "
-        "download cache)",
-    )
+    add_frost_dir(parser)
     parser.add_argument(
         "--seed", type=int, default=0, metavar="S", help="random seed of the preview's corruption noise (default 0)"
     )

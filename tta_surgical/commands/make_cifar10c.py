@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .options import add_frost_dir
+
 HELP = "generate CIFAR-10-C (official .npy layout) from the CIFAR-10 test set"
 DESCRIPTION = (
     "Corrupt the CIFAR-10 test set with the 19 CIFAR-10-C corruptions and write <corruption>.npy "
@@ -50,13 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=1000, metavar="N", help="images corrupted per call (default 1000)"
     )
-    parser.add_argument(
-        "--frost-dir",
-        metavar="DIR",
-        default=None,
-        help="folder with frost1.png..frost5.jpg (default: <data-root>/frost when present, else the verified "
-        "download cache)",
-    )
+    add_frost_dir(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

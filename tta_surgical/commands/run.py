@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..hub import DATA_ENV
+from .options import add_data_root, add_frost_dir
 
 HELP = "adapt a model online over a stream (one config) and report error, latency and memory"
 DESCRIPTION = (
@@ -20,23 +20,11 @@ DESCRIPTION = (
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by `run` and `compare`."""
-    parser.add_argument(
-        "--data-root",
-        metavar="DIR",
-        default=os.environ.get(DATA_ENV),
-        help=f"folder holding cifar-10-batches-py/, CIFAR-10-C/, weights/ and frost/ (default: ${DATA_ENV}; "
-        "unset means download into the cache)",
-    )
+    add_data_root(parser)
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default=None, help="where to run; sets runtime.device"
     )
-    parser.add_argument(
-        "--frost-dir",
-        metavar="DIR",
-        default=None,
-        help="folder with the frost texture images frost1..5 (default: <data-root>/frost when present, "
-        "else the verified download cache)",
-    )
+    add_frost_dir(parser)
     parser.add_argument(
         "--no-progress", action="store_true", help="hide the progress bar (sets runtime.progress=false)"
     )

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from ..hub import DATA_ENV
+from .options import add_data_root, add_frost_dir
 
 HELP = "run a sweep (corruptions x blocks x methods x seeds ...) locally or on a Ray cluster, resumably"
 DESCRIPTION = (
@@ -45,16 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/sweep-<file-stem>)")
     parser.add_argument("--resume", action="store_true", help="skip finished cells, continue interrupted ones")
-    parser.add_argument(
-        "--data-root",
-        metavar="DIR",
-        default=os.environ.get(DATA_ENV),
-        help=f"folder holding cifar-10-batches-py/, CIFAR-10-C/, weights/ and frost/ (default: ${DATA_ENV}); on a Ray "
-        "cluster it must exist at this path on every node",
-    )
-    parser.add_argument(
-        "--frost-dir", metavar="DIR", default=None, help="frost textures (default: <data-root>/frost when present)"
-    )
+    add_data_root(parser, note="; on a Ray cluster it must exist at this path on every node")
+    add_frost_dir(parser)
     parser.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar over cells")
     parser.add_argument(
