@@ -33,8 +33,8 @@ Deliberate differences: the loss is divided by the actual batch size (the author
 they differ only for a short last batch); p_ema moves and the ensembling runs only after a finite update, so a
 skipped batch changes nothing; a batch whose weights are undefined (all diversities or certainties equal, e.g.
 one image) keeps no sample and takes no step (the authors' code would produce NaN there).
-Cost: the consistency forward takes the kept samples only (about half the batch), which needs their number on
-the host (one sync, besides the update's guard).
+Cost: the consistency forward takes the kept samples only (about two thirds of a CIFAR-10-C batch), which needs
+their number on the host (one sync, besides the update's guard).
 """
 
 from __future__ import annotations
