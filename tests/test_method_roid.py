@@ -1,0 +1,191 @@
+"""ROID: the update (weights, filter, SLR, consistency, ensembling, class-probability average) and the prior
+correction against plain step-by-step computations of the paper's equations, and the settings' validation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tta_surgical.config import ConfigError, OptimConfig, method_config
+from tta_surgical.methods import build_method
+from tta_surgical.methods.roid import prior_correct
+from tta_surgical.methods.rotta import strong_augment
+from tta_surgical.models import BlockSpec
+
+C = 5
+EPS = 1e-5
+
+
+class Net(nn.Module):
+    """Two conv-BN stages, global pooling, a linear head (BN statistics calibrated so predictions vary)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)  # no bias before BN, as in ResNets: batch
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1, bias=False)  # statistics would cancel it (zero gradient)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, C)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+            self.fc.weight.mul_(4.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(self.bn2(self.conv2(x)).mean((2, 3)))
+
+    def block_spec(self) -> BlockSpec:
+        groups = (("input", ("conv1", "bn1")), ("block1", ("conv2", "bn2")), ("head", ("fc",)))
+        return BlockSpec(groups, groups)
+
+
+def images(seed: int, n: int = 20) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 6, 6, generator=g) * 0.3 + torch.rand(n, 3, 1, 1, generator=g) * 0.7
+
+
+def forward(params: dict, x: torch.Tensor) -> torch.Tensor:
+    """The network written out, BatchNorm with the batch's own (biased) statistics."""
+
+    def bn(h, name):
+        mean = h.mean((0, 2, 3), keepdim=True)
+        var = ((h - mean) ** 2).mean((0, 2, 3), keepdim=True)
+        h = (h - mean) / torch.sqrt(var + EPS)
+        return h * params[f"{name}.weight"].view(1, -1, 1, 1) + params[f"{name}.bias"].view(1, -1, 1, 1)
+
+    h = torch.relu(bn(F.conv2d(x, params["conv1.weight"], padding=1), "bn1"))
+    h = bn(F.conv2d(h, params["conv2.weight"], padding=1), "bn2")
+    return h.mean((2, 3)) @ params["fc.weight"].t() + params["fc.bias"]
+
+
+def plain_step(method, x: torch.Tensor, params: dict, source: dict, ema: torch.Tensor, lr: float):
+    """One ROID step from the paper's equations: returns (prediction, new params, new p_ema, kept count, loss)."""
+    cfg = method.cfg
+    adapted = [n for n, _ in method.params()]
+    generator = torch.Generator()
+    generator.set_state(method.rng.get_state())
+    leaves = {k: v.clone().requires_grad_(k in adapted) for k, v in params.items()}
+    logits = forward(leaves, x)
+    p = logits.softmax(1)
+    b = len(x)
+    if cfg.use_weighting:
+        pd = p.detach()
+        div = 1 - (pd @ ema) / (pd.norm(dim=1) * ema.norm())
+        div = (div - div.min()) / (div.max() - div.min())
+        ent = -(pd * torch.log(pd)).sum(1)
+        cert = (-ent - (-ent).min()) / ((-ent).max() - (-ent).min())
+        keep = div >= div.mean()
+        w = torch.exp(div * cert / cfg.temperature) * keep
+    else:
+        keep, w = torch.ones(b, dtype=torch.bool), torch.ones(b)
+    q = p.clamp(max=0.99)
+    slr = -(q * torch.log(q / (1 - q) + 1e-5)).sum(1)
+    loss = (slr * w)[keep].sum() / b
+    if cfg.use_consistency:
+        aug_logits = forward(leaves, strong_augment(x[keep], generator, padding="reflect", blur=False, noise_std=0.0))
+        orig = logits[keep]
+        sce = -0.5 * (orig.softmax(1) * aug_logits.log_softmax(1)).sum(1) - 0.5 * (
+            aug_logits.softmax(1) * orig.log_softmax(1)
+        ).sum(1)
+        loss = loss + (sce * w[keep]).sum() / b
+    loss.backward()
+    opt = torch.optim.Adam([leaves[n] for n in adapted], lr=lr, foreach=False)
+    opt.load_state_dict(copy.deepcopy(method.optimizer.state_dict()))
+    opt.step()
+    new = {}
+    for k, v in leaves.items():
+        v = v.detach()
+        new[k] = cfg.momentum_src * v + (1 - cfg.momentum_src) * source[k] if k in adapted else v
+    new_ema = cfg.momentum_probs * ema + (1 - cfg.momentum_probs) * p.detach().mean(0)
+    prior = p.detach().mean(0)
+    g = max(1 / b, 1 / C) / prior.max()
+    smoothed = (prior + g) / (1 + g * C)
+    if cfg.prior_correction == "logits":
+        prediction = logits.detach() * smoothed
+    elif cfg.prior_correction == "probs":
+        prediction = torch.log(p.detach() * smoothed / (p.detach() * smoothed).sum(1, keepdim=True))
+    else:
+        prediction = logits.detach()
+    return prediction, new, new_ema, int(keep.sum()), loss.item()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"blocks": ["block1"], "kind": "all"},
+        {"use_weighting": False, "prior_correction": "probs"},
+        {"use_consistency": False, "prior_correction": "none", "temperature": 0.5},
+    ],
+)
+def test_two_steps_equal_plain_equations(settings):
+    lr = 1e-2
+    method = build_method(Net(), method_config("roid", **settings), OptimConfig(lr=lr))
+    params = {k: v.detach().clone() for k, v in method.model.named_parameters()}
+    source = copy.deepcopy(params)
+    ema = torch.full((C,), 1.0 / C)
+    for s in range(2):
+        x = images(s)
+        prediction, params, ema, kept, loss = plain_step(method, x, params, source, ema, lr)
+        out = method.step(x)
+        assert torch.allclose(out, prediction, atol=1e-5), f"step {s}: prediction"
+        for name, p in method.model.named_parameters():
+            assert torch.allclose(p, params[name], atol=1e-6), f"step {s}: {name}"
+        assert torch.allclose(method.class_probs_ema, ema, atol=1e-6)
+        assert method.last.n_filtered == len(x) - kept and method.last.loss == pytest.approx(loss, rel=1e-5)
+        if method.cfg.use_weighting:
+            assert 0 < kept < len(x)  # the filter removed some samples, kept others
+    assert method.n_updates == 2
+
+
+def test_prior_correction_formulas():
+    logits = torch.randn(6, C, generator=torch.Generator().manual_seed(0)) * 3
+    p = logits.softmax(1)
+    prior = p.mean(0)
+    g = max(1 / 6, 1 / C) / prior.max()
+    smoothed = (prior + g) / (1 + g * C)
+    assert torch.allclose(smoothed.sum(), torch.tensor(1.0))
+    assert torch.allclose(prior_correct(logits, "logits"), logits * smoothed)
+    corrected = prior_correct(logits, "probs").softmax(1)
+    assert torch.allclose(corrected, p * smoothed / (p * smoothed).sum(1, keepdim=True), atol=1e-6)
+    assert torch.equal(prior_correct(logits, "none"), logits)
+
+
+def test_degenerate_batch_takes_no_step_and_changes_nothing():
+    method = build_method(Net(), method_config("roid"))
+    state = copy.deepcopy(method.state_dict()["state"])
+    out = method.step(images(0, n=1))  # one image: min-max weights are undefined
+    assert torch.isfinite(out).all() and method.n_updates == 0 and method.last.n_filtered == 1
+    for (k, a), b in zip(method.model.state_dict().items(), state["model"].values()):
+        assert torch.equal(a, b), k
+    assert method.class_probs_ema is None
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("prior_correction", "yes", "method.prior_correction='yes' is not valid; choose one of: logits, probs, none"),
+        ("momentum_src", 1.2, "method.momentum_src must be in \\[0, 1\\]"),
+        ("momentum_probs", -0.1, "method.momentum_probs must be in \\[0, 1\\]"),
+        ("temperature", 0.0, "method.temperature must be a finite number > 0"),
+        ("temperature", float("inf"), "method.temperature must be a finite number > 0"),
+        ("use_weighting", "yes", "method.use_weighting: expected true or false"),
+        ("blocks", [], "method.blocks must be a non-empty list"),
+    ],
+)
+def test_settings_validation(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        method_config("roid", **{key: value})
+
+
+def test_defaults_are_the_authors():
+    cfg = method_config("roid")
+    assert (cfg.use_weighting, cfg.use_consistency, cfg.prior_correction) == (True, True, "logits")
+    assert (cfg.momentum_src, cfg.momentum_probs, cfg.temperature) == (0.99, 0.9, pytest.approx(1 / 3))
+    assert (cfg.blocks, cfg.kind) == (("all",), "norm")
