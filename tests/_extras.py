@@ -24,6 +24,7 @@ PIP_NAMES = {
     "PIL": "Pillow",
     "imagecorruptions": "imagecorruptions",
     "ray": "ray",
+    "matplotlib": "matplotlib",
 }
 
 
