@@ -41,7 +41,7 @@ def test_no_test_imports_an_optional_dependency_with_importorskip():
     ]
     assert not offenders, f"use _extras.require instead of pytest.importorskip: {offenders}"
     # every optional dependency the fidelity and Ray tests need is one `require` knows how to install
-    assert set(PIP_NAMES) == {"cv2", "skimage", "scipy", "PIL", "imagecorruptions", "ray"}
+    assert set(PIP_NAMES) == {"cv2", "skimage", "scipy", "PIL", "imagecorruptions", "ray", "matplotlib"}
 
 
 def test_ci_requires_the_extras_and_the_data():
