@@ -48,9 +48,10 @@ def mixed_batch_norm(bn: _BatchNorm, x: Tensor, prior_strength: float, groups: i
         var = w_src * bn.running_var.float() + (1.0 - w_src) * var_b
     else:
         mean, var = mean_b, var_b
-    shape = [groups, 1, -1] + [1] * (x.dim() - 2)
+    shape = [groups, 1, -1] + [1] * (x.dim() - 2)  # per group and channel
     y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
     if bn.affine:
+        shape[0] = 1
         y = y * bn.weight.float().view(shape) + bn.bias.float().view(shape)
     return y.reshape(x.shape).to(x.dtype)
 
