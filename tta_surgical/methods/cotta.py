@@ -91,7 +91,9 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
 
 @register_method("cotta")
 class CoTTA(Method):
-    """Mean teacher with augmentation-averaged targets and stochastic restore (module docstring).
+    """CoTTA (Wang et al. 2022): EMA-teacher targets, augmentation-averaged when unsure; stochastic restore.
+
+    Details in the module docstring.
 
     Order per batch: anchor confidence -> teacher prediction (returned) -> student forward -> soft cross-entropy ->
     one optimiser step -> (if it was taken) teacher EMA -> stochastic restore."""

@@ -97,7 +97,9 @@ def marginal_entropy(logits: Tensor) -> Tensor:
 
 @register_method("memo")
 class MEMO(Method):
-    """Per-image marginal entropy minimisation over augmentations, episodic (module docstring).
+    """MEMO (Zhang et al. 2022): per image, one step on the marginal entropy over AugMix views, then predict.
+
+    Details in the module docstring.
 
     Order per image: views -> marginal entropy -> one step from the source weights -> prediction on the clean image
     with the adapted weights (the returned logits)."""
