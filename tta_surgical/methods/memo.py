@@ -30,9 +30,15 @@ source weights with MEMO's BatchNorm statistics, i.e. MEMO without the adaptatio
 Followed: the paper (Sec. 3, Alg. 1) and the authors' code (zhangmarvin/memo `cifar-10-exps/test_calls/test_adapt.py`:
 SGD lr 0.005, one step, 32 views, all parameters; `utils/third_party.py`: AugMix; `imagenet-exps/utils/
 adapt_helpers.py`: the BatchNorm prior), cross-checked with mariodoebler/test-time-adaptation
-`classification/methods/memo.py`. Difference: the stream's batch only groups images for speed; every image is
+`classification/methods/memo.py`. Differences: the stream's batch only groups images for speed; every image is
 adapted and predicted on its own, so the result equals a batch-1 stream up to floating point (the random views of
-an image do depend on where it sits in its batch).
+an image do depend on where it sits in its batch). The gradient also flows through the image's 1/(N+1) share of the
+BatchNorm statistics (`bn.mixed_batch_norm`); the authors' BatchNorm forward treats the statistics as constants.
+
+Measured (resnet20, continual CIFAR-10-C, 100 images per corruption, `tta-surgical run`): the source model errs
+43.4%, MEMO's starting point (source weights, the image's statistics at N = 16) 39.4%, MEMO 36.3%, but `norm`
+(statistics of 200-image batches) 28.7%: one image moves the statistics little at N = 16. N = 4 gives 28.9%,
+N = 1 40.4% (one image's statistics are too noisy): tune `prior_strength` for a BatchNorm network.
 """
 
 from __future__ import annotations
