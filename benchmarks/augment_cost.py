@@ -202,7 +202,7 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, 
         for label, per_forward in (("auto", 0), ("all", args.views * args.cotta_batch)):
             cfg = method_config("cotta", ap=1.0, n_augmentations=args.views, images_per_forward=per_forward)
             method = build_method(fresh_model(args.data_root, device), cfg, OptimConfig(), context=ctx)
-            variants[f"cotta batched ({label})"] = (lambda m=method: m.step(x), "cotta")
+            variants[f"cotta batched ({label})"] = (lambda m=method, x=x: m.step(x), "cotta")
 
         def same_ops(batch: Tensor, g: torch.Generator) -> Tensor:
             return cotta_views(batch, 1, g).contiguous(memory_format=torch.channels_last)
@@ -212,18 +212,18 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, 
             model.eval()
             set_bn_stats(model, "batch")
             loop = LoopCoTTA(model, args.views, augment)
-            variants[f"cotta loop ({label})"] = (lambda r=loop: r.step(x), "cotta")
+            variants[f"cotta loop ({label})"] = (lambda r=loop, x=x: r.step(x), "cotta")
     if args.only in (None, "memo"):
         x = load_inputs(args.data_root, args.memo_batch, device)
         for label, per_forward in (("auto", 0), ("all", args.views * args.memo_batch)):
             cfg = method_config("memo", n_augmentations=args.views, images_per_forward=per_forward)
             optim = OptimConfig(name="sgd", lr=0.005, momentum=0.0)
             method = build_method(fresh_model(args.data_root, device), cfg, optim, context=ctx)
-            variants[f"memo batched ({label})"] = (lambda m=method: m.step(x), "memo")
+            variants[f"memo batched ({label})"] = (lambda m=method, x=x: m.step(x), "memo")
         model = fresh_model(args.data_root, device)
         model.eval()
         loop = LoopMEMO(model, args.views)
-        variants["memo loop"] = (lambda r=loop: r.step(x), "memo")
+        variants["memo loop"] = (lambda r=loop, x=x: r.step(x), "memo")
     return variants
 
 

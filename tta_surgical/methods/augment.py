@@ -540,13 +540,7 @@ def augmix_views(
     return apply_augmix(x, params, spec, block_rows)
 
 
-def units_per_forward(n_units: int, rows_per_unit: int, images_per_forward: int, device: torch.device) -> int:
+def units_per_forward(n_units: int, rows_per_unit: int, max_rows: int) -> int:
     """How many units of `rows_per_unit` images each (CoTTA: views of a batch; MEMO: images with all their views)
-    one forward should take: images_per_forward // rows_per_unit, at least 1 and at most `n_units`.
-
-    images_per_forward 0 = auto: 256 on a CPU (there, batch-sized forwards of resnet20 measured faster per image than
-    larger ones, which leave the cache: 8 views x 200 images took 4.4 s one view per forward, 9.9 s in one forward, on
-    one thread), 4096 on an accelerator (not measured here; lower it for large models).
-    """
-    limit = images_per_forward or (256 if torch.device(device).type == "cpu" else 4096)
-    return max(1, min(n_units, limit // max(rows_per_unit, 1)))
+    one forward takes when it may take `max_rows` images: at least 1, at most `n_units`."""
+    return max(1, min(n_units, max_rows // max(rows_per_unit, 1)))

@@ -54,7 +54,7 @@ class CoTTASettings(AdaptSettings):
     augmented views (0.92). n_augmentations: views per batch (32). augment_per: `view` (one draw of the augmentation
     per view, shared by the batch, as the authors' torchvision transforms on a batch tensor) or `image`.
     images_per_forward: the most images one teacher forward takes (whole views of the batch, at least one);
-    0 = auto (`augment.units_per_forward`).
+    0 = auto: one view per forward on a CPU, all views in one forward on an accelerator.
     """
 
     name: str = "cotta"
@@ -141,7 +141,7 @@ class CoTTA(Method):
         views = cotta_views(x, n_views, self.rng, per=self.cfg.augment_per)
         if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             views = views.contiguous(memory_format=torch.channels_last)  # the layout the engine feeds the model
-        step = units_per_forward(n_views, batch, self.cfg.images_per_forward, x.device)
+        step = self._views_per_forward(n_views, batch)
         total = torch.zeros((), device=x.device)
         for start in range(0, n_views, step):
             chunk = views[start * batch : (start + step) * batch]
@@ -149,6 +149,14 @@ class CoTTA(Method):
             with batch_stats_per_group(self.teacher, k), self.autocast(chunk):
                 total = total + self.teacher(chunk).float().view(k, batch, -1).sum(dim=0)
         return total / n_views
+
+    def _views_per_forward(self, n_views: int, batch: int) -> int:
+        if self.cfg.images_per_forward:
+            return units_per_forward(n_views, batch, self.cfg.images_per_forward)
+        # auto: on a CPU one view per forward, faster there than several views in one forward (batch-sized
+        # forwards stay in cache, and plain BatchNorm beats the grouped statistics: benchmarks/augment_cost.py);
+        # on an accelerator all views in one forward.
+        return 1 if self.device.type == "cpu" else n_views
 
     @torch.no_grad()
     def _update_teacher(self) -> None:
