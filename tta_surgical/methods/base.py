@@ -511,7 +511,11 @@ class Method:
         return seen[0].flatten(1), logits
 
     def update(
-        self, objective: Objective, second_pass: Callable[[], Objective] | None = None, rho: float = 0.05
+        self,
+        objective: Objective,
+        second_pass: Callable[[], Objective] | None = None,
+        rho: float = 0.05,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> UpdateResult:
         """Backward `objective` and take one optimiser step, unless nothing was kept or anything is not finite.
 
@@ -519,9 +523,12 @@ class Method:
         parameters move to theta + rho * g / ||g||, `second_pass()` computes the objective there, its gradient is
         backpropagated, theta is restored exactly, and the optimiser steps with that gradient. Both passes go
         through the same guard. One host sync per pass (the guard reads loss, gradient norm and kept count at once).
+        `optimizer`: step this one instead of `self.optimizer` (e.g. one over per-image copies of the adapted
+        parameters that live for one batch, as MEMO's); the guard then reads its parameters' gradients.
         """
-        assert self.optimizer is not None, "update() needs an adapting method (one with an optimiser)"
-        first = self._backward(objective, count_filtered=True)
+        opt = optimizer if optimizer is not None else self.optimizer
+        assert opt is not None, "update() needs an adapting method (one with an optimiser)"
+        first = self._backward(objective, count_filtered=True, optimizer=opt)
         if first is None:
             return UpdateResult(False, None)
         loss, n_kept = first
@@ -530,56 +537,58 @@ class Method:
         self.last._losses.append(loss)
         second_loss = None
         if second_pass is not None:
-            second_loss = self._sharpness_pass(second_pass, rho)
+            second_loss = self._sharpness_pass(second_pass, rho, opt)
             if second_loss is None:
                 return UpdateResult(False, loss, n_kept=n_kept)
         self._before_optimizer_step()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         self.n_updates += 1
         self.last.n_updates += 1
         return UpdateResult(True, loss, second_loss, n_kept)
 
-    def _backward(self, objective: Objective, count_filtered: bool) -> tuple[float, int] | None:
+    def _backward(
+        self, objective: Objective, count_filtered: bool, optimizer: torch.optim.Optimizer
+    ) -> tuple[float, int] | None:
         """Backward the reduced objective through the guard: (loss, kept), or None when anything is not finite."""
-        assert self.optimizer is not None
         loss, n_kept = objective.reduce()
-        value, finite, kept = guarded_backward(loss, [p for _, p in self._params], self.optimizer, n_kept)
+        value, finite, kept = guarded_backward(loss, _optimized(optimizer), optimizer, n_kept)
         if count_filtered:
             filtered = objective.per_sample.numel() - kept
             self.n_filtered += filtered
             self.last.n_filtered += filtered
         if kept == 0:
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             return value, 0
         if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             self.n_skipped += 1
             self.last.skipped = True
             return None
         return value, kept
 
     @torch.no_grad()
-    def _perturb(self, rho: float) -> tuple[list[Tensor], list[Tensor]]:
-        params = [p for _, p in self._params if p.grad is not None]
+    def _perturb(self, rho: float, optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[Tensor]]:
+        params = [p for p in _optimized(optimizer) if p.grad is not None]
         saved = [p.detach().clone() for p in params]
         scale = rho / (torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params]))) + 1e-12)
         torch._foreach_add_(params, torch._foreach_mul([p.grad for p in params], scale))
         return params, saved
 
-    def _sharpness_pass(self, second_pass: Callable[[], Objective], rho: float) -> float | None:
+    def _sharpness_pass(
+        self, second_pass: Callable[[], Objective], rho: float, optimizer: torch.optim.Optimizer
+    ) -> float | None:
         """SAM's second pass: perturb, recompute, backward, restore theta exactly; its loss or None (no step)."""
-        params, saved = self._perturb(rho)
+        params, saved = self._perturb(rho, optimizer)
         try:
             with torch.enable_grad():
-                result = self._backward(second_pass(), count_filtered=False)
+                result = self._backward(second_pass(), count_filtered=False, optimizer=optimizer)
         finally:
             with torch.no_grad():
                 for p, s in zip(params, saved):  # a copy, not theta + e - e: bit-exact
                     p.copy_(s)
         if result is None or result[1] == 0:
-            assert self.optimizer is not None
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             return None
         return result[0]
 
@@ -590,6 +599,11 @@ class Method:
     def __repr__(self) -> str:
         n = sum(p.numel() for _, p in self._params)
         return f"{type(self).__name__}(name={self.cfg.name!r}, tensors={len(self._params)}, adapted_numel={n})"
+
+
+def _optimized(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The tensors `optimizer` steps (for the default optimiser: the adapted parameters)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _module_device(model: nn.Module) -> torch.device:

@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["batchnorm_layers", "mixed_batch_norm", "set_bn_stats"]
+__all__ = ["batch_stats_per_group", "batchnorm_layers", "mixed_batch_norm", "set_bn_stats"]
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
@@ -26,32 +28,70 @@ def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
-def mixed_batch_norm(bn: _BatchNorm, x: Tensor, prior_strength: float) -> Tensor:
+def mixed_batch_norm(bn: _BatchNorm, x: Tensor, prior_strength: float, groups: int = 1) -> Tensor:
     """BatchNorm of `x` with the source statistics of `bn` mixed into the batch ones (weight N = prior_strength).
 
     Statistics in float32 (bf16 autocast would otherwise round them); differentiable, so a method may adapt
-    parameters through it. Layers without running statistics fall back to pure batch statistics.
+    parameters through it. Layers without running statistics fall back to pure batch statistics. `groups` > 1
+    splits the batch into that many equal consecutive slices, each normalised with its own statistics (n = its size),
+    exactly as separate forwards of the slices would.
     """
-    dims = [0] + list(range(2, x.dim()))
-    xf = x.float()
-    var_b, mean_b = torch.var_mean(xf, dim=dims, correction=0)
+    if groups < 1 or x.shape[0] % groups:
+        raise ValueError(f"cannot split a batch of {x.shape[0]} into {groups} equal groups")
+    xf = x.float().reshape(groups, x.shape[0] // groups, *x.shape[1:])
+    dims = [1] + list(range(3, xf.dim()))
+    var_b, mean_b = torch.var_mean(xf, dim=dims, correction=0)  # (groups, C)
     if bn.running_mean is not None and bn.running_var is not None and prior_strength > 0:
-        n = x.shape[0]
+        n = xf.shape[1]
         w_src = prior_strength / (prior_strength + n)
         mean = w_src * bn.running_mean.float() + (1.0 - w_src) * mean_b
         var = w_src * bn.running_var.float() + (1.0 - w_src) * var_b
     else:
         mean, var = mean_b, var_b
-    shape = [1, -1] + [1] * (x.dim() - 2)
+    shape = [groups, 1, -1] + [1] * (x.dim() - 2)  # per group and channel
     y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
     if bn.affine:
+        shape[0] = 1
         y = y * bn.weight.float().view(shape) + bn.bias.float().view(shape)
-    return y.to(x.dtype)
+    return y.reshape(x.shape).to(x.dtype)
 
 
 def _prior_forward(self: _BatchNorm, x: Tensor) -> Tensor:
     self._check_input_dim(x)
     return mixed_batch_norm(self, x, self._tta_prior_strength)
+
+
+def _grouped_forward(self: _BatchNorm, x: Tensor) -> Tensor:
+    self._check_input_dim(x)
+    return mixed_batch_norm(self, x, self._tta_group_prior, self._tta_groups)
+
+
+@contextlib.contextmanager
+def batch_stats_per_group(model: nn.Module, groups: int) -> Iterator[None]:
+    """Inside the block, every BatchNorm layer of `model` that normalises with test-batch statistics (`set_bn_stats`
+    "batch", with or without a prior) splits its input into `groups` equal consecutive slices and normalises each
+    with its own statistics, as `groups` separate forwards would: several batches (e.g. CoTTA's augmented views, one
+    batch per view) in one forward. Layers on source statistics are left alone; groups <= 1 changes nothing."""
+    layers = [
+        bn for bn in batchnorm_layers(model) if "forward" in bn.__dict__ or (bn.training and not bn.track_running_stats)
+    ]
+    if groups <= 1 or not layers:
+        yield
+        return
+    saved = [bn.__dict__.get("forward") for bn in layers]
+    for bn in layers:
+        bn._tta_groups = int(groups)
+        # the prior applies only where `set_bn_stats` installed the prior forward (a stale attribute must not)
+        bn._tta_group_prior = bn._tta_prior_strength if "forward" in bn.__dict__ else 0.0
+        bn.forward = types.MethodType(_grouped_forward, bn)
+    try:
+        yield
+    finally:
+        for bn, forward in zip(layers, saved):
+            if forward is None:
+                del bn.forward
+            else:
+                bn.forward = forward
 
 
 def set_bn_stats(model: nn.Module, stats: str, prior_strength: float = 0.0) -> int:
