@@ -3,6 +3,8 @@ fidelity of each operation to torchvision / PIL, which implement the authors' pi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +186,20 @@ def test_units_per_forward():
     assert A.units_per_forward(32, 16, 256) == 16
     assert A.units_per_forward(32, 200, 10**6) == 32  # at most all of them
     assert A.units_per_forward(32, 200, 1) == 1  # at least one
+
+
+def test_roid_view_reflects_and_adds_no_blur_or_noise():
+    """ROID's consistency view: reflect padding instead of edge replication, no blur, no noise (a flat image stays
+    flat, and the draw differs from CoTTA's view only where the affine map reaches past the border)."""
+    from tta_surgical.methods.augment import COTTA_CIFAR, ROID_CIFAR, cotta_views
+
+    flat = torch.full((2, 3, 8, 8), 0.4)
+    out = cotta_views(flat, 1, torch.Generator().manual_seed(3), ROID_CIFAR)
+    assert torch.allclose(out, out[0, 0, 0, 0].expand_as(out), atol=1e-6)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="padding"):
+        ROID_CIFAR.__class__(padding="zeros")
+    edge = cotta_views(x, 4, torch.Generator().manual_seed(5), replace(ROID_CIFAR, padding="edge"))
+    reflect = cotta_views(x, 4, torch.Generator().manual_seed(5), ROID_CIFAR)
+    assert edge.shape == reflect.shape == (8, 3, 16, 16) and not torch.equal(edge, reflect)
+    assert COTTA_CIFAR.padding == "edge" and ROID_CIFAR.noise_std == 0.0 and ROID_CIFAR.blur_kernel == 1

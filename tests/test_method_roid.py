@@ -12,8 +12,8 @@ from torch import nn
 
 from tta_surgical.config import ConfigError, OptimConfig, method_config
 from tta_surgical.methods import build_method
+from tta_surgical.methods.augment import ROID_CIFAR, cotta_views
 from tta_surgical.methods.roid import prior_correct
-from tta_surgical.methods.rotta import strong_augment
 from tta_surgical.models import BlockSpec
 
 C = 5
@@ -88,7 +88,7 @@ def plain_step(method, x: torch.Tensor, params: dict, source: dict, ema: torch.T
     slr = -(q * torch.log(q / (1 - q) + 1e-5)).sum(1)
     loss = (slr * w)[keep].sum() / b
     if cfg.use_consistency:
-        aug_logits = forward(leaves, strong_augment(x[keep], generator, padding="reflect", blur=False, noise_std=0.0))
+        aug_logits = forward(leaves, cotta_views(x[keep], 1, generator, ROID_CIFAR))
         orig = logits[keep]
         sce = -0.5 * (orig.softmax(1) * aug_logits.log_softmax(1)).sum(1) - 0.5 * (
             aug_logits.softmax(1) * orig.log_softmax(1)

@@ -3,9 +3,9 @@ step-by-step computations of the paper's equations, the strong augmentation, and
 
 from __future__ import annotations
 
-import colorsys
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from tta_surgical.config import ConfigError, OptimConfig, method_config
 from tta_surgical.methods import build_method
-from tta_surgical.methods.rotta import shift_hue, strong_augment
+from tta_surgical.methods.augment import COTTA_CIFAR, cotta_views
 from tta_surgical.models import BlockSpec
 
 C = 5
@@ -199,7 +199,7 @@ def test_update_equals_plain_equations(selection):
 
     # Time-aware reweighting, teacher on the clean bank and student on its strong augmentation (RBN update mode).
     weights = torch.exp(-ages / cap) / (1 + torch.exp(-ages / cap))
-    strong = strong_augment(bank_images, generator)
+    strong = cotta_views(bank_images, 1, generator)
     t_logits, t_new = rbn_forward(t_params, t_stats, bank_images, alpha, update=True)
     adapted = {n for n, _ in method.params()}
     leaves = {k: v.clone().requires_grad_(k in adapted) for k, v in s_params.items()}
@@ -250,30 +250,14 @@ def test_skipped_update_commits_nothing():
 
 
 # ------------------------------------------------------------------------------------------------ augmentation
-def test_hue_shift_matches_colorsys():
-    x = torch.rand(1, 3, 7, 9, generator=torch.Generator().manual_seed(0))
-    for shift in (0.05, -0.06, 0.5):
-        out = shift_hue(x, shift)
-        for i in range(7):
-            for j in range(9):
-                h, s, v = colorsys.rgb_to_hsv(*x[0, :, i, j].tolist())
-                expected = colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
-                assert out[0, :, i, j].tolist() == pytest.approx(expected, abs=1e-5)
-
-
-def test_strong_augment_is_seeded_batched_and_in_range():
+def test_strong_augmentation_is_cottas_one_draw_for_the_bank():
+    """RoTTA's strong view is `augment.cotta_views` with one parameter draw for the whole bank (as the authors'
+    torchvision transform on a batched tensor): equal images get equal views up to the per-pixel noise."""
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     x = torch.cat([x, x[:1]])  # image 3 repeats image 0
-    for kwargs in ({}, {"padding": "reflect", "blur": False, "noise_std": 0.0}):
-        a = strong_augment(x, torch.Generator().manual_seed(5), **kwargs)
-        b = strong_augment(x, torch.Generator().manual_seed(5), **kwargs)
-        c = strong_augment(x, torch.Generator().manual_seed(6), **kwargs)
-        assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
-        assert a.min() >= 0 and a.max() <= 1
-    same = strong_augment(x, torch.Generator().manual_seed(5), noise_std=0.0)
-    assert torch.allclose(same[3], same[0], atol=1e-6)  # one draw for the whole batch, as the authors
-    flat = strong_augment(torch.full((2, 3, 8, 8), 0.4), torch.Generator().manual_seed(2), noise_std=0.0)
-    assert torch.allclose(flat, flat[0, 0, 0, 0].expand_as(flat), atol=1e-6)  # edge padding adds no border
+    quiet = replace(COTTA_CIFAR, noise_std=0.0)
+    a = cotta_views(x, 1, torch.Generator().manual_seed(5), quiet)
+    assert a.shape == x.shape and torch.allclose(a[3], a[0], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ settings

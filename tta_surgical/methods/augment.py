@@ -94,6 +94,7 @@ __all__ += [
     "AUGMIX_OPS",
     "AugMixSpec",
     "COTTA_CIFAR",
+    "ROID_CIFAR",
     "JitterSpec",
     "MEMO_CIFAR",
     "apply_augmix",
@@ -136,10 +137,15 @@ class JitterSpec:
     blur_kernel: int = 5
     hflip: float = 0.5
     noise_std: float = 0.005
+    # How the affine map fills what it brings in from outside the image: `edge` (the authors' edge padding) or
+    # `reflect` (ROID's consistency view).
+    padding: str = "edge"
 
     def __post_init__(self) -> None:
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError(f"JitterSpec.blur_kernel must be odd and >= 1, got {self.blur_kernel}")
+        if self.padding not in ("edge", "reflect"):
+            raise ValueError(f"JitterSpec.padding must be 'edge' or 'reflect', got {self.padding!r}")
         if not 0.0 <= self.hflip <= 1.0:
             raise ValueError(f"JitterSpec.hflip is a probability in [0, 1], got {self.hflip}")
 
@@ -170,6 +176,9 @@ class JitterSpec:
 
 
 COTTA_CIFAR = JitterSpec()
+# ROID's consistency view (the collection's `cotta_augs=False`): the same jitter and affine map with reflect padding,
+# no blur and no noise. RoTTA's strong augmentation is COTTA_CIFAR itself (the authors use `get_tta_transforms`).
+ROID_CIFAR = JitterSpec(padding="reflect", blur_kernel=1, blur_sigma=(0.0, 0.0), noise_std=0.0)
 
 
 def _uniform(u: Tensor, bounds: tuple[float, float]) -> Tensor:
@@ -236,7 +245,7 @@ def apply_jitter(
         for step in range(p["order"].shape[1]):  # 5 steps; each view takes the colour op its permutation puts there
             for op, name in enumerate(COLOUR_OPS):
                 _apply_to(views, p["order"][:, step] == op, _COLOUR_FNS[name], p[name])
-        views = _affine_blur_flip(views, p, spec.blur_kernel)
+        views = _affine_blur_flip(views, p, spec.blur_kernel, spec.padding)
         out[start:stop] = (views + p["noise"]).clamp_(0.0, 1.0)
     return out
 
@@ -348,17 +357,21 @@ def _centred_grid(h: int, w: int, margin: int, device: torch.device) -> tuple[Te
     return torch.meshgrid(ys, xs, indexing="ij")
 
 
-def _sample(x: Tensor, ix: Tensor, iy: Tensor, fill: float | None, mode: str = "bilinear") -> Tensor:
-    """x sampled at centred input coordinates (ix, iy) of shape (N, h, w); outside: `fill`, or the edge (None)."""
+def _sample(
+    x: Tensor, ix: Tensor, iy: Tensor, fill: float | None, mode: str = "bilinear", padding: str = "edge"
+) -> Tensor:
+    """x sampled at centred input coordinates (ix, iy) of shape (N, h, w); outside: `fill`, or (None) the edge /
+    the reflection, as `padding` says."""
     h, w = x.shape[-2:]
     grid = torch.stack((ix / (w / 2.0), iy / (h / 2.0)), dim=-1)
     if fill is None:
-        return F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+        pad_mode = "border" if padding == "edge" else "reflection"
+        return F.grid_sample(x, grid, mode=mode, padding_mode=pad_mode, align_corners=False)
     return F.grid_sample(x - fill, grid, mode=mode, padding_mode="zeros", align_corners=False) + fill
 
 
-def _affine_blur_flip(x: Tensor, p: dict[str, Tensor], kernel: int) -> Tensor:
-    """Rotation/scale/translation about the centre (border replication), the Gaussian blur, the flip."""
+def _affine_blur_flip(x: Tensor, p: dict[str, Tensor], kernel: int, padding: str = "edge") -> Tensor:
+    """Rotation/scale/translation about the centre (edge replication or reflection), the Gaussian blur, the flip."""
     n, _, h, w = x.shape
     r = kernel // 2
     gy, gx = _centred_grid(h, w, r, x.device)
@@ -366,8 +379,8 @@ def _affine_blur_flip(x: Tensor, p: dict[str, Tensor], kernel: int) -> Tensor:
     dx, dy = ox - p["tx"].view(-1, 1, 1), gy.unsqueeze(0) - p["ty"].view(-1, 1, 1)
     theta = torch.deg2rad(p["angle"]).view(-1, 1, 1)
     cos, sin, s = torch.cos(theta), torch.sin(theta), p["scale"].view(-1, 1, 1)
-    sampled = _sample(x, (cos * dx + sin * dy) / s, (cos * dy - sin * dx) / s, fill=None)
-    return _blur_valid(sampled, p["sigma"], kernel)
+    sampled = _sample(x, (cos * dx + sin * dy) / s, (cos * dy - sin * dx) / s, fill=None, padding=padding)
+    return _blur_valid(sampled, p["sigma"], kernel) if kernel > 1 else sampled
 
 
 def _blur_valid(x: Tensor, sigma: Tensor, kernel: int) -> Tensor:

@@ -15,7 +15,7 @@ Per batch (one forward of the batch, the prediction; everything below is compute
   1/3); samples with d_i below the batch mean of d are removed (a filter: they count in `n_filtered`). p_ema, the
   class-probability average, moves by momentum 0.9 towards the batch mean of p after each update.
 - **Consistency** (`use_consistency`, on by default for CIFAR): the kept samples once more, strongly augmented
-  (`rotta.strong_augment` with reflect padding, no blur, no noise: the collection's `cotta_augs=False`
+  (`augment.cotta_views` with `ROID_CIFAR`: reflect padding, no blur, no noise: the collection's `cotta_augs=False`
   transform), symmetric cross-entropy (alpha 0.5) between the augmented and the original outputs, with the same
   weights; gradient through both outputs, as in the authors' code.
 - loss = sum over kept samples of w_i (SLR_i + SCE_i), divided by the batch size; one optimiser step.
@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdaptSettings, ConfigError, check_choice
+from .augment import ROID_CIFAR, cotta_views
 from .base import Method, Objective, build_optimizer, register_method
 from .bn import set_bn_stats
 from .losses import entropy_per_sample
-from .rotta import strong_augment
 
 __all__ = ["ROID", "ROIDSettings", "prior_correct", "soft_likelihood_ratio", "symmetric_cross_entropy"]
 
@@ -168,7 +168,7 @@ class ROID(Method):
         index = keep.nonzero().squeeze(1) if keep is not None else torch.arange(x.shape[0], device=x.device)
         if index.numel() == 0:  # host sync: the kept count decides the forward's shape
             return out
-        augmented = strong_augment(x.index_select(0, index), self.rng, padding="reflect", blur=False, noise_std=0.0)
+        augmented = cotta_views(x.index_select(0, index), 1, self.rng, ROID_CIFAR)
         with self.autocast(x):
             logits_aug = self.model(augmented)
         return out.index_put((index,), symmetric_cross_entropy(logits_aug, logits.index_select(0, index)))

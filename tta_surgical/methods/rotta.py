@@ -38,7 +38,8 @@ Deliberate differences from the authors' code:
 - The EMA teacher step runs over the adapted tensors only (the other parameters of teacher and student are
   identical, so the result is the same) and, like the RBN statistics of both models, only after a finite update:
   a skipped (non-finite) update changes nothing.
-- The strong augmentation is our batched re-implementation of the authors' transform (see `strong_augment`).
+- The strong augmentation is CoTTA's (`augment.cotta_views`, one draw for the whole bank, as the authors' torchvision
+  transform applied to a batched tensor).
 - If the teacher's predictions for a batch are not finite, the batch is predicted but not added to the bank.
 """
 
@@ -55,11 +56,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..config import AdaptSettings, ConfigError
+from .augment import cotta_views
 from .base import Method, Objective, build_optimizer, register_method
 from .bn import batchnorm_layers
 from .losses import softmax_cross_entropy
 
-__all__ = ["RoTTA", "RoTTASettings", "robust_bn_forward", "strong_augment"]
+__all__ = ["RoTTA", "RoTTASettings", "robust_bn_forward"]
 
 
 def _check_unit(key: str, value: float) -> None:
@@ -140,109 +142,6 @@ def _make_robust(model: nn.Module, alpha: float) -> list[_BatchNorm]:
     return layers
 
 
-# ------------------------------------------------------------------------------------------------ augmentation
-_GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, the grayscale of the colour-jitter operations
-
-
-def _gray(x: Tensor) -> Tensor:
-    return (x[:, 0:1] * _GRAY[0] + x[:, 1:2] * _GRAY[1] + x[:, 2:3] * _GRAY[2]).clamp(0.0, 1.0)
-
-
-def shift_hue(x: Tensor, shift: float) -> Tensor:
-    """Rotate the hue of RGB images in [0, 1] by `shift` turns (HSV model; saturation and value unchanged)."""
-    value, _ = x.max(dim=1, keepdim=True)
-    low, _ = x.min(dim=1, keepdim=True)
-    chroma = value - low
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    # Hue in sixths of a turn, by which channel is the maximum (red first, then green, then blue).
-    hue = torch.where(
-        value == r, ((g - b) / safe) % 6.0, torch.where(value == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
-    )
-    hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))
-    hue = (hue + 6.0 * shift) % 6.0
-    # Back to RGB: channel n takes value - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6, n = 5, 3, 1.
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = (n + hue) % 6.0
-        out.append(value - chroma * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
-    return torch.cat(out, dim=1)
-
-
-def _color_op(x: Tensor, op: int, f: float) -> Tensor:
-    if op == 0:  # brightness
-        return (x * f).clamp(0.0, 1.0)
-    if op == 1:  # contrast: blend with the image's mean gray level
-        return (f * x + (1.0 - f) * _gray(x).mean(dim=(1, 2, 3), keepdim=True)).clamp(0.0, 1.0)
-    if op == 2:  # saturation: blend with the image's grayscale
-        return (f * x + (1.0 - f) * _gray(x)).clamp(0.0, 1.0)
-    if op == 3:
-        return shift_hue(x, f)
-    return x.clamp(1e-8, 1.0).pow(f).clamp(0.0, 1.0)  # gamma (clamped first: no NaN gradients at 0)
-
-
-def _affine_grid(n: int, h: int, w: int, margin: int, angle: float, scale: float, tx: float, ty: float, like: Tensor):
-    """Sampling grid (align_corners=True coordinates) of an output of (h + 2 margin, w + 2 margin) pixels centred on
-    the image: output pixel p samples the input at c + (s R)^-1 (p - c - t), c the image centre."""
-    ys = torch.arange(-margin, h + margin, dtype=torch.float32, device=like.device) - (h - 1) / 2
-    xs = torch.arange(-margin, w + margin, dtype=torch.float32, device=like.device) - (w - 1) / 2
-    gy, gx = torch.meshgrid(ys - ty, xs - tx, indexing="ij")
-    cos, sin = math.cos(math.radians(angle)) / scale, math.sin(math.radians(angle)) / scale
-    src_x = cos * gx + sin * gy + (w - 1) / 2
-    src_y = -sin * gx + cos * gy + (h - 1) / 2
-    grid = torch.stack([2.0 * src_x / max(w - 1, 1) - 1.0, 2.0 * src_y / max(h - 1, 1) - 1.0], dim=-1)
-    return grid.unsqueeze(0).expand(n, -1, -1, -1)
-
-
-def _gaussian_blur_valid(x: Tensor, sigma: float, size: int = 5) -> Tensor:
-    """Separable Gaussian blur without padding (the caller provides a margin of size // 2 pixels)."""
-    t = torch.arange(size, dtype=torch.float32, device=x.device) - (size - 1) / 2
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    c = x.shape[1]
-    x = F.conv2d(x, k.view(1, 1, 1, size).expand(c, 1, 1, size), groups=c)
-    return F.conv2d(x, k.view(1, 1, size, 1).expand(c, 1, size, 1), groups=c)
-
-
-def strong_augment(
-    x: Tensor, rng: torch.Generator, *, padding: str = "edge", blur: bool = True, noise_std: float = 0.005
-) -> Tensor:
-    """The strong test-time augmentation of CoTTA / RoTTA / ROID for a batch of images in [0, 1], batched and seeded.
-
-    As the authors' torchvision pipeline applied to a batched tensor, one random draw serves the whole batch:
-    colour jitter in a random order (brightness [0.6, 1.4], contrast [0.7, 1.3], saturation [0.5, 1.5], hue
-    [-0.06, 0.06], gamma [0.7, 1.3]); padding by half the image size (`edge` or `reflect`) and a random affine map
-    (rotation +-15 degrees, integer translation up to 1/16 of the padded size, scale [0.9, 1.1], bilinear) cropped
-    back to the centre, done as one `grid_sample` with border / reflection sampling (the same values, since the map
-    never reaches past the padding); with `blur`, a 5x5 Gaussian blur with sigma in [0.001, 0.5]; a horizontal
-    flip with probability 0.5; Gaussian noise of `noise_std` per pixel; clipping to [0, 1]. RoTTA uses all of it
-    (edge padding); ROID's consistency view uses reflect padding, no blur and no noise. Cost: one host sync (the
-    scalar draws), no loop over images.
-    """
-    if padding not in ("edge", "reflect"):
-        raise ValueError(f"strong_augment padding must be 'edge' or 'reflect', got {padding!r}")
-    n, _, h, w = x.shape
-    u = torch.rand(16, generator=rng, device=rng.device).tolist()  # the one sync
-    order = sorted(range(5), key=lambda i: u[i])
-    factors = (0.6 + 0.8 * u[5], 0.7 + 0.6 * u[6], 0.5 + u[7], -0.06 + 0.12 * u[8], 0.7 + 0.6 * u[9])
-    x = x.float().clamp(0.0, 1.0)
-    for op in order:
-        x = _color_op(x, op, factors[op])
-    max_dx, max_dy = 2 * w / 16, 2 * h / 16  # 1/16 of the padded image (padding = half the size on each side)
-    tx, ty = round(-max_dx + 2 * max_dx * u[11]), round(-max_dy + 2 * max_dy * u[12])
-    margin = 2 if blur else 0
-    grid = _affine_grid(n, h, w, margin, -15.0 + 30.0 * u[10], 0.9 + 0.2 * u[13], tx, ty, x)
-    mode = "border" if padding == "edge" else "reflection"
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode=mode, align_corners=True)
-    if blur:
-        x = _gaussian_blur_valid(x, 0.001 + 0.499 * u[14])
-    if u[15] < 0.5:
-        x = x.flip(-1)
-    if noise_std > 0:
-        x = x + noise_std * torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
-    return x.clamp(0.0, 1.0)
-
-
 # ------------------------------------------------------------------------------------------------ the method
 @register_method("rotta")
 class RoTTA(Method):
@@ -311,7 +210,7 @@ class RoTTA(Method):
         assert memory is not None and memory.shape[0] > 0
         ages = torch.tensor([self.clock - a for a in self.mem_arrival], dtype=torch.float32, device=memory.device)
         weights = torch.sigmoid(-ages / self.cfg.memory_size)  # exp(-A) / (1 + exp(-A)), A = age / memory_size
-        strong = strong_augment(memory, self.rng)
+        strong = cotta_views(memory, 1, self.rng)  # one draw for the bank, as the authors' batched transform
         layers = self._student_bn + self._teacher_bn
         for bn in layers:
             bn.train(True)
