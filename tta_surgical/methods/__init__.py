@@ -16,48 +16,23 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import (
-    COUNTERS,
-    METHODS,
-    Method,
-    MethodContext,
-    Objective,
-    StepInfo,
-    UpdateResult,
-    build_method,
-    build_optimizer,
-    grads_finite,
-    register_method,
-    resolve_autocast_dtype,
-    select_adapted,
-)
+from . import base
+from .base import *  # noqa: F403 - the Method interface, re-exported as base.__all__ lists it
 from .bn import batchnorm_layers, mixed_batch_norm, set_bn_stats
 from .losses import entropy, entropy_per_sample
 
 # Modules that hold shared machinery rather than a method.
 _NOT_METHODS = {"base", "bn", "losses", "augment"}
 
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):  # noqa: F405 - the package path
     if _info.name not in _NOT_METHODS and not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = [
-    "COUNTERS",
-    "METHODS",
-    "Method",
-    "MethodContext",
-    "Objective",
-    "StepInfo",
-    "UpdateResult",
+    *base.__all__,
     "batchnorm_layers",
-    "build_method",
-    "build_optimizer",
     "entropy",
     "entropy_per_sample",
-    "grads_finite",
     "mixed_batch_norm",
-    "register_method",
-    "resolve_autocast_dtype",
-    "select_adapted",
     "set_bn_stats",
 ]
