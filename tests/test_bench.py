@@ -124,10 +124,10 @@ def test_adapting_cells_carry_the_autograd_report(quick_run):
 def test_failing_cells_record_the_error_and_the_grid_goes_on(tmp_path, monkeypatch):
     real = measure.build_runner
 
-    def build(model, ms, dtype, *rest):
+    def build(model, ms, dtype, *rest, **kw):
         if ms.label == "tent":
             raise RuntimeError("boom: forced failure")
-        return real(model, ms, dtype, *rest)
+        return real(model, ms, dtype, *rest, **kw)
 
     monkeypatch.setattr(measure, "build_runner", build)
     spec = tiny(models=("resnet20", "no_such_model"), methods=("tent", "reference_tent"))
@@ -391,8 +391,8 @@ def test_interleaved_group_times_methods_round_robin(tmp_path, monkeypatch):
     order = []
     real = measure.build_runner
 
-    def build(model, ms, *rest):
-        runner = real(model, ms, *rest)
+    def build(model, ms, *rest, **kw):
+        runner = real(model, ms, *rest, **kw)
         step = runner.step
 
         def spy(x):
@@ -418,8 +418,8 @@ def test_interleaved_group_times_methods_round_robin(tmp_path, monkeypatch):
 def test_interleaved_failure_drops_only_that_cell(tmp_path, monkeypatch):
     real = measure.build_runner
 
-    def build(model, ms, *rest):
-        runner = real(model, ms, *rest)
+    def build(model, ms, *rest, **kw):
+        runner = real(model, ms, *rest, **kw)
         if ms.label == "tent":
             calls = [0]
             step = runner.step

@@ -42,17 +42,17 @@ def autograd_report(
     """
     dtype = _dtype(autocast_dtype)
     owned = isinstance(method, (str, MethodSpec))
-    if owned:
-        ms = parse_method(method) if isinstance(method, str) else method
-        runner = build_runner(copy.deepcopy(model), ms, dtype)
-    else:
-        runner = method
-    net = runner.model
     if x is None:
-        device = next(net.parameters()).device
+        device = next((model if owned else method.model).parameters()).device
         g = torch.Generator(device=device).manual_seed(0)
         size = input_size or 32
         x = torch.rand((batch_size, 3, size, size), generator=g, device=device)
+    if owned:
+        ms = parse_method(method) if isinstance(method, str) else method
+        runner = build_runner(copy.deepcopy(model), ms, dtype, like=x)
+    else:
+        runner = method
+    net = runner.model
     probe = _AutogradProbe(net)
     try:
         with torch.no_grad():

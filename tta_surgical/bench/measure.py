@@ -228,7 +228,7 @@ def _prepare(job: _Job) -> None:
         _free(device)
 
     job.stage = "build"
-    job.runner, job.x = build_runner(model, job.ms, dtype, spec.optim_implementation), x
+    job.runner, job.x = build_runner(model, job.ms, dtype, spec.optim_implementation, like=x), x
     tensors = adapted_tensors(job.runner)
     cell["adapted_tensors"] = len(tensors)
     cell["adapted_numel"] = int(sum(p.numel() for p in tensors))

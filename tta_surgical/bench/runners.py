@@ -50,17 +50,35 @@ class InferenceRunner:
 
 
 def build_runner(
-    model: nn.Module, ms: MethodSpec, autocast_dtype: torch.dtype | None, optim_implementation: str = "auto"
+    model: nn.Module,
+    ms: MethodSpec,
+    autocast_dtype: torch.dtype | None,
+    optim_implementation: str = "auto",
+    like: Tensor | None = None,
 ) -> Any:
-    """An object with `.model` and `.step(x)` for the method of a cell (configures `model` in place)."""
+    """An object with `.model` and `.step(x)` for the method of a cell (configures `model` in place).
+
+    like: a batch of the cell's inputs; methods that need source samples (EATA's Fisher information) get random
+    images of its shape, since a timing cell measures the step, not what the samples teach.
+    """
     if ms.kind == "inference":
         return InferenceRunner(model, autocast_dtype)
     if ms.kind == "reference":
         return PlainTent(model, autocast_dtype=autocast_dtype)
     from ..config import OptimConfig
-    from ..methods import build_method
+    from ..methods import MethodContext, build_method
 
-    return build_method(model, ms.cfg, OptimConfig(implementation=optim_implementation), autocast_dtype=autocast_dtype)
+    context = MethodContext(source_images=_random_source(like)) if like is not None else None
+    optim = OptimConfig(implementation=optim_implementation)
+    return build_method(model, ms.cfg, optim, autocast_dtype=autocast_dtype, context=context)
+
+
+def _random_source(like: Tensor) -> Any:
+    def images(n: int) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(n, *like.shape[1:], generator=g), torch.zeros(n, dtype=torch.long)
+
+    return images
 
 
 def adapted_tensors(runner: Any) -> list[Tensor]:
