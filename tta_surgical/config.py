@@ -440,7 +440,7 @@ def _unknown_key_error(cls: type, keys: Iterable[object], path: str) -> ConfigEr
     dotted = [_dotted(path, k) for k in sorted(map(_shown_key, keys))]
     where = f"in section {path!r}" if path else "at the top level"
     if issubclass(cls, MethodSettings) and path:
-        where += f" for method {getattr(cls, 'name', '?')!r}"
+        where += f" for method {getattr(cls, 'name', '?')!r} ({path}.name)"
     hints = "".join(f"; {k}: {_MOVED_KEYS[k]}" for k in dotted if k in _MOVED_KEYS)
     return ConfigError(f"unknown config key {', '.join(dotted)}; valid keys {where}: {', '.join(valid)}{hints}")
 
