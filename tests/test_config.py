@@ -226,7 +226,8 @@ def test_method_section_is_checked_against_the_named_method(tmp_path):
     """The `method:` keys depend on `method.name`: each method's own settings, unknown ones listed."""
     cfg = load_config(_write(tmp_path / "m.yaml", {"method": {"name": "norm", "prior_strength": 8}}))
     assert type(cfg.method).__name__ == "NormSettings" and cfg.method.prior_strength == 8.0
-    with pytest.raises(ConfigError, match=r"method.kind; valid keys in section 'method' for method 'norm' \(method.name\)"):
+    needle = r"method.kind; valid keys in section 'method' for method 'norm' \(method.name\)"
+    with pytest.raises(ConfigError, match=needle):
         load_config(_write(tmp_path / "n.yaml", {"method": {"name": "norm", "kind": "all"}}))
     with pytest.raises(ConfigError, match="stream.reset=episodic"):
         load_config(_write(tmp_path / "e.yaml", {"method": {"name": "tent", "episodic": True}}))
