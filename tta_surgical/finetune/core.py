@@ -2,8 +2,9 @@
 
 One *cell* = (corruption, option, seed). For each cell:
 
-1. a seeded class-balanced split of the target set into disjoint labeled train / val / test (`split_indices`;
-   the same indices for every corruption and option of that seed);
+1. a seeded class-balanced split of the target set into disjoint labeled train / val / test (`split_indices` on
+   the source labels: the same indices for every corruption, option and target task of that seed), of whose
+   training images `finetune.train_budget` may use a nested class-balanced subset (budget curves);
 2. for each learning rate of the grid: restore the pretrained weights exactly (`load_state_dict` of a copy
    taken once), select the tensors of the option, Adam(lr, weight_decay) for `epochs` epochs over the
    training images (one seeded shuffle per epoch, identical for every lr and option), and after every epoch
@@ -42,7 +43,7 @@ from ..methods.base import guarded_step
 from ..metrics import json_safe
 from ..runfolder import JsonlWriter, RunFolder, read_jsonl
 from .config import AUTO_OPTIONS, FinetuneConfig, FinetuneSection
-from .data import Split, TargetData, per_class_train, split_indices
+from .data import Split, TargetData, budget_subset, per_class_train
 
 __all__ = [
     "CellData",
@@ -461,10 +462,16 @@ class _FinetuneJob:
             target = TargetData(sec, data_root=data_root, frost_dir=frost_dir, device=self.device)
         self.target = target
         self.per_class = per_class_train(sec.n_train, target.n_classes)
-        self.splits = {
-            s: split_indices(target.labels, self.per_class, sec.n_val_per_class, sec.n_test_per_class, s)
-            for s in sec.seeds
-        }
+        self.splits = {s: target.split(self.per_class, s) for s in sec.seeds}
+        # The labeled images each seed trains on: all of its train split, or a nested class-balanced budget of it.
+        self.train_rows = {s: self._train_rows(sp) for s, sp in self.splits.items()}
+
+    def _train_rows(self, split: Split) -> np.ndarray:
+        budget = self.cfg.finetune.train_budget
+        if budget is None or budget == len(split.train):
+            return split.train
+        per_class = per_class_train(budget, self.target.n_classes)
+        return budget_subset(split.train, self.target.source_labels, per_class, split.seed)
 
     def run_corruption(self, corruption: str, cells: Sequence[tuple[str, str, int]], bar: Any) -> Iterable[dict]:
         """Yield the record of every (corruption, option, seed) cell of `cells`, one corruption's images loaded."""
@@ -483,10 +490,10 @@ class _FinetuneJob:
         source_acc: dict[int, tuple[float, ...]] = {}
         for _, option, seed in cells:
             sp = self.splits[seed]
-            parts = ("train", "val", "test")
+            rows = {"train": self.train_rows[seed], "val": sp.val, "test": sp.test}
             data = CellData(
-                {p: pool[torch.as_tensor([row_of[int(i)] for i in getattr(sp, p)])].to(keep_on) for p in parts},
-                {p: labels[torch.as_tensor(getattr(sp, p))] for p in parts},
+                {p: pool[torch.as_tensor([row_of[int(i)] for i in r])].to(keep_on) for p, r in rows.items()},
+                {p: labels[torch.as_tensor(r)] for p, r in rows.items()},
                 sp,
             )
             if seed not in source_acc:
@@ -504,6 +511,7 @@ class _FinetuneJob:
             )
             yield {
                 "corruption": corruption,
+                "task": sec.task,
                 "option": option,
                 "seed": seed,
                 "severity": sec.severity,
@@ -511,7 +519,7 @@ class _FinetuneJob:
                 "bn_mode": sec.bn_mode,
                 "source_val_acc": source_acc[seed][0],
                 "source_test_acc": source_acc[seed][1],
-                "split": sp.sizes(),
+                "split": {**sp.sizes(), "train_used": len(rows["train"])},
                 "device": str(self.device),
                 **rec,
             }
@@ -539,6 +547,8 @@ def _finish(folder: RunFolder, job: _FinetuneJob, records: list[dict[str, Any]],
             "model_pretrained": bool(job.info.pretrained),
             "model_warnings": list(job.info.warnings),
             "source": sec.source,
+            "task": sec.task,
+            "train_budget": sec.train_budget,
             "severity": sec.severity,
             "kind": sec.kind,
             "bn_mode": sec.bn_mode,
