@@ -388,3 +388,26 @@ def test_report_merge_and_option_errors(tmp_path):
         report.parse_counts("10,x", "--unlabeled")
     with pytest.raises(ConfigError, match="fixed by the study"):
         cmp.OnlineSettings(overrides=("stream.n_examples=5",))
+
+
+def test_online_cell_plans_reset_and_continual(data_root, tmp_path):
+    """Reset: one cell per (corruption, option) plus the norm reference; continual: one cell per option over all
+    corruptions without reset. Every cell streams the pool rows; the method is the option's surgical method."""
+    cfg = tiny_cfg("finetune.corruptions=[fog,contrast]")
+    reset = cmp.Comparison(cfg, ["block1", "auto-snr", "auto-rgn"], cmp.OnlineSettings(n_images=40), tmp_path)
+    assert reset.online_options == ["block1", "auto-rgn"]  # auto-snr needs labels: no online form
+    data, keys = reset.online_cells(0)
+    assert [k[:2] for k in keys] == [(o, (c,)) for c in ("fog", "contrast") for o in ("block1", "auto-rgn", "norm")]
+    assert all(cell["stream.n_examples"] == 40 for cell in data["cells"])
+    methods = [cell["method"] for cell in data["cells"][:3]]
+    assert methods[0]["name"] == "surgical" and methods[0]["blocks"] == ["block1"] and methods[0]["kind"] == "all"
+    assert methods[1]["weighting"] == "auto-rgn" and methods[1]["blocks"] == ["all"]
+    assert methods[2]["name"] == "norm"
+    stream = json.loads(data["overrides"][2].split("=", 1)[1])
+    assert stream["reset"] == "per_domain" and stream["indices"] == reset.pools[0].tolist()
+    cont = cmp.Comparison(cfg, ["block1"], cmp.OnlineSettings(mode="continual", reference=None), tmp_path)
+    data, keys = cont.online_cells(0, (None, 10))
+    assert keys == [("block1", ("fog", "contrast"), None), ("block1", ("fog", "contrast"), 10)]
+    assert json.loads(data["overrides"][2].split("=", 1)[1])["reset"] == "never"
+    with pytest.raises(ConfigError, match="adapts no blocks"):
+        cmp.online_method("norm", "block1")

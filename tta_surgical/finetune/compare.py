@@ -230,8 +230,12 @@ class Comparison:
         cfg = apply_overrides(dataclasses.replace(base, method=online_method(self.online.method, option)), method_over)
         return to_dict(cfg.method)
 
-    def online_cells(self, seed: int, n_images: Sequence[int | None] = (None,)) -> tuple[dict[str, Any], list[tuple]]:
-        """The run sweep of one seed (a sweep-file mapping) and each cell's key (option, corruptions, n_images)."""
+    def online_cells(
+        self, seed: int, n_images: Sequence[int | None] | None = None
+    ) -> tuple[dict[str, Any], list[tuple]]:
+        """The run sweep of one seed (a sweep-file mapping) and each cell's key (option, corruptions, n_images);
+        n_images: the stream lengths to run (default: the study's own)."""
+        n_images = (self.online.n_images,) if n_images is None else n_images
         base = self.online_base(seed)
         groups = [[c] for c in self.sec.corruptions] if self.online.mode == "reset" else [list(self.sec.corruptions)]
         options = self.online_options + ([self.online.reference] if self.online.reference else [])
