@@ -411,3 +411,30 @@ def test_online_cell_plans_reset_and_continual(data_root, tmp_path):
     assert json.loads(data["overrides"][2].split("=", 1)[1])["reset"] == "never"
     with pytest.raises(ConfigError, match="adapts no blocks"):
         cmp.online_method("norm", "block1")
+
+
+def test_shipped_budget_sweep_is_the_reports_supervised_cells(data_root, tmp_path):
+    """configs/sweeps/finetune_budgets.yaml and `report --budgets` with the same settings resolve to the same cells
+    (same configs, same ids): either can run them, the other reuses them."""
+    import yaml
+
+    from tta_surgical.sweep import load_sweep
+
+    shipped = load_sweep(REPO / "configs" / "sweeps" / "finetune_budgets.yaml")
+    cfg = load_finetune_config(
+        REPO / "configs" / "finetune_cifar10c.yaml",
+        [
+            "finetune.corruptions=[gaussian_noise,contrast]",
+            "finetune.lrs=[1e-2,1e-3]",
+            "finetune.epochs=3",
+            "finetune.seeds=[0]",
+            "runtime.device=cpu",
+        ],
+    )
+    options = ["input", "block1", "block2", "block3", "head", "all", "auto-rgn"]
+    comp = cmp.Comparison(cfg, options, cmp.OnlineSettings(), tmp_path, data_root=data_root)
+    data, keys = comp.supervised_cells([100, 250, 500, 1000])
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
+    ours = load_sweep(tmp_path / "s.yaml", check_models=False)
+    assert [c.id for c in ours.cells] == [c.id for c in shipped.cells]
+    assert keys[-1] == ("contrast", None)  # the full budget is the main study's cell
