@@ -394,7 +394,9 @@ def test_online_cell_plans_reset_and_continual(data_root, tmp_path):
     """Reset: one cell per (corruption, option) plus the norm reference; continual: one cell per option over all
     corruptions without reset. Every cell streams the pool rows; the method is the option's surgical method."""
     cfg = tiny_cfg("finetune.corruptions=[fog,contrast]")
-    reset = cmp.Comparison(cfg, ["block1", "auto-snr", "auto-rgn"], cmp.OnlineSettings(n_images=40), tmp_path)
+    online = cmp.OnlineSettings(n_images=40)
+    reset = cmp.Comparison(cfg, ["block1", "auto-snr", "auto-rgn"], online, tmp_path, data_root=data_root)
+    assert reset.frost_dir == Path(data_root) / "frost"  # the supervised `frost` images need the textures too
     assert reset.online_options == ["block1", "auto-rgn"]  # auto-snr needs labels: no online form
     data, keys = reset.online_cells(0)
     assert [k[:2] for k in keys] == [(o, (c,)) for c in ("fog", "contrast") for o in ("block1", "auto-rgn", "norm")]

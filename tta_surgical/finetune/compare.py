@@ -157,6 +157,7 @@ class Comparison:
         frost_dir: str | os.PathLike | None = None,
         target: TargetData | None = None,
     ) -> None:
+        from ..corruptions.textures import default_frost_dir
         from ..runtime import pick_device
 
         if list(ft_cfg.finetune.options) != list(options):
@@ -164,9 +165,10 @@ class Comparison:
         self.cfg, self.sec, self.online = ft_cfg, ft_cfg.finetune, online
         self.options = list(options)
         self.out = Path(out)
-        self.data_root, self.frost_dir = data_root, frost_dir
+        # The frost textures: <data-root>/frost when present (the target images of `frost` need them here too).
+        self.data_root, self.frost_dir = data_root, default_frost_dir(frost_dir, data_root)
         self.device = pick_device(ft_cfg.runtime.device)
-        self.target = target or TargetData(self.sec, data_root=data_root, frost_dir=frost_dir, device=self.device)
+        self.target = target or TargetData(self.sec, data_root=data_root, frost_dir=self.frost_dir, device=self.device)
         self.per_class = per_class_train(self.sec.n_train, self.target.n_classes)
         self.splits = {s: self.target.split(self.per_class, s) for s in self.sec.seeds}
         n_rows = len(self.target.source_labels)
