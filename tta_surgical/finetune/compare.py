@@ -319,7 +319,7 @@ class Comparison:
         for key, cell in zip(keys, sweep.cells):
             run_dir = cell_dir(folder, cell)
             summary = RunFolder(run_dir).read_summary()
-            tag = f"{cell.id}:{_digest(self.sec.task, split.test.tolist(), to_dict(self.sec))}"
+            tag = f"{cell.id}:{self._test_digest(split)}"
             if tag not in cache:
                 cfg = _run_config(cell.config)
                 tests = self.test_sets(split, key[1])
@@ -334,6 +334,12 @@ class Comparison:
                 "rgn_block_weights": scored.get("rgn_block_weights"),
             }
         return out
+
+    def _test_digest(self, split: Any) -> str:
+        """What a test score depends on besides the run: the task, the test rows and how their images are made."""
+        sec = self.sec
+        images = (sec.source, sec.path, sec.limit, sec.severity, sec.generation_seed, sec.generation_batch_size)
+        return _digest(sec.task, split.test.tolist(), images)
 
     def test_sets(self, split: Any, corruptions: Sequence[str]) -> dict[str, tuple[Any, Any]]:
         """Each corruption's supervised test split: (uint8 images, task labels), exactly what `finetune` tests on."""
