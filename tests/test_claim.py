@@ -276,6 +276,8 @@ def _report_args(tmp_path: Path, data_root: Path, *extra: str) -> argparse.Names
         "block1,head,auto-rgn",
         "--online-images",
         "30",
+        "--references",
+        "norm,source",
         "--data-root",
         str(data_root),
         "--out",
@@ -336,7 +338,9 @@ def test_report_end_to_end_on_real_data(data_root, tmp_path, monkeypatch):
                 and y.tolist() == (9 - target.source_labels[split.test]).tolist()
             )
     n_scored = len(scored)
-    assert n_scored == 2 * 4  # 2 corruptions x (3 options + the norm reference)
+    assert n_scored == 2 * 5  # 2 corruptions x (3 options + the norm and source references)
+    assert set(task["reference"]) == {"no_adaptation_accuracy_test", "norm", "source"}
+    assert set(task["reference"]["source"]["online_error_stream"]) == {"none", "gaussian_noise"}
     # A rerun reuses every cell and every score: nothing is trained or scored again.
     before = (out / "report.json").read_text()
     assert report.main(args) == 0 and len(scored) == n_scored
@@ -388,6 +392,8 @@ def test_report_merge_and_option_errors(tmp_path):
         report.parse_counts("10,x", "--unlabeled")
     with pytest.raises(ConfigError, match="fixed by the study"):
         cmp.OnlineSettings(overrides=("stream.n_examples=5",))
+    with pytest.raises(ConfigError, match="adapts parameters"):
+        cmp.OnlineSettings(references=("tent",))
 
 
 def test_online_cell_plans_reset_and_continual(data_root, tmp_path):
@@ -407,7 +413,7 @@ def test_online_cell_plans_reset_and_continual(data_root, tmp_path):
     assert methods[2]["name"] == "norm"
     stream = json.loads(data["overrides"][2].split("=", 1)[1])
     assert stream["reset"] == "per_domain" and stream["indices"] == reset.pools[0].tolist()
-    cont = cmp.Comparison(cfg, ["block1"], cmp.OnlineSettings(mode="continual", reference=None), tmp_path)
+    cont = cmp.Comparison(cfg, ["block1"], cmp.OnlineSettings(mode="continual", references=()), tmp_path)
     data, keys = cont.online_cells(0, (None, 10))
     assert keys == [("block1", ("fog", "contrast"), None), ("block1", ("fog", "contrast"), 10)]
     assert json.loads(data["overrides"][2].split("=", 1)[1])["reset"] == "never"

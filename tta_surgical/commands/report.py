@@ -87,7 +87,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     online.add_argument(
         "--pool-excludes-test", action="store_true", help="keep the supervised test rows out of the online stream"
     )
-    online.add_argument("--no-reference", action="store_true", help="skip the `norm` reference runs")
+    online.add_argument(
+        "--references",
+        default="norm",
+        help="non-adapting reference methods, e.g. norm,source ('' = none; default norm)",
+    )
     budgets = parser.add_argument_group("budget curves")
     budgets.add_argument("--budgets", action="store_true", help="write budgets.{md,json,png} instead of the report")
     budgets.add_argument("--labeled", default=DEFAULT_LABELED, help=f"labeled budgets (default {DEFAULT_LABELED})")
@@ -182,7 +186,7 @@ def build_study(args: argparse.Namespace) -> Any:
         mode=args.online_mode,
         n_images=n_images,
         include_test=not args.pool_excludes_test,
-        reference=None if args.no_reference else "norm",
+        references=tuple(_csv(args.references)),
         overrides=tuple(o for o in onl_over if o not in shared),
     )
     out = Path(args.out) if args.out else Path("runs") / f"report-{ft_cfg.model.name}"

@@ -19,8 +19,9 @@ split; the test rows are in it: an online method sees its test images unlabeled 
 - scoring, twice: `online_error_stream` = the run's error on its stream; `online_accuracy_test` = the adapted
   model (the run's final state) predicting exactly the supervised test split of the corruption, with the task's
   labels, through the method's `predict` in batches of the stream's batch size (continual: the final model on
-  every corruption's test split). A `norm` reference run (test-batch BatchNorm statistics, no update) shows how
-  much of the online gain is the statistics alone.
+  every corruption's test split). Reference runs of non-adapting methods (`norm`: test-batch BatchNorm
+  statistics, no update, by default; `source`: the model as it is) show how much of the online result is the
+  statistics alone.
 
 Every cell is a sweep cell (`tta_surgical.sweep`): the study writes its sweep files (`sweep.yaml`, runnable by
 `tta-surgical sweep ... --launcher ray`) and runs them with the chosen launcher; cells are keyed by the hash of
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 ONLINE_MODES = ("reset", "continual")
-REFERENCE = "norm"  # the online reference method: BatchNorm statistics of the test batch, no parameter update
+REFERENCES = ("norm",)  # the default online reference: BatchNorm statistics of the test batch, no parameter update
 # Stream keys the study sets itself (the online stream is defined by the split, the task and the mode).
 FIXED_STREAM_KEYS = ("domains", "severities", "source", "path", "indices", "n_examples", "reset")
 TEST_SCORES = "test_scores.json"
@@ -70,7 +71,7 @@ class OnlineSettings:
     mode: `reset` (the model restored at each corruption: one cell per corruption) or `continual` (no reset).
     n_images: images per corruption drawn (seeded) from the online pool; None = all of it.
     include_test: whether the pool holds the supervised test rows (unlabeled) or excludes them too.
-    reference: a non-adapting method run once per corruption for reference (None = none).
+    references: non-adapting methods run once per corruption for reference (e.g. norm, source; () = none).
     overrides: method.*, optim.*, stream.* overrides of the online runs (not the keys the study fixes).
     """
 
@@ -78,7 +79,7 @@ class OnlineSettings:
     mode: str = "reset"
     n_images: int | None = None
     include_test: bool = True
-    reference: str | None = REFERENCE
+    references: tuple[str, ...] = REFERENCES
     overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -86,6 +87,11 @@ class OnlineSettings:
             raise ConfigError(f"online mode {self.mode!r} is not valid; choose one of: {', '.join(ONLINE_MODES)}")
         if self.n_images is not None and self.n_images < 1:
             raise ConfigError(f"online images per corruption must be >= 1 or all, got {self.n_images}")
+        for ref in self.references:
+            from ..config import MethodSettings
+
+            if "blocks" in {f.name for f in dataclasses.fields(MethodSettings.variant(ref))}:
+                raise ConfigError(f"online reference {ref!r} adapts parameters; references are e.g. norm or source")
         for text in self.overrides:
             key = text.split("=", 1)[0].strip()
             if key == "method.blocks":
@@ -226,7 +232,7 @@ class Comparison:
 
     def _cell_method(self, base: Config, option: str) -> dict[str, Any]:
         """The full method section of one option's cell (the user's method.* overrides applied over it)."""
-        if option == self.online.reference:
+        if option in self.online.references:
             return to_dict(method_config(option))
         method_over = [o for o in self.online.overrides if o.split("=", 1)[0].strip().startswith("method.")]
         cfg = apply_overrides(dataclasses.replace(base, method=online_method(self.online.method, option)), method_over)
@@ -240,13 +246,13 @@ class Comparison:
         n_images = (self.online.n_images,) if n_images is None else n_images
         base = self.online_base(seed)
         groups = [[c] for c in self.sec.corruptions] if self.online.mode == "reset" else [list(self.sec.corruptions)]
-        options = self.online_options + ([self.online.reference] if self.online.reference else [])
+        options = self.online_options + list(self.online.references)
         cells, keys = [], []
         for domains in groups:
             for n in n_images:
                 count = self.count(seed, n)
                 for option in options:
-                    if option == self.online.reference and count != self.count(seed, self.online.n_images):
+                    if option in self.online.references and count != self.count(seed, self.online.n_images):
                         continue  # the reference runs at the study's own stream length only
                     method = self._cell_method(base, option)
                     cells.append({"method": method, "stream.domains": domains, "stream.n_examples": count})
@@ -431,7 +437,7 @@ def gather(
             g.no_adaptation[c] = float(summ["source_accuracy"][c])
         if summ.get("rgn_block_weights", {}).get(c):
             g.rgn_supervised[c] = dict(summ["rgn_block_weights"][c])
-    options = comp.online_options + ([comp.online.reference] if comp.online.reference else [])
+    options = comp.online_options + list(comp.online.references)
     for o in options:
         for c in sec.corruptions:
             recs = [
@@ -494,7 +500,6 @@ def task_report(comp: Comparison, g: Gathered, blocks: Sequence[str]) -> dict[st
             for c in cs
         }
         options[o] = entry
-    ref = comp.online.reference
     report: dict[str, Any] = {
         "task": sec.task,
         "model": comp.cfg.model.name,
@@ -506,9 +511,12 @@ def task_report(comp: Comparison, g: Gathered, blocks: Sequence[str]) -> dict[st
         "options": options,
         "reference": {
             "no_adaptation_accuracy_test": {**g.no_adaptation, "mean": _mean(list(g.no_adaptation.values()))},
-            ref or "online_reference": {
-                "online_error_stream": g.online_error.get(ref, {}),
-                "online_accuracy_test": g.online_test.get(ref, {}),
+            **{
+                ref: {
+                    "online_error_stream": g.online_error.get(ref, {}),
+                    "online_accuracy_test": g.online_test.get(ref, {}),
+                }
+                for ref in comp.online.references
             },
         },
         "rgn_block_weights": {"supervised": g.rgn_supervised, "online": g.rgn_online},
