@@ -223,20 +223,16 @@ def test_clean_domain_streams_the_clean_images(data_root):
 
 def _task(level_scores: dict[str, tuple[float, float]], level: str, rgn: str) -> dict:
     """A synthetic task report: option -> (online error, supervised accuracy) on one corruption."""
-    opts = {
-        o: {
-            "per_corruption": {
-                "c": {"online_error_stream": e, "online_accuracy_test": 0.0, "supervised_accuracy_test": a}
-            }
-        }
+    per = {
+        o: {"online_error_stream": e, "online_accuracy_test": 100.0 - e, "supervised_accuracy_test": a}
         for o, (e, a) in level_scores.items()
     }
     w = {b: (1.0 if b == rgn else 0.1) for b in ("input", "block1", "block2", "block3", "head")}
     return {
-        "task": "t",
+        "task": "cifar_flip" if level == "label" else "corruption",
         "shift_levels": {"c": level},
         "blocks": ["input", "block1", "block2", "block3", "head"],
-        "options": opts,
+        "options": {o: {"per_corruption": {"c": v}} for o, v in per.items()},
         "rgn_block_weights": {"supervised": {"c": w}, "online": {"c": w}},
     }
 
@@ -245,6 +241,7 @@ def test_verdict_orderings_and_oracle_match():
     scores = {"input": (30, 70), "block1": (29, 75), "block2": (31, 72), "block3": (32, 68), "head": (35, 55)}
     (row,) = cmp.verdict_rows(_task({**scores, "all": (30, 71)}, "input", "block1"))
     assert row["best_block_supervised"] == "block1" and row["best_block_online"] == "block1"
+    assert row["best_block_online_test"] == "block1"
     assert row["rgn_matches_oracle_supervised"] and row["rgn_matches_oracle_online"]
     assert row["paper_ordering_supervised"] is True
     (row,) = cmp.verdict_rows(_task({**scores, "all": (30, 76)}, "input", "block2"))
@@ -253,6 +250,7 @@ def test_verdict_orderings_and_oracle_match():
     flip = {"input": (50, 10), "block1": (50, 20), "block2": (50, 30), "block3": (50, 60), "head": (40, 85)}
     (row,) = cmp.verdict_rows(_task({**flip, "all": (45, 80)}, "label", "head"))
     assert row["paper_ordering_supervised"] is True and row["best_block_supervised"] == "head"
+    assert row["best_block_online"] == "head" and row["best_block_online_test"] is None  # relabelled test labels
     (row,) = cmp.verdict_rows(_task({**flip, "all": (45, 90)}, "label", "head"))
     assert row["paper_ordering_supervised"] is False
     (row,) = cmp.verdict_rows(_task(flip, "label", "head"))
