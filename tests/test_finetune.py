@@ -1,4 +1,6 @@
-"""Supervised few-shot surgical fine-tuning: splits, selection, lr-grid restore, auto-RGN, resume, summaries, report."""
+"""Supervised few-shot surgical fine-tuning: splits, selection, lr-grid restore, auto-RGN, resume, summaries.
+
+The online-vs-supervised report (target tasks, budgets, the verdict) is tested in test_claim.py."""
 
 from __future__ import annotations
 
@@ -314,7 +316,7 @@ def test_run_writes_results_summary_and_resumes(data_root, tmp_path, monkeypatch
         ("contrast", "auto-rgn"),
     ]
     for r in recs:
-        assert r["split"] == {"train": 20, "val": 10, "test": 20}
+        assert r["split"] == {"train": 20, "val": 10, "test": 20, "train_used": 20}
         assert {"lr", "best_epoch", "val_acc", "test_acc", "tuned_params", "wall_s", "n_skipped"} <= set(r)
     assert set(summary["accuracy"]) == {"block1", "auto-rgn"} and set(summary["rank"]) == {"block1", "auto-rgn"}
     assert json.loads((out / "summary.json").read_text())["mean_accuracy"] == summary["mean_accuracy"]
@@ -364,64 +366,3 @@ def test_finetune_command_main(data_root, tmp_path):
     assert cmd.main(args) == 0
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert list(summary["accuracy"]["head"]) == ["brightness"]
-
-
-def test_report_end_to_end(data_root, tmp_path):
-    from tta_surgical.commands import report
-    from tta_surgical.streams import build_stream
-
-    parser = argparse.ArgumentParser()
-    report.configure(parser)
-    out = tmp_path / "report"
-    argv = [
-        "--model",
-        "resnet20",
-        "--corruptions",
-        "gaussian_noise,contrast",
-        "--options",
-        "block1,head,auto-rgn",
-        "--data-root",
-        str(data_root),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--n-online",
-        "20",
-        *[t for t in TINY if not t.startswith(("finetune.corruptions", "runtime"))],
-        "stream.batch_size=10",
-    ]
-    assert report.main(parser.parse_args(argv)) == 0
-    rep = json.loads((out / "report.json").read_text())
-    assert rep["options"] == ["block1", "head", "auto-rgn"]
-    for o in ("block1", "head"):
-        row = rep["rows"][o]
-        assert set(row["online_per_corruption"]) == {"gaussian_noise", "contrast"}
-        assert row["online"] is not None and row["supervised"] is not None
-    assert rep["rows"]["auto-rgn"]["supervised"] is not None
-    assert (rep["rows"]["auto-rgn"]["online"] is not None) == ("auto-rgn" in report.online_options())
-    assert "| block1 |" in (out / "report.md").read_text()
-    # The online stream holds exactly the supervised test images (same pixels, same labels).
-    cfg = tiny_cfg("finetune.n_test_per_class=2")
-    target = TargetData(cfg.finetune, data_root=data_root)
-    split = split_indices(target.labels, 2, 1, 2, seed=0)
-    images, open_images = report.online_stream(target, cfg.finetune, split.test)
-    assert images["source"] == "memory"  # generated images are handed over in memory, not written to disk
-    online_cfg = report.online_config(cfg, "block1", images, 0, ["stream.batch_size=10"])
-    stream = build_stream(online_cfg.stream, source=open_images())
-    seen = {c: [] for c in ("gaussian_noise", "contrast")}
-    for b in stream:
-        rows = split.test[b.plan.indices]
-        assert torch.equal(b.x, target.images(b.domain, rows).float() / 255)
-        assert torch.equal(b.y, torch.as_tensor(target.labels[rows]))
-        seen[b.domain] += rows.tolist()
-    assert all(sorted(v) == split.test.tolist() for v in seen.values())
-    online = json.loads((out / "online" / "seed0" / "block1" / "summary.json").read_text())
-    assert online["n_images"] == 40 and online["stream_fingerprint"] == stream.fingerprint()
-    assert not (out / "online" / "data").exists()
-    # Rerunning resumes: nothing is trained again and the numbers are identical.
-    before = (out / "supervised" / "results.jsonl").read_text()
-    assert report.main(parser.parse_args(argv)) == 0
-    assert (out / "supervised" / "results.jsonl").read_text() == before
-    assert json.loads((out / "report.json").read_text())["rows"] == rep["rows"]

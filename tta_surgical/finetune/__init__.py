@@ -4,8 +4,9 @@
     cfg = load_finetune_config("configs/finetune_cifar10c.yaml", ["finetune.corruptions=[fog]"])
     summary = run_finetune(cfg, "runs/finetune", data_root="/data")
 
-Modules: `config` (the frozen config tree), `data` (seeded class-balanced splits, target images generated
-exactly as make-cifar10c or read from CIFAR-10-C / ImageNet-C folders), `core` (the per-cell protocol, the
+Modules: `config` (the frozen config tree), `tasks` (the target tasks: `corruption`, `cifar_flip`), `data` (seeded
+class-balanced splits, training budgets, the online pool, target images generated exactly as make-cifar10c or
+read from CIFAR-10-C / ImageNet-C folders), `core` (the per-cell protocol, the
 resumable run), `summary` (means, standard errors, average ranks, Markdown, auto-RGN plot).
 """
 
@@ -23,11 +24,29 @@ from .core import (
     select_best,
     validate_options,
 )
-from .data import Split, TargetData, per_class_train, split_indices, write_cifar10c_subset
+from .data import (
+    Split,
+    TargetData,
+    budget_subset,
+    online_pool,
+    per_class_train,
+    split_indices,
+    write_cifar10c_subset,
+)
 from .summary import average_ranks, plot_rgn_weights, rank_row, standard_error, summarize, summary_markdown
+from .tasks import CLEAN, TASKS, TargetTask, flip_labels, get_task, register_task, shift_level
 
 __all__ = [
     "AUTO_OPTIONS",
+    "CLEAN",
+    "TASKS",
+    "TargetTask",
+    "budget_subset",
+    "flip_labels",
+    "get_task",
+    "online_pool",
+    "register_task",
+    "shift_level",
     "CellData",
     "FinetuneConfig",
     "FinetuneSection",

@@ -2,8 +2,9 @@
 
 One *cell* = (corruption, option, seed). For each cell:
 
-1. a seeded class-balanced split of the target set into disjoint labeled train / val / test (`split_indices`;
-   the same indices for every corruption and option of that seed);
+1. a seeded class-balanced split of the target set into disjoint labeled train / val / test (`split_indices` on
+   the source labels: the same indices for every corruption, option and target task of that seed), of whose
+   training images `finetune.train_budget` may use a nested class-balanced subset (budget curves);
 2. for each learning rate of the grid: restore the pretrained weights exactly (`load_state_dict` of a copy
    taken once), select the tensors of the option, Adam(lr, weight_decay) for `epochs` epochs over the
    training images (one seeded shuffle per epoch, identical for every lr and option), and after every epoch
@@ -42,7 +43,7 @@ from ..methods.base import guarded_step
 from ..metrics import json_safe
 from ..runfolder import JsonlWriter, RunFolder, read_jsonl
 from .config import AUTO_OPTIONS, FinetuneConfig, FinetuneSection
-from .data import Split, TargetData, per_class_train, split_indices
+from .data import Split, TargetData, budget_subset, per_class_train
 
 __all__ = [
     "CellData",
@@ -206,6 +207,111 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=g)
 
 
+def _snr_selection(
+    model: nn.Module,
+    candidates: list[tuple[str, nn.Parameter]],
+    data: CellData,
+    section: FinetuneSection,
+) -> tuple[list[tuple[str, nn.Parameter]], dict[str, Any]]:
+    """auto-snr: score the candidates once, at the pretrained weights, on the whole training set (the official
+    code's choice) and keep those at or above the threshold; returns (kept, record extras)."""
+    from ..autotune import snr_mask, snr_scores
+
+    device = _device_of(model)
+    _configure(model, candidates, section.bn_mode)
+    x_all = data.x["train"].to(device).float().div_(255)
+    scores = snr_scores(model, candidates, x_all, data.y["train"].to(device), loss_fn=cross_entropy)
+    mask = snr_mask(scores, section.snr_threshold)
+    del x_all
+    for _, p in candidates:
+        p.grad = None
+    kept = [(n, p) for n, p in candidates if mask.get(n, False)]
+    if not kept:
+        raise ValueError(
+            f"auto-snr froze every tensor (threshold {section.snr_threshold}); lower finetune.snr_threshold"
+        )
+    extra = {
+        "snr_frozen": [n for n, _ in candidates if not mask.get(n, False)],
+        "snr_scores": {n: float(scores[n]) for n, _ in candidates},
+    }
+    return kept, extra
+
+
+class _LrRun:
+    """The epochs of one learning rate of a cell (the model already restored and configured): history lines,
+    auto-RGN weight tables, skipped / total steps."""
+
+    def __init__(self, model: nn.Module, option: str, candidates: list, data: CellData, section: FinetuneSection):
+        self.model, self.option, self.candidates, self.data, self.section = model, option, candidates, data, section
+        self.history: list[dict[str, Any]] = []
+        self.rgn_tables: list[dict[str, float]] = []
+        self.n_skipped = self.n_steps = self.n_rgn_failed = 0
+
+    def run(self, lr: float, seed: int) -> None:
+        sec, plist = self.section, [p for _, p in self.candidates]
+        optimizer = None
+        if self.option != "auto-rgn":
+            optimizer = torch.optim.Adam(plist, lr=lr, weight_decay=sec.weight_decay)
+        device = _device_of(self.model)
+        for epoch in range(1, sec.epochs + 1):
+            batches = self._batches(seed, epoch, device)
+            if self.option == "auto-rgn":
+                optimizer = self._rgn_optimizer(batches, lr, optimizer, plist)
+            loss_sum, loss_n, skipped = 0.0, 0, 0
+            with torch.enable_grad():
+                for xb, yb in batches:
+                    loss = cross_entropy(self.model(xb), yb)
+                    if guarded_step(optimizer, plist, loss):
+                        loss_sum += float(loss.detach()) * len(yb)
+                        loss_n += len(yb)
+                    else:
+                        skipped += 1
+            self.n_skipped += skipped
+            self.n_steps += len(batches)
+            self._evaluate(lr, epoch, loss_sum / loss_n if loss_n else None, skipped)
+
+    def _batches(self, seed: int, epoch: int, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        xt, yt = self.data.x["train"], self.data.y["train"].to(device)
+        perm = epoch_permutation(len(xt), seed, epoch)
+        out = []
+        for idx in _batches(perm, self.section.batch_size, drop_single=self.section.bn_mode == "batch"):
+            out.append((xt[idx.to(xt.device)].to(device, non_blocking=True).float().div_(255), yt[idx.to(device)]))
+        return out
+
+    def _rgn_optimizer(self, batches: list, lr: float, previous: Any, plist: list) -> torch.optim.Optimizer:
+        """Adam rebuilt with this epoch's auto-RGN weights (as the official code does)."""
+        from ..autotune import block_weight_table
+
+        sec = self.section
+        try:
+            optimizer, weights = build_rgn_optimizer(
+                self.model, self.candidates, batches[: sec.rgn_batches], lr, sec.weight_decay, sec.rgn_batches
+            )
+            self.rgn_tables.append(dict(block_weight_table(self.model, weights)))
+            return optimizer
+        except FloatingPointError:
+            # The loss diverged at this lr (non-finite gradients): keep last epoch's weights and optimiser;
+            # every step of a diverged model is skipped by the guard anyway.
+            self.n_rgn_failed += 1
+            return previous if previous is not None else torch.optim.Adam(plist, lr=lr, weight_decay=sec.weight_decay)
+
+    def _evaluate(self, lr: float, epoch: int, train_loss: float | None, skipped: int) -> None:
+        data, bs = self.data, self.section.eval_batch_size
+        val_c = evaluate(self.model, data.x["val"], data.y["val"], bs)
+        test_c = evaluate(self.model, data.x["test"], data.y["test"], bs)
+        self.history.append(
+            {
+                "lr": lr,
+                "epoch": epoch,
+                "val_correct": val_c,
+                "val_acc": 100.0 * val_c / len(data.y["val"]),
+                "test_acc": 100.0 * test_c / len(data.y["test"]),
+                "train_loss": train_loss,
+                "skipped": skipped,
+            }
+        )
+
+
 def finetune_cell(
     model: nn.Module,
     pretrained: Mapping[str, Tensor],
@@ -222,114 +328,41 @@ def finetune_cell(
     `pretrained` is a state_dict copy restored before every learning rate (and at the end), so the cell
     leaves the model as it found it. `on_lr_start(lr, model)` is called right after the restore.
     """
+    from ..methods.bn import set_bn_stats
     from ..runtime import seed_everything
 
-    device = _device_of(model)
-    kind, bn_mode = section.kind, section.bn_mode
-    xt, yt = data.x["train"], data.y["train"].to(device)
-    n_train = len(xt)
-    history: list[dict[str, Any]] = []
-    rgn_tables: dict[float, list[dict[str, float]]] = {}
-    extra: dict[str, Any] = {}
-    n_skipped_total = n_steps_total = n_rgn_failed = 0
     t0 = time.perf_counter()
-
-    def train_batches(epoch: int) -> list[tuple[Tensor, Tensor]]:
-        perm = epoch_permutation(n_train, seed, epoch)
-        out = []
-        for idx in _batches(perm, section.batch_size, drop_single=bn_mode == "batch"):
-            dev_idx = idx.to(xt.device)
-            out.append((xt[dev_idx].to(device, non_blocking=True).float().div_(255), yt[idx.to(device)]))
-        return out
-
+    extra: dict[str, Any] = {}
     model.load_state_dict(pretrained)
-    candidates = option_params(model, option, kind)
+    candidates = option_params(model, option, section.kind)
     if not candidates:
-        raise ValueError(f"finetune option {option!r} with kind={kind} selects no tensors")
+        raise ValueError(f"finetune option {option!r} with kind={section.kind} selects no tensors")
     if option == "auto-snr":
-        # Scores once, at the pretrained weights, on the whole training set (the official code's choice).
-        from ..autotune import snr_mask, snr_scores
-
-        _configure(model, candidates, bn_mode)
-        x_all = xt.to(device).float().div_(255)
-        scores = snr_scores(model, candidates, x_all, yt, loss_fn=cross_entropy)
-        mask = snr_mask(scores, section.snr_threshold)
-        del x_all
-        for _, p in candidates:
-            p.grad = None
-        kept = [(n, p) for n, p in candidates if mask.get(n, False)]
-        if not kept:
-            raise ValueError(
-                f"auto-snr froze every tensor (threshold {section.snr_threshold}); lower finetune.snr_threshold"
-            )
-        extra["snr_frozen"] = [n for n, _ in candidates if not mask.get(n, False)]
-        extra["snr_scores"] = {n: float(scores[n]) for n, _ in candidates}
-        candidates = kept
+        candidates, extra = _snr_selection(model, candidates, data, section)
         model.load_state_dict(pretrained)
-
+    runs: dict[float, _LrRun] = {}
     for lr in section.lrs:
         model.load_state_dict(pretrained)
         seed_everything(seed)
-        _configure(model, candidates, bn_mode)
+        _configure(model, candidates, section.bn_mode)
         if on_lr_start is not None:
             on_lr_start(lr, model)
-        plist = [p for _, p in candidates]
-        optimizer = None
-        if option != "auto-rgn":
-            optimizer = torch.optim.Adam(plist, lr=lr, weight_decay=section.weight_decay)
-        for epoch in range(1, section.epochs + 1):
-            batches = train_batches(epoch)
-            if option == "auto-rgn":
-                from ..autotune import block_weight_table
-
-                try:
-                    optimizer, weights = build_rgn_optimizer(
-                        model,
-                        candidates,
-                        batches[: section.rgn_batches],
-                        lr,
-                        section.weight_decay,
-                        section.rgn_batches,
-                    )
-                    rgn_tables.setdefault(lr, []).append(dict(block_weight_table(model, weights)))
-                except FloatingPointError:
-                    # The loss diverged at this lr (non-finite gradients): keep last epoch's weights and
-                    # optimiser; every step of a diverged model is skipped by the guard anyway.
-                    n_rgn_failed += 1
-                    if optimizer is None:
-                        optimizer = torch.optim.Adam(plist, lr=lr, weight_decay=section.weight_decay)
-            loss_sum, loss_n, skipped = 0.0, 0, 0
-            with torch.enable_grad():
-                for xb, yb in batches:
-                    loss = cross_entropy(model(xb), yb)
-                    if guarded_step(optimizer, plist, loss):
-                        loss_sum += float(loss.detach()) * len(yb)
-                        loss_n += len(yb)
-                    else:
-                        skipped += 1
-            n_skipped_total += skipped
-            n_steps_total += len(batches)
-            val_c = evaluate(model, data.x["val"], data.y["val"], section.eval_batch_size)
-            test_c = evaluate(model, data.x["test"], data.y["test"], section.eval_batch_size)
-            history.append(
-                {
-                    "lr": lr,
-                    "epoch": epoch,
-                    "val_correct": val_c,
-                    "val_acc": 100.0 * val_c / len(data.y["val"]),
-                    "test_acc": 100.0 * test_c / len(data.y["test"]),
-                    "train_loss": loss_sum / loss_n if loss_n else None,
-                    "skipped": skipped,
-                }
-            )
+        runs[lr] = _LrRun(model, option, candidates, data, section)
+        runs[lr].run(lr, seed)
         if on_lr_done is not None:
             on_lr_done(lr)
     model.load_state_dict(pretrained)
-    from ..methods.bn import set_bn_stats
-
     set_bn_stats(model, "source")
     model.requires_grad_(False)
+    return _cell_record(option, runs, candidates, extra, time.perf_counter() - t0)
 
+
+def _cell_record(
+    option: str, runs: Mapping[float, _LrRun], candidates: list, extra: dict[str, Any], wall_s: float
+) -> dict[str, Any]:
+    """The record of a cell: the (lr, epoch) with the best validation accuracy, its test accuracy, the history,
+    and for auto-rgn the per-block weights of the chosen lr's run."""
+    history = [h for r in runs.values() for h in r.history]
     best = select_best(history)
     record: dict[str, Any] = {
         "lr": best["lr"],
@@ -338,15 +371,15 @@ def finetune_cell(
         "test_acc": best["test_acc"],
         "n_tensors": len(candidates),
         "tuned_params": int(sum(p.numel() for _, p in candidates)),
-        "n_skipped": n_skipped_total,
-        "n_steps": n_steps_total,
-        "wall_s": round(time.perf_counter() - t0, 3),
+        "n_skipped": sum(r.n_skipped for r in runs.values()),
+        "n_steps": sum(r.n_steps for r in runs.values()),
+        "wall_s": round(wall_s, 3),
         "history": history,
         **extra,
     }
-    if option == "auto-rgn" and rgn_tables.get(best["lr"]):
-        record["rgn_failed_epochs"] = n_rgn_failed
-        tables = rgn_tables[best["lr"]]
+    tables = runs[best["lr"]].rgn_tables
+    if option == "auto-rgn" and tables:
+        record["rgn_failed_epochs"] = sum(r.n_rgn_failed for r in runs.values())
         blocks = list(tables[0])
         # Reported per-block weights: the mean over all epochs of the chosen lr's run (and epoch 1 alone).
         record["rgn_block_weights"] = {b: float(np.mean([t[b] for t in tables])) for b in blocks}
@@ -461,10 +494,16 @@ class _FinetuneJob:
             target = TargetData(sec, data_root=data_root, frost_dir=frost_dir, device=self.device)
         self.target = target
         self.per_class = per_class_train(sec.n_train, target.n_classes)
-        self.splits = {
-            s: split_indices(target.labels, self.per_class, sec.n_val_per_class, sec.n_test_per_class, s)
-            for s in sec.seeds
-        }
+        self.splits = {s: target.split(self.per_class, s) for s in sec.seeds}
+        # The labeled images each seed trains on: all of its train split, or a nested class-balanced budget of it.
+        self.train_rows = {s: self._train_rows(sp) for s, sp in self.splits.items()}
+
+    def _train_rows(self, split: Split) -> np.ndarray:
+        budget = self.cfg.finetune.train_budget
+        if budget is None or budget == len(split.train):
+            return split.train
+        per_class = per_class_train(budget, self.target.n_classes)
+        return budget_subset(split.train, self.target.source_labels, per_class, split.seed)
 
     def run_corruption(self, corruption: str, cells: Sequence[tuple[str, str, int]], bar: Any) -> Iterable[dict]:
         """Yield the record of every (corruption, option, seed) cell of `cells`, one corruption's images loaded."""
@@ -483,10 +522,10 @@ class _FinetuneJob:
         source_acc: dict[int, tuple[float, ...]] = {}
         for _, option, seed in cells:
             sp = self.splits[seed]
-            parts = ("train", "val", "test")
+            rows = {"train": self.train_rows[seed], "val": sp.val, "test": sp.test}
             data = CellData(
-                {p: pool[torch.as_tensor([row_of[int(i)] for i in getattr(sp, p)])].to(keep_on) for p in parts},
-                {p: labels[torch.as_tensor(getattr(sp, p))] for p in parts},
+                {p: pool[torch.as_tensor([row_of[int(i)] for i in r])].to(keep_on) for p, r in rows.items()},
+                {p: labels[torch.as_tensor(r)] for p, r in rows.items()},
                 sp,
             )
             if seed not in source_acc:
@@ -504,6 +543,7 @@ class _FinetuneJob:
             )
             yield {
                 "corruption": corruption,
+                "task": sec.task,
                 "option": option,
                 "seed": seed,
                 "severity": sec.severity,
@@ -511,7 +551,7 @@ class _FinetuneJob:
                 "bn_mode": sec.bn_mode,
                 "source_val_acc": source_acc[seed][0],
                 "source_test_acc": source_acc[seed][1],
-                "split": sp.sizes(),
+                "split": {**sp.sizes(), "train_used": len(rows["train"])},
                 "device": str(self.device),
                 **rec,
             }
@@ -539,6 +579,8 @@ def _finish(folder: RunFolder, job: _FinetuneJob, records: list[dict[str, Any]],
             "model_pretrained": bool(job.info.pretrained),
             "model_warnings": list(job.info.warnings),
             "source": sec.source,
+            "task": sec.task,
+            "train_budget": sec.train_budget,
             "severity": sec.severity,
             "kind": sec.kind,
             "bn_mode": sec.bn_mode,

@@ -1,8 +1,9 @@
 """Labeled target data for supervised few-shot fine-tuning: seeded class-balanced splits and corrupted images.
 
-The split is a function of the labels and the seed only (not of the corruption), so for one seed every
-corruption uses the same image indices: train, validation and test hold the same source images under each
-corruption, and the online comparison (`tta-surgical report`) can use one labels file for all of them.
+The split is a function of the *source* labels and the seed only (not of the corruption, nor of the target task's
+relabelling), so for one seed every corruption and every task uses the same image indices: train, validation and
+test hold the same source images under each corruption and under CIFAR-Flip, and the online comparison
+(`tta-surgical report`) knows exactly which rows the supervised side used (`online_pool`: every other row).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from torch import Tensor
 
 from .config import FinetuneSection
 
-__all__ = ["Split", "TargetData", "split_indices", "write_cifar10c_subset"]
+__all__ = ["Split", "TargetData", "budget_subset", "online_pool", "split_indices", "write_cifar10c_subset"]
 
 _TAG_SPLIT = 0x5F17
+_TAG_BUDGET = 0xB0D6
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,6 +87,37 @@ def split_indices(
     return Split(train, val, test, int(seed))
 
 
+def budget_subset(train: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """The first `per_class` images of each class of the training rows `train`, in a seeded order (sorted rows).
+
+    Nested: a smaller budget is a subset of a larger one for the same seed, so a budget curve adds labeled images
+    rather than drawing new ones. Raises when a class has fewer training images than asked.
+    """
+    train = np.asarray(train, dtype=np.int64)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _TAG_BUDGET]))
+    parts = []
+    for c in np.unique(labels[train]):
+        members = rng.permutation(train[labels[train] == c])
+        if len(members) < per_class:
+            raise ValueError(f"class {int(c)} has {len(members)} training images, fewer than the budget's {per_class}")
+        parts.append(members[:per_class])
+    return np.sort(np.concatenate(parts)).astype(np.int64)
+
+
+def online_pool(n_rows: int, split: Split, include_test: bool = True) -> np.ndarray:
+    """The rows the online (unlabeled) side may adapt on: every row outside the labeled train and validation
+    splits (and outside the test split too with include_test=False), sorted.
+
+    Why the test rows are in by default: an online method sees its test images unlabeled as they stream (the
+    test-time adaptation protocol); the supervised side never trains on them either way.
+    """
+    taken = np.concatenate([split.train, split.val] + ([] if include_test else [split.test]))
+    keep = np.ones(int(n_rows), dtype=bool)
+    keep[taken] = False
+    return np.flatnonzero(keep).astype(np.int64)
+
+
 def per_class_train(n_train: int, n_classes: int) -> int:
     """n_train / n_classes, or a clear error when the labeled set cannot be class-balanced."""
     if n_train < n_classes:
@@ -103,10 +136,13 @@ def per_class_train(n_train: int, n_classes: int) -> int:
 class TargetData:
     """The labeled target set of one finetune config: its labels and, per corruption, uint8 images on demand.
 
-    `labels` are those of the source rows (the CIFAR-10 test set, a CIFAR-10-C severity block, or the sorted
-    ImageNet-C file list). `images(corruption, indices)` returns uint8 (n, 3, H, W) on the CPU, reading or
-    generating only what is needed (for source cifar10, the whole generation batches that hold `indices`,
-    since each batch's noise comes from one generator).
+    `source_labels` are those of the source rows (the CIFAR-10 test set, a CIFAR-10-C severity block, or the sorted
+    ImageNet-C file list); `labels` are the target task's (`finetune.task`: the same for `corruption`, 9 - y for
+    `cifar_flip`). Splits are drawn on `source_labels` (`split`). `images(corruption, indices)` returns uint8
+    (n, 3, H, W) on the CPU, reading or generating only what is needed (for source cifar10, the whole generation
+    batches that hold `indices`, since each batch's noise comes from one generator; the batches of the last
+    corruption asked for are kept, so the supervised side and the online scoring generate each image once).
+    `none` is the clean images.
     """
 
     def __init__(
@@ -140,7 +176,7 @@ class TargetData:
             if section.limit is not None:
                 images, labels = images[: section.limit], labels[: section.limit]
             self._clean = images
-            self.labels = labels.astype(np.int64)
+            self.source_labels = labels.astype(np.int64)
         elif self.root is None:
             raise FileNotFoundError(
                 f"finetune.source={src} needs data: set finetune.path to the dataset folder, or pass --data-root "
@@ -150,30 +186,51 @@ class TargetData:
             from ..data.cifar import load_cifar10c
 
             _, labels = load_cifar10c(self.root, section.corruptions[0], section.severity)
-            self.labels = np.asarray(labels, dtype=np.int64)
+            self.source_labels = np.asarray(labels, dtype=np.int64)
         else:
             from ..data.imagenet import scan_imagenetc
 
             for c in section.corruptions:  # fail now, not after the first corruption's hour of training
                 scan_imagenetc(self.root, c, section.severity)
             self._index = scan_imagenetc(self.root, section.corruptions[0], section.severity)
-            self.labels = self._index.labels
+            self.source_labels = np.asarray(self._index.labels, dtype=np.int64)
+        from .tasks import get_task
+
+        self.task = get_task(section.task)
+        self.labels = self.task.relabel(self.source_labels, self.n_classes)
+        self._cache: tuple[str, dict[int, Tensor]] | None = None
 
     @property
     def n_classes(self) -> int:
-        return int(len(np.unique(self.labels)))
+        return int(len(np.unique(self.source_labels)))
+
+    def split(self, per_class_train: int, seed: int) -> Split:
+        """The seeded class-balanced split of this target set (on the source labels; sizes from the section)."""
+        sec = self.section
+        return split_indices(self.source_labels, per_class_train, sec.n_val_per_class, sec.n_test_per_class, seed)
+
+    def labeled(self, corruption: str, rows: Sequence[int] | np.ndarray) -> tuple[Tensor, Tensor]:
+        """(uint8 images, task labels as int64) of `rows` under `corruption`: what a split part holds."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return self.images(corruption, rows), torch.as_tensor(self.labels[rows], dtype=torch.long)
 
     def images(self, corruption: str, indices: Sequence[int] | np.ndarray) -> Tensor:
         """uint8 (n, 3, H, W) CPU tensor of `corruption` at the configured severity, rows `indices` in order."""
+        from .tasks import CLEAN
+
         idx = np.asarray(indices, dtype=np.int64)
         sec = self.section
+        if corruption == CLEAN:
+            if self._clean is None:
+                raise ValueError(f"corruption {CLEAN!r} (the clean images) needs finetune.source=cifar10")
+            return torch.from_numpy(np.ascontiguousarray(self._clean[idx])).permute(0, 3, 1, 2).contiguous()
         if sec.source == "cifar10":
             return self._generate(corruption, idx)
         if sec.source == "cifar10c":
             from ..data.cifar import load_cifar10c
 
             imgs, labs = load_cifar10c(self.root, corruption, sec.severity)
-            if len(labs) != len(self.labels) or not np.array_equal(labs, self.labels):
+            if len(labs) != len(self.source_labels) or not np.array_equal(labs, self.source_labels):
                 raise ValueError(
                     f"CIFAR-10-C labels of {corruption!r} differ from those of {sec.corruptions[0]!r} in {self.root}; "
                     "the folder mixes incompatible files"
@@ -198,12 +255,19 @@ class TargetData:
         sec = self.section
         bs = sec.generation_batch_size
         out = torch.empty((len(idx), 3, 32, 32), dtype=torch.uint8)
+        if self._cache is None or self._cache[0] != corruption:
+            self._cache = (corruption, {})  # one corruption's batches (30 MB for all of CIFAR-10)
+        done = self._cache[1]
         starts = np.unique(idx // bs * bs)
         for start in starts.tolist():
-            clean = torch.from_numpy(self._clean[start : start + bs]).to(self.device).permute(0, 3, 1, 2)
-            x = clean.float().div_(255)
-            g = make_generator(batch_seed(sec.generation_seed, corruption, sec.severity, start), self.device)
-            y = to_uint8(corrupt(x, corruption, sec.severity, g, preset="cifar", frost_dir=self.frost_dir)).cpu()
+            if start not in done:
+                clean = torch.from_numpy(self._clean[start : start + bs]).to(self.device).permute(0, 3, 1, 2)
+                x = clean.float().div_(255)
+                g = make_generator(batch_seed(sec.generation_seed, corruption, sec.severity, start), self.device)
+                done[start] = to_uint8(
+                    corrupt(x, corruption, sec.severity, g, preset="cifar", frost_dir=self.frost_dir)
+                ).cpu()
+            y = done[start]
             where = np.flatnonzero((idx >= start) & (idx < start + bs))
             out[torch.from_numpy(where)] = y[torch.from_numpy(idx[where] - start)]
         return out

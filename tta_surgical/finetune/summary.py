@@ -152,9 +152,12 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         ]
     )
     rows.append(["**rank**", *(fmt(summary["rank"].get(o), 2) for o in options), ""])
+    task = summary.get("task", "corruption")
+    budget = summary.get("train_budget")
     title = (
         f"### Supervised few-shot fine-tuning: {summary.get('model', '?')}, {summary.get('source', '?')} severity "
-        f"{summary.get('severity', '?')}, test accuracy % (mean ± s.e. over seeds)"
+        f"{summary.get('severity', '?')}{'' if task == 'corruption' else f', task {task}'}"
+        f"{'' if budget is None else f', {budget} labeled images'}, test accuracy % (mean ± s.e. over seeds)"
     )
     if summary.get("model_pretrained") is False:
         title += "\n\n**Warning: randomly initialised weights; these accuracies say nothing about the method.**"

@@ -18,12 +18,23 @@ Four parts, each usable alone:
 
 from __future__ import annotations
 
-from .plan import BatchPlan, batch_bounds, derive_seed, dirichlet_order, plan_fingerprint, plan_stream, select_images
+from .plan import (
+    BatchPlan,
+    batch_bounds,
+    class_prior,
+    class_prior_counts,
+    derive_seed,
+    dirichlet_order,
+    plan_fingerprint,
+    plan_stream,
+    select_images,
+)
 from .sources import SOURCES, MemorySource, Source, open_source, register_source, source_class
-from .spec import DOMAIN_SHORTHANDS, StreamSpec, gradual_severities, load_stream_spec
+from .spec import CLEAN, DOMAIN_SHORTHANDS, StreamSpec, gradual_severities, load_stream_spec
 from .stream import Batch, Stream, build_stream
 
 __all__ = [
+    "CLEAN",
     "DOMAIN_SHORTHANDS",
     "SOURCES",
     "Batch",
@@ -34,6 +45,8 @@ __all__ = [
     "StreamSpec",
     "batch_bounds",
     "build_stream",
+    "class_prior",
+    "class_prior_counts",
     "derive_seed",
     "dirichlet_order",
     "gradual_severities",

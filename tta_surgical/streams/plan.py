@@ -8,7 +8,8 @@ Orders: "sequential" (each domain at each listed severity, domain after domain i
 domain-major), "gradual" (per domain the severities rise and fall, 1,2,3,4,5,4,3,2,1 for all five, as in
 the gradual continual-TTA protocol of CoTTA), "mixed" (every (domain, severity, image) draw shuffled
 together). Label shift "dirichlet" reorders the images of each segment into a class-correlated temporal
-order (the NOTE / RoTTA protocol; see `dirichlet_order`).
+order (the NOTE / RoTTA protocol; see `dirichlet_order`). A class-prior change (`class_imbalance`,
+`class_prior`) keeps a subset of the images whose class frequencies follow the prior (`class_prior_counts`).
 
 Two rules keep batches meaningful without changing any other plan: a segment's last batch that would hold a
 single image is merged into the previous batch (`batch_bounds`), and `spec.rounds` repeats the whole sequence,
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchPlan",
     "batch_bounds",
+    "class_prior",
+    "class_prior_counts",
     "derive_seed",
     "dirichlet_order",
     "plan_fingerprint",
@@ -37,7 +40,7 @@ __all__ = [
 ]
 
 # Tags that keep the random streams of the planner independent of each other.
-_TAG_SUBSET, _TAG_SELECT, _TAG_ORDER, _TAG_MIXED, _TAG_DIRICHLET, _TAG_NOISE = 1, 2, 3, 4, 5, 6
+_TAG_SUBSET, _TAG_SELECT, _TAG_ORDER, _TAG_MIXED, _TAG_DIRICHLET, _TAG_NOISE, _TAG_PRIOR = 1, 2, 3, 4, 5, 6, 7
 
 
 @dataclass(frozen=True, eq=False)
@@ -133,6 +136,65 @@ def dirichlet_order(
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
 
 
+def class_prior(spec: StreamSpec, n_classes: int) -> np.ndarray | None:
+    """The target class frequencies of `spec` (sum 1, one per class in label order), or None when unchanged.
+
+    `class_prior` as given (normalised), else the seeded long tail of `class_imbalance`: the classes in a random
+    order drawn from `spec.seed`, the class at rank r with weight class_imbalance ** (-r / (n_classes - 1)).
+    """
+    if spec.class_prior is not None:
+        w = np.asarray(spec.class_prior, dtype=np.float64)
+        if len(w) != n_classes:
+            raise ValueError(
+                f"stream.class_prior has {len(w)} weights but the stream's images have {n_classes} classes"
+            )
+        return w / w.sum()
+    if spec.class_imbalance == 1.0 or n_classes < 2:
+        return None
+    rank_of_class = _rng(spec.seed, _TAG_PRIOR).permutation(n_classes)
+    w = float(spec.class_imbalance) ** (-rank_of_class / (n_classes - 1))
+    return w / w.sum()
+
+
+def class_prior_counts(available: np.ndarray, prior: np.ndarray, total: int | None = None) -> np.ndarray:
+    """Images to keep per class so that their shares follow `prior`: `total` images (None = as many as the
+    available counts allow, i.e. the largest total whose every class fits), apportioned by largest remainder."""
+    available = np.asarray(available, dtype=np.int64)
+    prior = np.asarray(prior, dtype=np.float64)
+    used = prior > 0
+    most = int(np.floor(np.min(available[used] / prior[used]) + 1e-9)) if used.any() else 0
+    if total is None:
+        total = most
+    elif total > most:
+        raise ValueError(
+            f"stream.n_examples = {total} images with this class prior needs more images of some class than the "
+            f"source has (at most {most} fit); lower n_examples or set it to all (as many as fit)"
+        )
+    exact = prior * total
+    counts = np.floor(exact).astype(np.int64)
+    short = total - int(counts.sum())
+    if short > 0:  # the largest remainders get one more (ties: lower class index), never past what is available
+        room = np.flatnonzero(counts < available)
+        order = room[np.argsort(-(exact - counts)[room], kind="stable")]
+        counts[order[:short]] += 1
+    return counts
+
+
+def _prior_subset(spec: StreamSpec, labels: np.ndarray, pool: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """The rows of `pool` kept by the class prior (seeded choice within each class, or the first rows of each
+    class when the stream keeps the stored order), sorted. n_examples sets the total."""
+    classes = np.unique(labels)
+    pool_labels = labels[pool]
+    available = np.array([(pool_labels == c).sum() for c in classes])
+    counts = class_prior_counts(available, prior, spec.n_examples)
+    rng = _rng(spec.seed, _TAG_PRIOR, 1)
+    kept = []
+    for c, k in zip(classes, counts.tolist()):
+        members = pool[pool_labels == c]
+        kept.append(rng.choice(members, k, replace=False) if spec.resolved_shuffle else members[:k])
+    return np.sort(np.concatenate(kept)).astype(np.int64)
+
+
 def select_images(spec: StreamSpec, labels: np.ndarray) -> np.ndarray:
     """The source rows every segment uses (the same images in every domain, so domains are comparable)."""
     n = len(labels)
@@ -141,6 +203,9 @@ def select_images(spec: StreamSpec, labels: np.ndarray) -> np.ndarray:
         from ..data.imagenet import subset_per_class
 
         pool = subset_per_class(labels, spec.per_class, derive_seed(spec.seed, _TAG_SUBSET))
+    prior = class_prior(spec, len(np.unique(labels)))
+    if prior is not None:
+        return _prior_subset(spec, labels, pool, prior)
     if spec.n_examples is not None:
         if spec.n_examples > len(pool):
             what = f"{spec.per_class} per class = {len(pool)}" if spec.per_class else f"{len(pool)}"

@@ -14,12 +14,14 @@ import numpy as np
 from ..corruptions.base import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS
 from .sources import SOURCES, source_class
 
-__all__ = ["DOMAIN_SHORTHANDS", "StreamSpec", "gradual_severities", "load_stream_spec"]
+__all__ = ["CLEAN", "DOMAIN_SHORTHANDS", "StreamSpec", "gradual_severities", "load_stream_spec"]
 
 Order = Literal["sequential", "mixed", "gradual"]
 LabelShift = Literal["none", "dirichlet"]
 Reset = Literal["per_domain", "never", "every_n", "episodic"]
 DOMAIN_SHORTHANDS: dict[str, tuple[str, ...]] = {"all": ALL_CORRUPTIONS, "benchmark": BENCHMARK_CORRUPTIONS}
+# The domain of the clean images (no corruption): label-level shift alone (class prior, Dirichlet order).
+CLEAN = "none"
 # Integer fields and their smallest valid value.
 _MINIMUM = {"per_class": 0, "batch_size": 1, "seed": 0, "reset_every": 0, "rounds": 1}
 
@@ -33,12 +35,20 @@ class StreamSpec:
         (clean ImageNet-style val folder corrupted on the fly), "memory" (images given in Python).
     path: dataset folder; None = the data root (`--data-root` / $TTA_SURGICAL_DATA) + the source's usual
         sub-folder; CIFAR-10 is downloaded into the cache when absent.
-    domains: corruption names in stream order, or "all" (19) / "benchmark" (the 15); expanded here.
+    domains: corruption names in stream order, or "all" (19) / "benchmark" (the 15); expanded here. "none" is the
+        clean images (no corruption), for a stream whose only shift is label-level.
     severities: 1..5. sequential: each domain at each (domain-major); gradual: the ramp up then down
         over these (sorted); mixed: drawn together.
     order: "sequential" | "mixed" | "gradual".
     label_shift: "none" | "dirichlet"; dirichlet_delta: Dirichlet concentration (small = strongly
         class-correlated order; 0.1 as in RoTTA).
+    class_imbalance: a class-prior change: the stream keeps a long-tailed subset of each segment's images in which
+        the class at rank r (0 = most frequent; classes ranked in a seeded random order) has relative frequency
+        class_imbalance ** (-r / (classes - 1)), so the most frequent class is class_imbalance times as frequent
+        as the rarest (CIFAR-10-LT's profile); 1 = the source's frequencies. The subset is as large as the
+        source's images allow (the most frequent class keeps all its images) unless n_examples asks for fewer.
+    class_prior: explicit relative class frequencies instead (one non-negative weight per class, in label order);
+        None = use class_imbalance. Either way the counts per class follow the prior exactly (largest remainder).
     n_examples: images per domain (per severity step for gradual); "all" (or None) = every image the source has.
         0 is an error (it used to mean all; write `all`).
     per_class: > 0 first draws a fixed, seeded subset of that many images per class (e.g. 5 on ImageNet
@@ -68,6 +78,8 @@ class StreamSpec:
     order: Order = "sequential"
     label_shift: LabelShift = "none"
     dirichlet_delta: float = 0.1
+    class_imbalance: float = 1.0
+    class_prior: tuple[float, ...] | None = None
     n_examples: int | Literal["all"] | None = None
     per_class: int = 0
     shuffle: bool | None = None
@@ -118,16 +130,17 @@ class StreamSpec:
             raise _error(
                 f"stream.domains must be a non-empty list of corruption names or one of {', '.join(DOMAIN_SHORTHANDS)}"
             )
-        bad = [d for d in self.domains if d not in ALL_CORRUPTIONS]
+        bad = [d for d in self.domains if d not in ALL_CORRUPTIONS and d != CLEAN]
         if bad:
             raise _error(
                 f"stream.domains: unknown corruption(s) {', '.join(map(repr, bad))}; choose one of: "
-                f"{', '.join(ALL_CORRUPTIONS)} (or the shorthands {', '.join(DOMAIN_SHORTHANDS)})"
+                f"{', '.join(ALL_CORRUPTIONS)}, {CLEAN} (clean images); shorthands {', '.join(DOMAIN_SHORTHANDS)}"
             )
         if not self.severities or any(not 1 <= s <= 5 for s in self.severities):
             raise _error(f"stream.severities must be a non-empty list of integers in 1..5, got {list(self.severities)}")
         if not (self.dirichlet_delta > 0 and math.isfinite(self.dirichlet_delta)):
             raise _error(f"stream.dirichlet_delta must be a positive finite number, got {self.dirichlet_delta}")
+        self._check_class_prior()
         self._check_n_examples()
         for name, lo in _MINIMUM.items():
             if getattr(self, name) < lo:
@@ -154,6 +167,18 @@ class StreamSpec:
                 f"stream.n_examples={self.n_examples} selects no images{hint}; write stream.n_examples=all for every "
                 "image, or a positive number of images per domain"
             )
+
+    def _check_class_prior(self) -> None:
+        if not (self.class_imbalance >= 1.0 and math.isfinite(self.class_imbalance)):
+            raise _error(
+                f"stream.class_imbalance must be a finite number >= 1 (1 = unchanged), got {self.class_imbalance}"
+            )
+        if self.class_prior is not None:
+            if self.class_imbalance != 1.0:
+                raise _error("stream.class_prior and stream.class_imbalance both set a class prior; set only one")
+            w = self.class_prior
+            if not w or any(not (v >= 0 and math.isfinite(v)) for v in w) or sum(w) <= 0:
+                raise _error(f"stream.class_prior must be weights >= 0 with a positive finite sum, got {list(w)}")
 
     def _check_image_size(self) -> None:
         if self.image_size is None:

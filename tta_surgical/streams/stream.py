@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .plan import BatchPlan, derive_seed, plan_fingerprint, plan_stream
 from .sources import Source, open_source
-from .spec import StreamSpec
+from .spec import CLEAN, StreamSpec
 
 __all__ = ["Batch", "Stream", "build_stream"]
 
@@ -110,6 +110,10 @@ class Stream:
         groups = p.groups()
         out = x if len(groups) == 1 else torch.empty_like(x)
         for d, s, pos in groups:
+            if self.spec.domains[d] == CLEAN:  # the clean images: nothing to corrupt
+                if len(groups) > 1:
+                    out[torch.from_numpy(pos).to(x.device)] = x[torch.from_numpy(pos).to(x.device)]
+                continue
             g = make_generator(derive_seed(p.noise_seed, d, s), x.device)
             kw = {"frost_dir": self.frost_dir, "preset": "auto"}
             if len(groups) == 1:
