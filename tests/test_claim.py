@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny_finetune import TINY, tiny_cfg
 
 from tta_surgical.config import ConfigError
 from tta_surgical.finetune import (
@@ -30,24 +31,7 @@ from tta_surgical.finetune import compare as cmp
 from tta_surgical.streams import StreamSpec, build_stream, class_prior, class_prior_counts, select_images
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "finetune.limit=200",
-    "finetune.generation_batch_size=100",
-    "finetune.n_train=20",
-    "finetune.n_val_per_class=1",
-    "finetune.n_test_per_class=2",
-    "finetune.epochs=1",
-    "finetune.lrs=[1e-3]",
-    "finetune.batch_size=10",
-    "finetune.seeds=[0]",
-    "runtime.device=cpu",
-    "runtime.progress=false",
-]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def tiny_cfg(*extra: str):
-    return load_finetune_config(REPO / "configs" / "finetune_cifar10c.yaml", [*TINY, *extra])
 
 
 # ------------------------------------------------------------------------------------------------ target tasks

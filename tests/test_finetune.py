@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny_finetune import TINY as TINY_RUN
+from _tiny_finetune import tiny_cfg as tiny_run_cfg
 
 from tta_surgical.config import ConfigError
 from tta_surgical.finetune import (
@@ -35,24 +37,11 @@ from tta_surgical.finetune import core as ft_core
 from tta_surgical.models import create_model, select_params
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "finetune.corruptions=[gaussian_noise,contrast]",
-    "finetune.limit=200",
-    "finetune.generation_batch_size=100",
-    "finetune.n_train=20",
-    "finetune.n_val_per_class=1",
-    "finetune.n_test_per_class=2",
-    "finetune.epochs=1",
-    "finetune.lrs=[1e-3]",
-    "finetune.batch_size=10",
-    "finetune.seeds=[0]",
-    "runtime.device=cpu",
-    "runtime.progress=false",
-]
+TINY = ["finetune.corruptions=[gaussian_noise,contrast]", *TINY_RUN]
 
 
 def tiny_cfg(*extra: str):
-    return load_finetune_config(REPO / "configs" / "finetune_cifar10c.yaml", [*TINY, *extra])
+    return tiny_run_cfg(*extra, base=TINY)
 
 
 @pytest.fixture(scope="module")

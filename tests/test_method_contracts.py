@@ -13,11 +13,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from _toy_methods import N_CLASSES, TinyNet
 
 from tta_surgical.config import OptimConfig, method_config
 from tta_surgical.methods import METHODS, MethodContext, build_method
-from tta_surgical.models import BlockSpec, select_params
+from tta_surgical.models import select_params
 
 # Settings that fit the tiny model and stream (8x8 images, 5 classes, batches of 16).
 TINY: dict[str, dict] = {
@@ -34,37 +34,11 @@ TINY: dict[str, dict] = {
     # checked in tests/test_method_sar.py.
     "sar": {"e_m": 0.05},
 }
-N_CLASSES = 5
 
 
-class TinyNet(nn.Module):
+def net(seed: int) -> TinyNet:
     """conv-bn stem, two conv-bn stages, a confident linear head (so entropy filters keep samples)."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.layer1 = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.fc = nn.Linear(8, N_CLASSES)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            self.fc.weight.mul_(6.0)
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.uniform_(-0.3, 0.3, generator=g)
-                    m.running_var.uniform_(0.5, 2.0, generator=g)
-                    m.weight.uniform_(0.5, 1.5, generator=g)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        return self.fc(self.layer2(self.layer1(x)).mean((2, 3)))
-
-    def block_spec(self) -> BlockSpec:
-        groups = (("input", ("conv1", "bn1")), ("block1", ("layer1",)), ("block2", ("layer2",)), ("head", ("fc",)))
-        return BlockSpec(groups, groups)
+    return TinyNet(seed, 6.0, deep=True, bn_weights=True)
 
 
 def batch(seed: int, n: int = 16) -> torch.Tensor:
@@ -82,7 +56,7 @@ CONTEXT = MethodContext(seed=0, source_images=source_images, source_note="random
 
 def make(name: str, seed: int = 0, context: MethodContext = CONTEXT, **settings):
     cfg = method_config(name, **{**TINY.get(name, {}), **settings})
-    return build_method(TinyNet(seed), cfg, OptimConfig(lr=5e-3), context=context)
+    return build_method(net(seed), cfg, OptimConfig(lr=5e-3), context=context)
 
 
 def snapshot(method) -> dict:

@@ -6,43 +6,23 @@ import copy
 
 import pytest
 import torch
+from _toy_methods import TINY_BLOCK1_HEAD as ADAPTED  # blocks block1 + head
+from _toy_methods import TinyNet, uniform_images
 from torch import nn
 
 from tta_surgical.config import ConfigError, OptimConfig, method_config
 from tta_surgical.methods import MethodContext, build_method
 from tta_surgical.methods.augment import cotta_views
 from tta_surgical.methods.bn import batch_stats_per_group, set_bn_stats
-from tta_surgical.models import BlockSpec
-
-N_CLASSES = 5
 
 
-class TinyNet(nn.Module):
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.layer1 = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
-        self.fc = nn.Linear(6, N_CLASSES)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            self.fc.weight.mul_(4.0)
-            for m in (self.bn1, self.layer1[1]):
-                m.running_mean.uniform_(-0.3, 0.3, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.layer1(torch.relu(self.bn1(self.conv1(x)))).mean((2, 3)))
-
-    def block_spec(self) -> BlockSpec:
-        groups = (("input", ("conv1", "bn1")), ("block1", ("layer1",)), ("head", ("fc",)))
-        return BlockSpec(groups, groups)
+def net() -> TinyNet:
+    """The tests' source network: seed 0, linear weights x4 (confident predictions)."""
+    return TinyNet(0, 4.0)
 
 
 def batch(seed: int = 1, n: int = 12) -> torch.Tensor:
-    return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return uniform_images(seed, n)
 
 
 def on_batch_statistics(model: nn.Module) -> nn.Module:
@@ -57,10 +37,7 @@ def on_batch_statistics(model: nn.Module) -> nn.Module:
 
 def make(lr: float = 0.1, seed: int = 3, **settings):
     cfg = method_config("cotta", **settings)
-    return build_method(TinyNet(), cfg, OptimConfig(name="sgd", lr=lr, momentum=0.0), context=MethodContext(seed=seed))
-
-
-ADAPTED = ("layer1.0.weight", "layer1.1.weight", "layer1.1.bias", "fc.weight", "fc.bias")  # blocks block1 + head
+    return build_method(net(), cfg, OptimConfig(name="sgd", lr=lr, momentum=0.0), context=MethodContext(seed=seed))
 
 
 def test_step_follows_the_equations():
@@ -69,7 +46,7 @@ def test_step_follows_the_equations():
     n_views, lr, mt, rst = 3, 0.1, 0.9, 0.4
     method = make(lr, n_augmentations=n_views, teacher_momentum=mt, rst=rst, ap=1.0, blocks=("block1", "head"))
     x = batch()
-    student, teacher, source = (on_batch_statistics(TinyNet()) for _ in range(3))
+    student, teacher, source = (on_batch_statistics(net()) for _ in range(3))
     g = torch.Generator()
     g.set_state(method.rng.get_state())
     views = cotta_views(x, n_views, g).view(n_views, *x.shape)  # the method's first draws: the views
@@ -105,11 +82,11 @@ def test_step_follows_the_equations():
 def test_the_anchors_batch_mean_confidence_decides_augmentation():
     x = batch(2)
     with torch.no_grad():
-        confidence = on_batch_statistics(TinyNet())(x).softmax(1).amax(1).mean().item()
+        confidence = on_batch_statistics(net())(x).softmax(1).amax(1).mean().item()
     for ap, augments in ((confidence - 1e-3, False), (confidence + 1e-3, True)):
         method = make(rst=0.0, ap=ap, n_augmentations=2)
         before = method.rng.get_state()
-        teacher = on_batch_statistics(TinyNet())
+        teacher = on_batch_statistics(net())
         out = method.step(x)
         assert (not torch.equal(method.rng.get_state(), before)) == augments  # views drawn only when augmenting
         if not augments:
@@ -133,7 +110,7 @@ def test_views_in_one_forward_equal_one_forward_per_view():
 
 @pytest.mark.parametrize("prior", [0.0, 3.0])
 def test_batch_stats_per_group_equals_separate_forwards(prior):
-    model = TinyNet().eval()
+    model = net().eval()
     set_bn_stats(model, "batch", prior)
     x = batch(6, n=12)
     with torch.no_grad():

@@ -6,42 +6,18 @@ import math
 
 import pytest
 import torch
+from _toy_methods import N_CLASSES, TinyNet, uniform_images
+from _toy_methods import TINY_BLOCK1_HEAD as ADAPTED  # blocks block1 + head
 from torch import nn
 
 from tta_surgical.config import ConfigError, OptimConfig, method_config
 from tta_surgical.methods import MethodContext, build_method
 from tta_surgical.methods.augment import augmix_views
 from tta_surgical.methods.memo import marginal_entropy
-from tta_surgical.models import BlockSpec
-
-N_CLASSES = 5
-
-
-class TinyNet(nn.Module):
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.layer1 = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
-        self.fc = nn.Linear(6, N_CLASSES)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            for m in (self.bn1, self.layer1[1]):
-                m.running_mean.uniform_(-0.3, 0.3, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.layer1(torch.relu(self.bn1(self.conv1(x)))).mean((2, 3)))
-
-    def block_spec(self) -> BlockSpec:
-        groups = (("input", ("conv1", "bn1")), ("block1", ("layer1",)), ("head", ("fc",)))
-        return BlockSpec(groups, groups)
 
 
 def batch(seed: int = 1, n: int = 5) -> torch.Tensor:
-    return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return uniform_images(seed, n)
 
 
 def with_prior_batchnorm(model: nn.Module, strength: float) -> nn.Module:
@@ -65,9 +41,6 @@ def with_prior_batchnorm(model: nn.Module, strength: float) -> nn.Module:
 def make(lr: float = 0.05, seed: int = 2, optim: str = "sgd", **settings):
     cfg = method_config("memo", **settings)
     return build_method(TinyNet(), cfg, OptimConfig(name=optim, lr=lr, momentum=0.0), context=MethodContext(seed=seed))
-
-
-ADAPTED = ("layer1.0.weight", "layer1.1.weight", "layer1.1.bias", "fc.weight", "fc.bias")  # blocks block1 + head
 
 
 def test_each_image_takes_one_step_on_its_marginal_entropy_from_the_source_weights():

@@ -8,46 +8,23 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _toy_methods import EPS, N_CLASSES, TwoConvNet, colour_images
 
 from tta_surgical.config import ConfigError, OptimConfig, method_config
 from tta_surgical.methods import build_method
 from tta_surgical.methods.augment import ROID_CIFAR, cotta_views
 from tta_surgical.methods.roid import prior_correct
-from tta_surgical.models import BlockSpec
 
-C = 5
-EPS = 1e-5
+C = N_CLASSES
 
 
-class Net(nn.Module):
-    """Two conv-BN stages, global pooling, a linear head (BN statistics calibrated so predictions vary)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(11)
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)  # no bias before BN, as in ResNets: batch
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 6, 3, padding=1, bias=False)  # statistics would cancel it (zero gradient)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, C)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.7)
-            self.fc.weight.mul_(4.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        return self.fc(self.bn2(self.conv2(x)).mean((2, 3)))
-
-    def block_spec(self) -> BlockSpec:
-        groups = (("input", ("conv1", "bn1")), ("block1", ("conv2", "bn2")), ("head", ("fc",)))
-        return BlockSpec(groups, groups)
+def net() -> TwoConvNet:
+    """No conv biases (as in ResNets: batch statistics would cancel them, zero gradient), no ReLU after bn2."""
+    return TwoConvNet(11, 4.0, std=0.7, relu2=False, bn_weights=False)
 
 
 def images(seed: int, n: int = 20) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 6, 6, generator=g) * 0.3 + torch.rand(n, 3, 1, 1, generator=g) * 0.7
+    return colour_images(seed, n, texture=0.3, colour=0.7)
 
 
 def forward(params: dict, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +103,7 @@ def plain_step(method, x: torch.Tensor, params: dict, source: dict, ema: torch.T
 )
 def test_two_steps_equal_plain_equations(settings):
     lr = 1e-2
-    method = build_method(Net(), method_config("roid", **settings), OptimConfig(lr=lr))
+    method = build_method(net(), method_config("roid", **settings), OptimConfig(lr=lr))
     params = {k: v.detach().clone() for k, v in method.model.named_parameters()}
     source = copy.deepcopy(params)
     ema = torch.full((C,), 1.0 / C)
@@ -158,7 +135,7 @@ def test_prior_correction_formulas():
 
 
 def test_degenerate_batch_takes_no_step_and_changes_nothing():
-    method = build_method(Net(), method_config("roid"))
+    method = build_method(net(), method_config("roid"))
     state = copy.deepcopy(method.state_dict()["state"])
     out = method.step(images(0, n=1))  # one image: min-max weights are undefined
     assert torch.isfinite(out).all() and method.n_updates == 0 and method.last.n_filtered == 1

@@ -10,33 +10,23 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from _toy_methods import EPS, N_CLASSES, TwoConvNet, colour_images
 from torch import nn
 
 from tta_surgical.config import ConfigError, OptimConfig, method_config
 from tta_surgical.methods import build_method
 from tta_surgical.methods.augment import COTTA_CIFAR, cotta_views
-from tta_surgical.models import BlockSpec
 
-C = 5
-EPS = 1e-5
+C = N_CLASSES
 
 
-class Net(nn.Module):
-    """Two conv-BN stages, global pooling, a linear head. The BN statistics are calibrated on images like the test
-    ones (as a trained source model's would be), so the predictions spread over several classes."""
+class Net(TwoConvNet):
+    """Conv biases, no ReLU after bn2, no bias on the head. The BN statistics are calibrated on images like the
+    test ones (as a trained source model's would be), so the predictions spread over several classes."""
 
     def __init__(self) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(11)
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, C)
+        super().__init__(11, 4.0, std=0.7, conv_bias=True, relu2=False, bn_weights=False)
         with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.7)
-            self.fc.weight.mul_(4.0)
             self.fc.bias.zero_()
             for bn in (self.bn1, self.bn2):
                 bn.momentum = 1.0
@@ -45,19 +35,10 @@ class Net(nn.Module):
                 bn.momentum = 0.1
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        return self.fc(self.bn2(self.conv2(x)).mean((2, 3)))
-
-    def block_spec(self) -> BlockSpec:
-        groups = (("input", ("conv1", "bn1")), ("block1", ("conv2", "bn2")), ("head", ("fc",)))
-        return BlockSpec(groups, groups)
-
 
 def images(seed: int, n: int = 16) -> torch.Tensor:
     """Mostly flat colour images with a little texture, in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 6, 6, generator=g) * 0.1 + torch.rand(n, 3, 1, 1, generator=g) * 0.9
+    return colour_images(seed, n, texture=0.1, colour=0.9)
 
 
 def make(lr: float = 1e-2, **settings):

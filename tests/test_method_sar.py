@@ -7,69 +7,20 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
+from _toy_methods import N_CLASSES, TwoConvNet, entropy, reference_forward, uniform_images
+from _toy_methods import PLAIN_SGD as SGD
+from _toy_methods import TWO_CONV_NORM as ADAPTED  # kind=norm on every block
 
 from tta_surgical.config import ConfigError, OptimConfig, method_config
 from tta_surgical.methods import build_method
-from tta_surgical.models import BlockSpec
-
-N_CLASSES = 5
-EPS = 1e-5
-
-
-class Net(nn.Module):
-    """conv-bn-relu, conv-bn-relu, global mean, linear: small enough to recompute by hand in `reference_forward`."""
-
-    def __init__(self, scale: float = 3.0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(7)
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, N_CLASSES)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-            self.fc.weight.mul_(scale)
-            for bn in (self.bn1, self.bn2):
-                bn.weight.uniform_(0.5, 1.5, generator=g)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        return self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
-
-    def block_spec(self) -> BlockSpec:
-        groups = (("input", ("conv1", "bn1")), ("block1", ("conv2", "bn2")), ("head", ("fc",)))
-        return BlockSpec(groups, groups)
-
-
-def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The same network written out, BatchNorm with the batch's own (biased) statistics."""
-    h = F.conv2d(x, p["conv1.weight"], padding=1)
-    h = torch.relu(F.batch_norm(h, None, None, p["bn1.weight"], p["bn1.bias"], training=True, eps=EPS))
-    h = F.conv2d(h, p["conv2.weight"], padding=1)
-    h = torch.relu(F.batch_norm(h, None, None, p["bn2.weight"], p["bn2.bias"], training=True, eps=EPS))
-    return F.linear(h.mean((2, 3)), p["fc.weight"], p["fc.bias"])
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    probs = logits.softmax(1)
-    return -(probs * probs.log()).sum(1)
 
 
 def images(seed: int, n: int = 24) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 3, 8, 8, generator=g)
-
-
-SGD = OptimConfig(name="sgd", lr=0.5, momentum=0.0)
-ADAPTED = ("bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias")  # kind=norm on every block
+    return uniform_images(seed, n)
 
 
 def make(optim: OptimConfig = SGD, scale: float = 3.0, **settings):
-    return build_method(Net(scale), method_config("sar", **settings), optim)
+    return build_method(TwoConvNet(7, scale), method_config("sar", **settings), optim)
 
 
 def test_one_update_matches_the_papers_equations():

@@ -6,7 +6,9 @@ import json
 
 from _extras import require
 
+from tta_surgical.bench.grid import grid_rows
 from tta_surgical.bench.soak import plot_soak, soak_markdown, soak_rows
+from tta_surgical.bench.sweep_cells import finished_cells
 
 
 def _sweep(tmp_path, cells):
@@ -40,3 +42,22 @@ def test_soak_plot(tmp_path):
     require("matplotlib")
     out = _sweep(tmp_path, [("norm", [30.0, 30.1]), ("tent", [28.0, 40.0])])
     assert plot_soak(soak_rows(out), tmp_path / "soak.png").stat().st_size > 1000
+
+
+def test_finished_cells_in_plan_order_and_grid_rows(tmp_path):
+    """Both sweep reports read the same cells: those of plan.json with a summary, in plan order."""
+    out = _sweep(tmp_path, [("tent", [20.0]), ("norm", [30.0]), ("eta", [25.0])])
+    plan = json.loads((out / "plan.json").read_text())
+    plan["cells"][0]["axes"].update({"stream.reset": "per_domain", "method.blocks": ["block1", "block2"]})
+    plan["cells"].append({"id": "c3", "axes": {"base": "configs/sar.yaml"}})  # planned, not finished
+    (out / "plan.json").write_text(json.dumps(plan))
+    (out / "cells" / "c1" / "summary.json").unlink()  # started, not finished
+    assert [(cell["id"], s["method"]) for cell, s in finished_cells(out)] == [("c0", "tent"), ("c2", "eta")]
+    for s in (out / "cells" / c / "summary.json" for c in ("c0", "c2")):
+        s.write_text(json.dumps({**json.loads(s.read_text()), "mean_error": 1.0}))
+    rows = grid_rows(out)
+    assert [(r["method"], r["protocol"], r["selection"]) for r in rows] == [
+        ("tent", "reset", "block1+block2"),
+        ("eta", "continual", "default"),
+    ]
+    assert [r["label"] for r in soak_rows(out)] == ["tent reset=per_domain blocks=['block1', 'block2']", "eta"]

@@ -7,11 +7,11 @@ Reads the sweep folder's `plan.json` (each cell's axes: `base` = the method's co
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..tables import bold_best, fmt, markdown_table
+from .sweep_cells import finished_cells
 
 __all__ = ["grid_markdown", "grid_rows"]
 
@@ -28,14 +28,8 @@ def _selection(axes: dict[str, Any]) -> str:
 
 def grid_rows(sweep_out: str | Path) -> list[dict[str, Any]]:
     """One record per finished cell: method, protocol, selection, errors and the method's counters."""
-    out = Path(sweep_out)
-    plan = json.loads((out / "plan.json").read_text(encoding="utf-8"))
     rows = []
-    for cell in plan["cells"]:
-        path = out / "cells" / cell["id"] / "summary.json"
-        if not path.is_file():
-            continue
-        s = json.loads(path.read_text(encoding="utf-8"))
+    for cell, s in finished_cells(sweep_out):
         axes = cell["axes"]
         rows.append(
             {

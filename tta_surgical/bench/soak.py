@@ -8,11 +8,11 @@ policy caught it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..tables import fmt, markdown_table
+from .sweep_cells import finished_cells
 
 __all__ = ["plot_soak", "soak_markdown", "soak_rows"]
 
@@ -26,14 +26,8 @@ def _label(cell: dict[str, Any]) -> str:
 
 def soak_rows(sweep_out: str | Path) -> list[dict[str, Any]]:
     """One row per finished cell: label, online error per round, collapse warnings, resets."""
-    out = Path(sweep_out)
-    plan = json.loads((out / "plan.json").read_text(encoding="utf-8"))
     rows = []
-    for cell in plan["cells"]:
-        path = out / "cells" / cell["id"] / "summary.json"
-        if not path.is_file():
-            continue
-        s = json.loads(path.read_text(encoding="utf-8"))
+    for cell, s in finished_cells(sweep_out):
         rounds = s.get("online_errors_by_round") or [s["online_error"]]
         rows.append(
             {

@@ -8,7 +8,8 @@ registry: config validation, CLI choices, sweep validation, bench labels and the
 What the base class does so that no method repeats it:
 
 - **Parameter selection** (`select_adapted`): freeze the model, enable `cfg.blocks` x `cfg.kind`, and raise the
-  one clear error when that selects nothing.
+  one clear error when that selects nothing; `configure_adaptation` adds what most adapting methods' `configure`
+  does with it (eval mode, test-batch BatchNorm statistics, the optimiser over the selection).
 - **State lifecycle**: everything a method carries between batches is registered once by attribute name
   (`register_state`): the model, the optimiser and the method's random generator are registered by the base;
   a method adds its teacher, anchor model, memory bank, running statistics, clocks. `reset()` restores all of it
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 
 from ..config import AdaptSettings, MethodSettings, OptimConfig, method_config
 from ..registry import Registry
+from .bn import set_bn_stats
 
 __all__ = [
     "COUNTERS",
@@ -487,6 +489,16 @@ class Method:
         kind = kind if kind is not None else cfg.kind  # type: ignore[attr-defined]
         self._params = select_adapted(self.model, blocks, kind, owner=f"method {cfg.name}")
         return self._params
+
+    def configure_adaptation(self, model: nn.Module) -> NamedParams:
+        """The usual start of an adapting method's `configure`: eval mode (dropout and the like off), only
+        `blocks` x `kind` trainable, BatchNorm on test-batch statistics, `self.optimizer` over that selection
+        (returned). Methods with other statistics or optimisers (Tent's, MEMO's, RoTTA's) do it themselves."""
+        model.eval()
+        selected = self.select_adapted()
+        set_bn_stats(model, "batch")
+        self.optimizer = build_optimizer(selected, self.optim_cfg)
+        return selected
 
     def autocast(self, x: Tensor) -> contextlib.AbstractContextManager:
         """bf16 (or the configured dtype) autocast on the device of `x`, or nothing in fp32."""

@@ -44,8 +44,8 @@ from torch import Tensor, nn
 
 from ..config import AdaptSettings, ConfigError, check_choice
 from .augment import cotta_views, units_per_forward
-from .base import Method, Objective, build_optimizer, register_method
-from .bn import batch_stats_per_group, set_bn_stats
+from .base import Method, Objective, register_method
+from .bn import batch_stats_per_group
 from .losses import softmax_cross_entropy
 
 AUGMENT_PER = ("view", "image")
@@ -108,10 +108,7 @@ class CoTTA(Method):
     adapts = True
 
     def configure(self, model: nn.Module) -> None:
-        model.eval()
-        set_bn_stats(model, "batch")
-        selected = self.select_adapted()
-        self.optimizer = build_optimizer(selected, self.optim_cfg)
+        selected = self.configure_adaptation(model)
         self.teacher = _frozen_copy(model)
         self.anchor = _frozen_copy(model)
         teacher, anchor = dict(self.teacher.named_parameters()), dict(self.anchor.named_parameters())

@@ -39,9 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AdaptSettings, ConfigError, check_choice
+from ._checks import check_fraction
 from .augment import occlude, patch_shuffle, pixel_shuffle
-from .base import Method, Objective, build_optimizer, register_method
-from .bn import set_bn_stats
+from .base import Method, Objective, register_method
 from .losses import entropy_per_sample
 
 AUG_TYPES = ("patch", "pixel", "occ")
@@ -77,9 +77,7 @@ class DeYOSettings(AdaptSettings):
         super().__post_init__()
         check_choice("method", "aug_type", self.aug_type, AUG_TYPES)
         for key in ("margin", "margin_e0"):
-            value = getattr(self, key)
-            if not (0.0 < value <= 1.0):
-                raise ConfigError(f"method.{key} must lie in (0, 1] (a fraction of ln C), got {value!r}")
+            check_fraction(key, getattr(self, key), "a fraction of ln C")
         if not (-1.0 <= self.plpd_threshold < 1.0):
             raise ConfigError(
                 f"method.plpd_threshold must lie in [-1, 1) (a drop of probability), got {self.plpd_threshold!r}"
@@ -106,10 +104,7 @@ class DeYO(Method):
     adapts = True
 
     def configure(self, model: nn.Module) -> None:
-        model.eval()
-        selected = self.select_adapted()
-        set_bn_stats(model, "batch")
-        self.optimizer = build_optimizer(selected, self.optim_cfg)
+        self.configure_adaptation(model)
 
     def forward_and_adapt(self, x: Tensor) -> Tensor:
         with self.autocast(x):

@@ -53,19 +53,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdaptSettings, ConfigError
-from .base import Method, Objective, build_optimizer, register_method
-from .bn import set_bn_stats
+from ._checks import check_finite_number, check_fraction
+from .base import Method, Objective, register_method
 from .losses import entropy_per_sample
 
 __all__ = ["EATA", "ETA", "EATASettings", "ETASettings", "ewc_penalty", "fisher_diagonal", "reliable_non_redundant"]
 
 # Weight of the current batch in the moving average of the mean prediction (Eqn. 4; 0.9 / 0.1 in the authors' code).
 PROBS_MOMENTUM = 0.1
-
-
-def _check_fraction(key: str, value: float, meaning: str) -> None:
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise ConfigError(f"method.{key} must lie in (0, 1] ({meaning}), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -83,8 +78,8 @@ class ETASettings(AdaptSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction("e_margin", self.e_margin, "a fraction of ln C: the entropy threshold E0 = e_margin * ln C")
-        _check_fraction("d_margin", self.d_margin, "a threshold on the cosine similarity of probability vectors")
+        check_fraction("e_margin", self.e_margin, "a fraction of ln C: the entropy threshold E0 = e_margin * ln C")
+        check_fraction("d_margin", self.d_margin, "a threshold on the cosine similarity of probability vectors")
 
 
 @dataclass(frozen=True)
@@ -105,8 +100,7 @@ class EATASettings(ETASettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (math.isfinite(self.fisher_alpha) and self.fisher_alpha >= 0):
-            raise ConfigError(f"method.fisher_alpha must be a finite number >= 0 (0 = ETA), got {self.fisher_alpha!r}")
+        check_finite_number("fisher_alpha", self.fisher_alpha, meaning="0 = ETA")
         if self.fisher_samples < 1:
             raise ConfigError(f"method.fisher_samples must be >= 1 (source images), got {self.fisher_samples!r}")
         if self.fisher_batch_size < 2:
@@ -191,10 +185,7 @@ class ETA(Method):
     adapts = True
 
     def configure(self, model: nn.Module) -> None:
-        model.eval()  # dropout and the like off; BatchNorm is switched to batch statistics next
-        selected = self.select_adapted()
-        set_bn_stats(model, "batch")
-        self.optimizer = build_optimizer(selected, self.optim_cfg)
+        self.configure_adaptation(model)
         self.probs_mean: Tensor | None = None  # m of Eqn. 4; None until a batch keeps a sample
         self.register_state("probs_mean")
 

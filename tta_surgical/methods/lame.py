@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError, MethodSettings, check_choice
+from ._checks import check_finite_number
 from .base import Method, register_method
 from .bn import set_bn_stats
 
@@ -69,12 +70,10 @@ class LAMESettings(MethodSettings):
         check_choice("method", "bn_stats", self.bn_stats, BN_STATS)
         if self.knn < 1:
             raise ConfigError(f"method.knn must be >= 1 (neighbours per point), got {self.knn}")
-        if not (self.sigma > 0 and math.isfinite(self.sigma)):
-            raise ConfigError(f"method.sigma must be a finite number > 0 (rbf bandwidth scale), got {self.sigma!r}")
+        check_finite_number("sigma", self.sigma, positive=True, meaning="rbf bandwidth scale")
         if self.max_steps < 1:
             raise ConfigError(f"method.max_steps must be >= 1 (bound iterations), got {self.max_steps}")
-        if not (self.tolerance >= 0 and math.isfinite(self.tolerance)):
-            raise ConfigError(f"method.tolerance must be a finite number >= 0, got {self.tolerance!r}")
+        check_finite_number("tolerance", self.tolerance)
 
 
 def affinity_matrix(features: Tensor, kind: str, knn: int, sigma: float) -> Tensor:

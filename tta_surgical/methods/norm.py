@@ -7,12 +7,12 @@ written, so the source model is intact after the run.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..config import ConfigError, MethodSettings
+from ..config import MethodSettings
+from ._checks import check_finite_number
 from .base import Method, register_method
 from .bn import set_bn_stats
 
@@ -31,8 +31,7 @@ class NormSettings(MethodSettings):
 
 
 def check_prior_strength(value: float) -> None:
-    if not (value >= 0 and math.isfinite(value)):
-        raise ConfigError(f"method.prior_strength must be a finite number >= 0, got {value!r}")
+    check_finite_number("prior_strength", value)
 
 
 @register_method("norm")

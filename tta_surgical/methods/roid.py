@@ -39,17 +39,16 @@ their number on the host (one sync, besides the update's guard).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdaptSettings, ConfigError, check_choice
+from ..config import AdaptSettings, check_choice
+from ._checks import check_finite_number, check_unit_interval
 from .augment import ROID_CIFAR, cotta_views
-from .base import Method, Objective, build_optimizer, register_method
-from .bn import set_bn_stats
+from .base import Method, Objective, register_method
 from .losses import entropy_per_sample
 
 __all__ = ["ROID", "ROIDSettings", "prior_correct", "soft_likelihood_ratio", "symmetric_cross_entropy"]
@@ -74,12 +73,9 @@ class ROIDSettings(AdaptSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("method", "prior_correction", self.prior_correction, PRIOR_CORRECTIONS)
-        for key in ("momentum_src", "momentum_probs"):
-            value = getattr(self, key)
-            if not (0.0 <= value <= 1.0):
-                raise ConfigError(f"method.{key} must be in [0, 1], got {value!r}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ConfigError(f"method.temperature must be a finite number > 0, got {self.temperature!r}")
+        check_unit_interval("momentum_src", self.momentum_src)
+        check_unit_interval("momentum_probs", self.momentum_probs)
+        check_finite_number("temperature", self.temperature, positive=True)
 
 
 def soft_likelihood_ratio(logits: Tensor, clip: float = 0.99, eps: float = 1e-5) -> Tensor:
@@ -124,10 +120,7 @@ class ROID(Method):
     adapts = True
 
     def configure(self, model: nn.Module) -> None:
-        model.eval()
-        selected = self.select_adapted()
-        set_bn_stats(model, "batch")
-        self.optimizer = build_optimizer(selected, self.optim_cfg)
+        selected = self.configure_adaptation(model)
         # The source values of the adapted tensors (the ensembling target): constant, kept with the state so a
         # checkpoint is self-contained. p_ema starts uniform (None until the number of classes is known).
         self.source_params = [p.detach().clone() for _, p in selected]

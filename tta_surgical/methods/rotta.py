@@ -56,22 +56,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..config import AdaptSettings, ConfigError
+from ._checks import check_finite_number, check_unit_interval
 from .augment import cotta_views
 from .base import Method, Objective, build_optimizer, register_method
 from .bn import batchnorm_layers
 from .losses import softmax_cross_entropy
 
 __all__ = ["RoTTA", "RoTTASettings", "robust_bn_forward"]
-
-
-def _check_unit(key: str, value: float) -> None:
-    if not (0.0 <= value <= 1.0):
-        raise ConfigError(f"method.{key} must be in [0, 1], got {value!r}")
-
-
-def _check_nonnegative(key: str, value: float) -> None:
-    if not (value >= 0 and math.isfinite(value)):
-        raise ConfigError(f"method.{key} must be a finite number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -98,10 +89,10 @@ class RoTTASettings(AdaptSettings):
             raise ConfigError(f"method.memory_size must be >= 1 (images in the bank), got {self.memory_size}")
         if self.update_every < 1:
             raise ConfigError(f"method.update_every must be >= 1 (instances per update), got {self.update_every}")
-        _check_unit("nu", self.nu)
-        _check_unit("alpha", self.alpha)
-        _check_nonnegative("lambda_t", self.lambda_t)
-        _check_nonnegative("lambda_u", self.lambda_u)
+        check_unit_interval("nu", self.nu)
+        check_unit_interval("alpha", self.alpha)
+        check_finite_number("lambda_t", self.lambda_t)
+        check_finite_number("lambda_u", self.lambda_u)
 
 
 # ------------------------------------------------------------------------------------------------ robust BN

@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..config import AdaptSettings, ConfigError
-from .base import Method, Objective, build_optimizer, register_method
-from .bn import set_bn_stats
+from ._checks import check_finite_number, check_fraction
+from .base import Method, Objective, register_method
 from .losses import entropy_per_sample
 
 
@@ -73,14 +73,9 @@ class SARSettings(AdaptSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (0.0 < self.e_margin <= 1.0):
-            raise ConfigError(
-                f"method.e_margin must lie in (0, 1] (a fraction of ln C, the entropy threshold), got {self.e_margin!r}"
-            )
-        if not (self.rho > 0.0 and math.isfinite(self.rho)):
-            raise ConfigError(f"method.rho must be a finite number > 0 (the SAM radius), got {self.rho!r}")
-        if not (self.e_m >= 0.0 and math.isfinite(self.e_m)):
-            raise ConfigError(f"method.e_m must be a finite number >= 0 (0 = no model recovery), got {self.e_m!r}")
+        check_fraction("e_margin", self.e_margin, "a fraction of ln C, the entropy threshold")
+        check_finite_number("rho", self.rho, positive=True, meaning="the SAM radius")
+        check_finite_number("e_m", self.e_m, meaning="0 = no model recovery")
         if not (0.0 <= self.ema_momentum < 1.0):
             raise ConfigError(f"method.ema_momentum must lie in [0, 1), got {self.ema_momentum!r}")
 
@@ -99,10 +94,7 @@ class SAR(Method):
     adapts = True
 
     def configure(self, model: nn.Module) -> None:
-        model.eval()
-        selected = self.select_adapted()
-        set_bn_stats(model, "batch")
-        self.optimizer = build_optimizer(selected, self.optim_cfg)
+        self.configure_adaptation(model)
         self.ema: float | None = None  # moving average of the second-pass loss (None until the first update)
         self.register_state("ema")
 
