@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tta_surgical.collapse import CollapseMonitor
-from tta_surgical.config import ConfigError, load_config
+from tta_surgical.config import ConfigError, RuntimeConfig, load_config
 from tta_surgical.engine import RESULTS_FILE, run
 from tta_surgical.runfolder import FolderInUseError, JsonlWriter, RunFolder, folder_lock, read_jsonl
 
@@ -140,6 +140,16 @@ def test_monitor_flags_one_class_with_falling_entropy():
     flags = [mon.observe(_rec(i, 0.05, 7, 0.9)) for i in range(1, 12)]
     assert flags.index(True) == 3  # batches 0-4 fill the 500-image window; 4 of its 5 batches are collapsed
     assert flags.count(True) == 2  # then the window restarts: reported once per window
+
+
+def test_default_window_judges_a_short_stream():
+    """The shipped window (runtime.collapse_window's default) fits a short run: the lr=1000 Tent pattern of a
+    1,500-image stream at batch 100 (first batch sane, then one class, zero entropy) is flagged before its end."""
+    window = RuntimeConfig().collapse_window
+    mon = CollapseMonitor(window_images=window)
+    records = [_rec(0, 0.36, 3, 0.15)] + [_rec(i, 0.0, 7, 0.99) for i in range(1, 15)]
+    flags = [mon.observe(r) for r in records]
+    assert True in flags and flags.index(True) == window // 100 - 1  # the first full window
 
 
 @pytest.mark.parametrize(

@@ -55,7 +55,7 @@ def batch_prediction_stats(logits: Tensor, y: Tensor) -> tuple[int, float, int, 
 class CollapseMonitor:
     """Sliding-window collapse detector over the per-batch statistics of the results lines (see the module doc)."""
 
-    window_images: int = 2000
+    window_images: int = 1000
     share: float = 0.6
     entropy_ratio: float = 0.5
     min_batches: int = 5

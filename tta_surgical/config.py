@@ -258,9 +258,12 @@ class RuntimeConfig:
     # Collapse detection (`tta_surgical.collapse`): what to do when predictions concentrate on one class while the
     # prediction entropy falls (warn: a warning and a count in summary.json; reset: also restore the method's
     # source state before the next batch; stop: end the run there; off: no monitoring), over a window of
-    # `collapse_window` images, with the share and entropy-ratio thresholds of the module.
+    # `collapse_window` images, with the share and entropy-ratio thresholds of the module. 1,000 images = 5 default
+    # batches: a run shorter than the window is never judged (2,000 missed Tent at lr=1000 on a 1,500-image stream),
+    # and replaying 516 measured runs' results lines at 1,000 flags exactly the runs 2,000 flags (benchmarks/RESULTS.md
+    # section 10).
     on_collapse: str = "warn"
-    collapse_window: int = 2000
+    collapse_window: int = 1000
     collapse_share: float = 0.6
     collapse_entropy_ratio: float = 0.5
 
