@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tta_surgical.collapse import CollapseMonitor
 from tta_surgical.config import ConfigError, RuntimeConfig, load_config
@@ -228,3 +230,14 @@ def test_env_has_no_lock_leftovers(tmp_path):
     with folder_lock(folder):
         assert (folder / ".lock").is_file()
     assert os.access(folder / ".lock", os.R_OK)
+
+
+def test_prediction_stats_report_a_confident_batch_as_zero_entropy():
+    """One-hot logits have entropy -0.0 in float arithmetic; the results line and the warning say 0.0."""
+    from tta_surgical.collapse import batch_prediction_stats
+
+    logits = torch.full((4, 3), -1e4)
+    logits[:, 1] = 1e4
+    correct, entropy, top, share = batch_prediction_stats(logits, torch.tensor([1, 1, 0, 1]))
+    assert (correct, top, share) == (3, 1, 1.0)
+    assert entropy == 0.0 and math.copysign(1.0, entropy) == 1.0

@@ -47,8 +47,9 @@ def batch_prediction_stats(logits: Tensor, y: Tensor) -> tuple[int, float, int, 
             counts[top].float() / max(len(pred), 1),
         ]
     ).tolist()
-    # max(.., 0.0): a fully confident batch sums to -0.0 or a denormal; report it as the 0 it is.
-    return int(values[0]), max(float(values[1]), 0.0), int(values[2]), float(values[3])
+    # A fully confident batch sums to -0.0 or a tiny negative; report it as the 0 it is (max(-0.0, 0.0) is -0.0).
+    entropy = float(values[1]) if values[1] > 0.0 else 0.0
+    return int(values[0]), entropy, int(values[2]), float(values[3])
 
 
 @dataclass
