@@ -10,7 +10,8 @@ One job per module:
 - `measure`: the timing grid (`BenchSpec`, `run_bench`): warm-up, cells, interleaving, ratios;
 - `report`: `bench.json` / `bench.md`, latency plots, the stream-timing table;
 - `streams`: the end-to-end timing of a whole corruption stream through the engine (`run_stream_timing`);
-- `corruption_speed`, `accuracy`, `sweep_wall`: the other benchmark scripts' logic.
+- `corruption_speed`, `accuracy`, `sweep_wall`, `augment_cost`, `grid`, `soak`: the other benchmark scripts' logic
+  (`grid` and `soak` tabulate a finished sweep folder, read through `sweep_cells.finished_cells`).
 
 The fast path (`BenchSpec.channels_last`, on by default as in the engine; `compile`; `optim_implementation`,
 fused Adam by default) applies to the package's methods only. `inference` and `reference_tent` always run
