@@ -241,3 +241,17 @@ def test_prediction_stats_report_a_confident_batch_as_zero_entropy():
     correct, entropy, top, share = batch_prediction_stats(logits, torch.tensor([1, 1, 0, 1]))
     assert (correct, top, share) == (3, 1, 1.0)
     assert entropy == 0.0 and math.copysign(1.0, entropy) == 1.0
+
+
+def test_replaying_results_lines_gives_the_runs_collapse_batches(tmp_path, data_root):
+    """replay_collapses over a finished run's results lines = the collapse_batches its summary reports."""
+    from tta_surgical.collapse import replay_collapses
+
+    cfg = cfg_for("tent", "optim.lr=1000", "stream.n_examples=600", "runtime.on_collapse=warn")
+    summary = run(cfg, tmp_path / "r", data_root=data_root)
+    assert summary["collapse_batches"]  # the diverging Tent collapses
+    rt = cfg.runtime
+    mon = CollapseMonitor(rt.collapse_window, rt.collapse_share, rt.collapse_entropy_ratio)
+    assert replay_collapses(lines(tmp_path / "r"), mon) == summary["collapse_batches"]
+    wider = CollapseMonitor(10**6, rt.collapse_share, rt.collapse_entropy_ratio)
+    assert replay_collapses(lines(tmp_path / "r"), wider) == []  # a window longer than the run never judges it

@@ -20,13 +20,14 @@ function of the results lines alone, so replaying them on resume rebuilds it exa
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["CollapseMonitor", "batch_prediction_stats"]
+__all__ = ["CollapseMonitor", "batch_prediction_stats", "replay_collapses"]
 
 POLICIES = ("warn", "reset", "stop", "off")
 SAME_CLASS_FRACTION = 0.8
@@ -94,3 +95,13 @@ class CollapseMonitor:
             and modal_batches >= SAME_CLASS_FRACTION * len(self._window)
             and mean_entropy <= self.entropy_ratio * float(self.reference_entropy or 0.0)
         )
+
+
+def replay_collapses(records: Iterable[dict[str, Any]], monitor: CollapseMonitor) -> list[int]:
+    """The batch indices `monitor` flags over finished results lines, as a run with on_collapse=warn reports them.
+
+    The monitor reads nothing but the lines, so a folder measured with one window can be judged with another
+    afterwards (benchmarks/collapse_replay.py) without rerunning the stream.
+    """
+    return [int(r["batch_index"]) for r in records if monitor.observe(r)]
+
