@@ -19,17 +19,7 @@ sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
 
 from tta_surgical.collapse import CollapseMonitor, replay_collapses  # noqa: E402
 from tta_surgical.config import RuntimeConfig  # noqa: E402
-
-
-def _lines(path: Path) -> list[dict]:
-    """The complete records of a results file, read only (a run still writing it keeps its torn last line)."""
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
+from tta_surgical.runfolder import peek_jsonl  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     flagged: dict[str, list[int]] = {}
     for f in a.results:
         monitor = CollapseMonitor(window_images=a.window, share=a.share, entropy_ratio=a.entropy_ratio)
-        batches = replay_collapses(_lines(f), monitor)
+        batches = replay_collapses(peek_jsonl(f), monitor)
         if batches:
             flagged[str(f)] = batches
             print(f"{f}: {len(batches)} collapse(s), first at batch {batches[0]}")

@@ -255,3 +255,13 @@ def test_replaying_results_lines_gives_the_runs_collapse_batches(tmp_path, data_
     assert replay_collapses(lines(tmp_path / "r"), mon) == summary["collapse_batches"]
     wider = CollapseMonitor(10**6, rt.collapse_share, rt.collapse_entropy_ratio)
     assert replay_collapses(lines(tmp_path / "r"), wider) == []  # a window longer than the run never judges it
+
+
+def test_peek_jsonl_reads_complete_lines_and_never_cuts_the_file(tmp_path):
+    from tta_surgical.runfolder import peek_jsonl
+
+    f = tmp_path / "results.jsonl"
+    f.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "tor')
+    before = f.read_bytes()
+    assert peek_jsonl(f) == [{"a": 1}, {"a": 2}]
+    assert f.read_bytes() == before  # a run still writing keeps its last line

@@ -36,6 +36,7 @@ __all__ = [
     "RunFolder",
     "config_differences",
     "plain_config",
+    "peek_jsonl",
     "read_jsonl",
 ]
 
@@ -167,6 +168,18 @@ def plain_config(cfg: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ JSON lines
+
+
+def peek_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The complete records of a JSON-lines file, read only: unlike `read_jsonl` it never cuts the file, so it is
+    safe on a run that is still writing (its torn last line is simply not returned)."""
+    out: list[dict[str, Any]] = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
 
 
 def read_jsonl(path: str | os.PathLike, keep: int | None = None) -> list[dict[str, Any]]:
