@@ -82,8 +82,11 @@ def plot_soak(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        ax.plot(range(1, len(r["rounds"]) + 1), r["rounds"], marker="o", ms=3, label=r["label"])
+    # More configurations than the default colour cycle has colours: 20 colours, and a second marker after them.
+    colours = plt.get_cmap("tab20").colors
+    for i, r in enumerate(rows):
+        ax.plot(range(1, len(r["rounds"]) + 1), r["rounds"], marker="os"[i // 20 % 2], ms=3, label=r["label"],
+                color=colours[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20])
     ax.set_xlabel("round of the continual stream")
     ax.set_ylabel("online error (%)")
     ax.set_title("Long soak: 15 corruptions x 1,000 images, repeated")
