@@ -1,7 +1,8 @@
 """Optional test dependencies: skip on a laptop without them, fail in CI where they are installed on purpose.
 
 The fidelity tests compare our corruptions with OpenCV, scikit-image, SciPy, Pillow and `imagecorruptions`, and
-the Ray tests need Ray. `pytest.importorskip` would make a broken install silently drop those contracts, so the
+the Ray tests need Ray; the block-map tests of `timm:` models need timm. `pytest.importorskip` would make a broken
+install silently drop those contracts, so the
 tests call `require(module)` instead: with `TTA_SURGICAL_REQUIRE_EXTRAS=1` (set by `.ci/run`) a module that does
 not import is a test failure naming the module and the pip command; without it, the test is skipped.
 """
@@ -25,6 +26,7 @@ PIP_NAMES = {
     "imagecorruptions": "imagecorruptions",
     "ray": "ray",
     "matplotlib": "matplotlib",
+    "timm": "timm",
 }
 
 
