@@ -41,7 +41,7 @@ def test_no_test_imports_an_optional_dependency_with_importorskip():
     ]
     assert not offenders, f"use _extras.require instead of pytest.importorskip: {offenders}"
     # every optional dependency the fidelity and Ray tests need is one `require` knows how to install
-    assert set(PIP_NAMES) == {"cv2", "skimage", "scipy", "PIL", "imagecorruptions", "ray", "matplotlib"}
+    assert set(PIP_NAMES) == {"cv2", "skimage", "scipy", "PIL", "imagecorruptions", "ray", "matplotlib", "timm"}
 
 
 def test_ci_requires_the_extras_and_the_data():
@@ -50,6 +50,9 @@ def test_ci_requires_the_extras_and_the_data():
     assert re.search(r"^export TTA_SURGICAL_DATA=", script, re.M)
     args = [line.split("pytest", 1)[1].split() for line in script.splitlines() if "-m pytest" in line]
     assert len(args) == 1 and not {"-m", "-k"} & set(args[0]), "CI runs the default suite, unfiltered"
+    # the extras whose tests `require` them are installed, so that requiring them cannot skip
+    extras = re.search(r"pip install -q -e '\.\[([a-z,]+)\]'", script)
+    assert extras and {"test", "bench", "ray", "plot", "timm"} <= set(extras.group(1).split(",")), script
 
 
 def _fake_root(tmp_path: Path, *, sums: str | None) -> Path:
