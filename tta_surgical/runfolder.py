@@ -173,13 +173,26 @@ def plain_config(cfg: Any) -> dict[str, Any]:
 def peek_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The complete records of a JSON-lines file, read only: unlike `read_jsonl` it never cuts the file, so it is
     safe on a run that is still writing (its torn last line is simply not returned)."""
-    out: list[dict[str, Any]] = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
+    return _complete_records(Path(path).read_bytes(), path)[0]
+
+
+def _complete_records(raw: bytes, path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
+    """The records of the complete lines of `raw` and the byte length they fill. The part after the last newline,
+    or a last line that is not valid JSON, is torn (a crash mid-write) and left out; an invalid line before the last
+    means the file is corrupt."""
+    records: list[dict[str, Any]] = []
+    good = 0  # bytes of complete, valid lines
+    for number, line in enumerate(raw.split(b"\n")[:-1], start=1):
+        end = good + len(line) + 1
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if raw[end:].strip():
+                    raise OSError(f"{path}: line {number} is not valid JSON (the file is corrupt)") from None
+                break  # the last line, torn by a crash: dropped
+        good = end
+    return records, good
 
 
 def read_jsonl(path: str | os.PathLike, keep: int | None = None) -> list[dict[str, Any]]:
@@ -193,18 +206,7 @@ def read_jsonl(path: str | os.PathLike, keep: int | None = None) -> list[dict[st
             "another --out)"
         )
     raw = path.read_bytes() if path.is_file() else b""
-    records: list[dict[str, Any]] = []
-    good = 0  # bytes of complete, valid lines
-    for number, line in enumerate(raw.split(b"\n")[:-1], start=1):  # the part after the last newline is torn
-        end = good + len(line) + 1
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if raw[end:].strip():
-                    raise OSError(f"{path}: line {number} is not valid JSON (the file is corrupt)") from None
-                break  # the last line, torn by a crash: dropped
-        good = end
+    records, good = _complete_records(raw, path)
     if keep is not None:
         if len(records) < keep:
             raise OSError(
