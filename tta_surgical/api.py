@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import OptimConfig, from_dict, method_config
+from .config import OptimConfig, from_dict, method_config, to_dict
 
 __all__ = ["Adapted", "adapt"]
 
@@ -84,6 +84,7 @@ def adapt(
     blocks: Iterable[str] | str | None = None,
     kind: str | None = None,
     optim: Mapping[str, Any] | OptimConfig | None = None,
+    regime: str = "cifar",
     block_map: Mapping[str, Iterable[str]] | None = None,
     precision: str = "fp32",
     seed: int = 0,
@@ -97,7 +98,11 @@ def adapt(
     method: a registered method name (`tent`, `surgical`, `eata`, `sar`, `cotta`, ...).
     blocks / kind: which parameters adapt (default: the method's authors' choice), e.g. `blocks=["block1"]`,
         `kind="all"`; names from `tta_surgical.blocks(model)`.
-    optim: optimiser settings as a mapping (`{"name": "adam", "lr": 1e-3}`) or an `OptimConfig`.
+    optim: the optimiser: None = the method's authors' optimiser for `regime` (MEMO: SGD lr 0.005; SAR: SGD lr 1e-3,
+        momentum 0.9; most others Adam 1e-3), a mapping of the keys to change on it (`{"lr": 1e-4}`), or a
+        complete `OptimConfig`.
+    regime: "cifar" (default) or "imagenet": whose published optimiser the method starts from (on ImageNet the
+        entropy family uses SGD lr 2.5e-4, momentum 0.9, for batches of 64).
     block_map: your own block map `{"input": [...], "block1": [...], ..., "head": [...]}` (module name prefixes),
         for models whose blocks cannot be inferred.
     precision: "fp32" or "bf16" (autocast). seed: the method's own random draws (augmentations, restores).
@@ -118,7 +123,11 @@ def adapt(
     if kind is not None:
         values["kind"] = kind
     cfg = method_config(method, **values)
-    optim_cfg = optim if isinstance(optim, OptimConfig) else from_dict(OptimConfig, dict(optim or {}), "optim")
+    if isinstance(optim, OptimConfig):
+        optim_cfg = optim
+    else:
+        base = to_dict(type(cfg).default_optim(regime))
+        optim_cfg = from_dict(OptimConfig, {**base, **dict(optim or {})}, "optim")
     context = MethodContext(seed=int(seed), source_images=source_images)
     return Adapted(build_method(model, cfg, optim_cfg, autocast_dtype=precision, context=context))
 

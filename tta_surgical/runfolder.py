@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from .fileio import atomic_write_bytes, atomic_write_text
+from .schema import load_yaml, to_dict
 
 __all__ = [
     "RESUME_IGNORED",
@@ -162,8 +163,6 @@ def config_differences(
 
 def plain_config(cfg: Any) -> dict[str, Any]:
     """The config as plain YAML types (what config.yaml holds after a round trip), for comparisons."""
-    from .config import to_dict
-
     return yaml.safe_load(yaml.safe_dump(_normalise(to_dict(cfg)), sort_keys=False))
 
 
@@ -306,8 +305,6 @@ class RunFolder:
         path = self.path / self.CONFIG
         if not path.is_file():
             return
-        from .config import load_yaml
-
         saved = load_yaml(path, "saved config")
         diffs = config_differences(saved, plain_config(cfg), ignored)
         if diffs:
@@ -318,9 +315,7 @@ class RunFolder:
             )
 
     def write_config(self, cfg: Any) -> None:
-        from .config import to_dict
-
-        atomic_write_text(
+            atomic_write_text(
             self.path / self.CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
         )
 

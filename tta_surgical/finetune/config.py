@@ -13,8 +13,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, ModelConfig, RuntimeConfig, apply_overrides, from_dict, load_yaml
 from ..corruptions.base import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS
+from ..models.config import ModelConfig
+from ..runtime import RuntimeConfig
+from ..schema import ConfigError, apply_overrides, from_dict, load_yaml
 from .tasks import CLEAN, TASKS
 
 __all__ = [

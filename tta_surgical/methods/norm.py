@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..config import MethodSettings
 from ._checks import check_finite_number
 from .base import Method, register_method
 from .bn import set_bn_stats
+from .settings import MethodSettings
 
 
 @dataclass(frozen=True)

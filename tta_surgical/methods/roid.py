@@ -45,11 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdaptSettings, check_choice
+from ..schema import check_choice
 from ._checks import check_finite_number, check_unit_interval
 from .augment import ROID_CIFAR, cotta_views
 from .base import Method, Objective, register_method
 from .losses import entropy_per_sample
+from .settings import AdaptSettings
 
 __all__ = ["ROID", "ROIDSettings", "prior_correct", "soft_likelihood_ratio", "symmetric_cross_entropy"]
 

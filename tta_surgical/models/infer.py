@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .blocks import VIT_GROUPS, BlockSpec
+from .partition import VIT_GROUPS, BlockSpec, check_partition
 
 __all__ = ["HOW_TO_GIVE_A_BLOCK_MAP", "BlockInferenceError", "infer_block_spec", "unassigned_message"]
 
@@ -286,8 +286,6 @@ def infer_block_spec(model: nn.Module) -> BlockSpec:
 
     Raises `BlockInferenceError` (a TypeError) naming the unassigned parameters when no rule applies.
     """
-    from .blocks import check_partition
-
     spec = _spec(_layout(model))
     for what, groups in (("block", spec.blocks), ("unit", spec.units)):
         problem = check_partition(model, groups, what)

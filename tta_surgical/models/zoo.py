@@ -27,7 +27,7 @@ from .external import create_external, is_external
 from .weights import WEIGHTS, load_checkpoint, weight_file
 
 if TYPE_CHECKING:
-    from ..config import ModelConfig
+    from .config import ModelConfig
 
 __all__ = ["MODELS", "ModelEntry", "ModelInfo", "create_model", "create_model_from_config"]
 

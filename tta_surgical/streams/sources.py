@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..registry import Registry
+from .catalog import SOURCES, register_source, source_class
+from .plan import BatchPlan
+from .spec import StreamSpec
 
 if TYPE_CHECKING:
     from ..data.imagenet import ImageFolderIndex
-    from .plan import BatchPlan
-    from .spec import StreamSpec
 
 __all__ = ["SOURCES", "MemorySource", "Source", "open_source", "register_source", "source_class"]
 
@@ -47,6 +47,8 @@ class Source:
     shuffle_by_default: `stream.shuffle: null` shuffles (folders sorted by class) or keeps the stored order.
     default_subdir: where it lives under the data root ("" = the data root itself); None = nothing on disk.
     data_hint: what `stream.path` should point at, for the missing-data error.
+    regime: the data regime whose published hyper-parameters fit it ("cifar" or "imagenet"): a method's default
+        optimiser is its authors' choice for that regime (`methods.settings.MethodSettings.optimizers`).
     """
 
     name: ClassVar[str]
@@ -56,6 +58,7 @@ class Source:
     shuffle_by_default: ClassVar[bool] = False
     default_subdir: ClassVar[str | None] = None
     data_hint: ClassVar[str] = ""
+    regime: ClassVar[str] = "cifar"
 
     labels: np.ndarray
     spec: StreamSpec | None = None
@@ -110,20 +113,6 @@ class Source:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-SOURCES: Registry[type[Source]] = Registry("stream source")
-
-
-def register_source(cls: type[Source]) -> type[Source]:
-    """Class decorator: register `cls` under `cls.name` (a duplicate name raises)."""
-    SOURCES.register(cls.name, cls)
-    return cls
-
-
-def source_class(name: str) -> type[Source]:
-    """The registered source class `name` (an unknown name raises, listing the valid ones)."""
-    return SOURCES.get(name)
 
 
 def open_source(
@@ -246,6 +235,7 @@ class _ImageFolderSource(Source):
 
     default_image_size = 224
     shuffle_by_default = True  # folders are sorted by class
+    regime = "imagenet"
 
     def __init__(self, root: Path, index: ImageFolderIndex, num_workers: int | None) -> None:
         self.root = root
