@@ -72,12 +72,13 @@ def test_task_registry_and_config_choice():
         tiny_cfg("finetune.corruptions=[nope]")
 
 
-def test_flip_config_uses_the_corruption_configs_keys():
-    import yaml
+def test_flip_config_is_the_corruption_protocol_with_another_task():
+    import dataclasses
 
-    flip = yaml.safe_load((REPO / "configs" / "finetune_cifar_flip.yaml").read_text())
-    corr = yaml.safe_load((REPO / "configs" / "finetune_cifar10c.yaml").read_text())
-    assert set(flip["finetune"]) == set(corr["finetune"]) and set(flip) == set(corr)
+    flip = load_finetune_config(REPO / "configs" / "finetune_cifar_flip.yaml")
+    corr = load_finetune_config(REPO / "configs" / "finetune_cifar10c.yaml")
+    same_task = dataclasses.replace(flip.finetune, task=corr.finetune.task, corruptions=corr.finetune.corruptions)
+    assert same_task == corr.finetune and flip.model == corr.model and flip.runtime == corr.runtime
     cfg = load_finetune_config(REPO / "configs" / "finetune_cifar_flip.yaml", ["finetune.lrs=[1e-2]"])
     assert cfg.finetune.task == "cifar_flip" and cfg.finetune.corruptions == (CLEAN,) and cfg.finetune.lrs == (1e-2,)
 
