@@ -53,6 +53,7 @@ __all__ = [
     "Built",
     "build",
     "config_differences",
+    "describe_stream",
     "finished_summary",
     "load_summary",
     "pick_device",
@@ -65,6 +66,7 @@ CONFIG_FILE, RESULTS_FILE, STATE_FILE = RunFolder.CONFIG, RunFolder.RESULTS, Run
 SUMMARY_FILE, SUMMARY_MD = RunFolder.SUMMARY, RunFolder.SUMMARY_MD
 # 2: the method interface v2 (registered state, counters inside the method's state_dict).
 STATE_VERSION = 2
+STATE_KEYS = ("version", "method", "next_batch", "n_lines", "rng")  # what `_Loop.restore` reads from state.pt
 AUTO_CHECKPOINT_EVERY = 50  # batches, for streams without domain boundaries
 
 BatchHook = Callable[[int, dict[str, Any]], None]
@@ -229,6 +231,7 @@ def run(
     checkpoint_every: int | None = None,
     record_predictions: bool = False,
     source: Any = None,
+    on_start: Callable[[Built], None] | None = None,
 ) -> dict[str, Any]:
     """Run `cfg.method` on `cfg.model` over `cfg.stream`, write results to `out_dir`, return the summary.
 
@@ -239,6 +242,7 @@ def run(
         `AUTO_CHECKPOINT_EVERY` batches for a stream with none (mixed).
     record_predictions: also store each batch's predicted labels (`"pred"`) in results.jsonl.
     source: an open stream source (e.g. a `streams.MemorySource`), passed to `build`.
+    on_start: called with what was built (model, method, stream) before the first batch (the CLI names the stream).
     Raises `runfolder.FolderInUseError` at once when another process is writing `out_dir`.
     """
     folder = RunFolder(out_dir)
@@ -248,6 +252,8 @@ def run(
         built = build(cfg, data_root=data_root, frost_dir=frost_dir, source=source)
         if not built.stream.plan:
             raise ValueError("the stream is empty: check stream.domains, stream.n_examples and the data")
+        if on_start is not None:
+            on_start(built)
         loop = _Loop(cfg, folder, built, checkpoint_every, record_predictions, on_batch)
         if checkpoint is not None:
             loop.restore(checkpoint)
@@ -268,7 +274,7 @@ def _open_folder(folder: RunFolder, cfg: Config, resume: bool, overwrite: bool) 
     folder.refuse_existing(resume, overwrite)
     if not resume:
         return None
-    checkpoint = folder.load_checkpoint()
+    checkpoint = folder.load_checkpoint(required=STATE_KEYS)
     if checkpoint is None:
         return None  # nothing to resume: a fresh run
     if not folder.file(CONFIG_FILE).is_file():
@@ -444,7 +450,7 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "method_warnings": list(method.warnings),
         "adapted_tensors": len(method.params()),
         "adapted_numel": sum(p.numel() for _, p in method.params()),
-        "stream": _describe_stream(cfg.stream),
+        "stream": describe_stream(cfg.stream),
         "stream_fingerprint": loop.fingerprint,
         "errors": tally.errors.errors(),
         "mean_error": tally.errors.mean_error(),
@@ -509,7 +515,7 @@ def _multi_severity(stream: Any, spec: Any) -> bool:
     return len(sev or set(spec.severities)) > 1
 
 
-def _describe_stream(spec: Any) -> str:
+def describe_stream(spec: Any) -> str:
     """A short human description of the stream spec for tables (the full spec is in config.yaml)."""
     sev = ",".join(map(str, spec.severities))
     return (

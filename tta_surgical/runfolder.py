@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +35,7 @@ from .schema import load_yaml, to_dict
 
 __all__ = [
     "RESUME_IGNORED",
+    "DamagedFileError",
     "FolderInUseError",
     "JsonlWriter",
     "RunFolder",
@@ -60,6 +64,10 @@ try:  # POSIX advisory locks; on a platform without them runs are not protected 
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+
+
+class DamagedFileError(OSError):
+    """A file of the folder exists but cannot be read back (truncated, empty, overwritten, or crafted)."""
 
 
 class FolderInUseError(OSError):
@@ -264,6 +272,22 @@ class JsonlWriter:
 # ------------------------------------------------------------------------------------------------ the folder
 
 
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why `torch.load` could not read `path`, in a few words (torch's own messages run to paragraphs)."""
+    msg = str(err).strip()
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, pickle.UnpicklingError) and "weights only" in msg.lower():
+        asked = re.search(r"GLOBAL ([\w.]+)", msg)
+        if asked:
+            return f"it asks for {asked.group(1)}, which a checkpoint never holds; nothing in it was run"
+        return "its content is not a checkpoint's, garbled or overwritten?"
+    if "zip archive" in msg or "PytorchStreamReader" in msg:
+        return "not a complete checkpoint archive, truncated or overwritten?"
+    first = msg.splitlines()[0][:120] if msg else ""
+    return f"unreadable ({type(err).__name__}: {first})" if first else f"unreadable ({type(err).__name__})"
+
+
 class RunFolder:
     """The files of one run folder and the rules for starting, resuming and finishing it."""
 
@@ -331,13 +355,32 @@ class RunFolder:
             writer.sync()
         atomic_write_bytes(self.path / self.STATE, lambda f: torch.save(state, f))
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
+    def load_checkpoint(self, required: Iterable[str] = ()) -> dict[str, Any] | None:
+        """The checkpoint in `state.pt` (None when there is none), read with `weights_only=True` so nothing in it
+        runs; a file that cannot be read, or is not a dict holding the `required` keys, is a `DamagedFileError`."""
         import torch
 
         path = self.path / self.STATE
         if not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with warnings.catch_warnings():  # torch's notes on odd pickle protocols would break the one-line error
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure to read it means the file is damaged
+            raise DamagedFileError(self._damaged(path, _unreadable(path, err))) from None
+        if not isinstance(state, dict):
+            raise DamagedFileError(self._damaged(path, f"it holds a {type(state).__name__}, not a checkpoint dict"))
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise DamagedFileError(self._damaged(path, f"the checkpoint lacks {', '.join(missing)}"))
+        return state
+
+    def _damaged(self, path: Path, reason: str) -> str:
+        return (
+            f"{path} is damaged, cannot resume from it: {reason}; start the {self.what} over with --overwrite "
+            "(or another --out), or restore the file from a copy"
+        )
 
     def write_summary(self, summary: dict[str, Any], markdown: str) -> None:
         atomic_write_text(self.path / self.SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")

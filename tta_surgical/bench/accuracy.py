@@ -87,7 +87,7 @@ def generate(
 def _reference_rows(folder: str, name: str, severity: int, severities: tuple[int, ...], n: int) -> np.ndarray:
     """Severity `severity`'s first `n` images of `<folder>/<name>.npy`: our layout (only `severities`, stacked in
     order) when the file has exactly that many rows, else the official 5-severity layout."""
-    ref = np.load(Path(folder) / f"{name}.npy", mmap_mode="r")
+    ref = np.load(Path(folder) / f"{name}.npy", mmap_mode="r", allow_pickle=False)
     if len(ref) == len(severities) * n:
         i = severities.index(severity)
         return ref[i * n : (i + 1) * n]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .options import add_data_root, add_frost_dir
 
@@ -73,7 +76,8 @@ def main(args: argparse.Namespace) -> int:
     from ..engine import run
     from ..report import summary_markdown
 
-    cfg = load_config(args.config, stream=args.stream, overrides=resolve_overrides(args))
+    overrides = resolve_overrides(args)
+    cfg = load_config(args.config, stream=args.stream, overrides=overrides)
     out = Path(args.out) if args.out else default_out(args.config, args.stream)
     summary = run(
         cfg,
@@ -82,7 +86,40 @@ def main(args: argparse.Namespace) -> int:
         resume=args.resume,
         frost_dir=args.frost_dir,
         overwrite=args.overwrite,
+        on_start=None if args.stream else _announce_default_stream(args.config, overrides),
     )
     print(summary_markdown(summary))
     print(f"results in {out}/ (summary.json, summary.md, results.jsonl)")
     return 0
+
+
+def _announce_default_stream(config: str, overrides: list[str]) -> Callable[[Any], None]:
+    """Without --stream the stream comes from the config or the built-in default (15 corruptions x 10,000 images):
+    say which one and how large it is on stderr before the first batch, so a long run is never a surprise."""
+    from ..config import load_yaml
+
+    where = f"the stream section of {config}" if load_yaml(config).get("stream") else "the built-in default stream"
+    if any(o.startswith("stream.") for o in overrides):
+        where += " with your stream.* overrides"
+
+    def announce(built: Any) -> None:
+        from ..engine import describe_stream
+
+        stream, spec = built.stream, built.stream.spec
+        n_domains, visits = len(spec.domains), len(spec.domains) * int(spec.rounds)
+        domains = f"{n_domains} domain{'s' if n_domains != 1 else ''}"
+        size = (
+            f"{domains} x {stream.n_images // visits:,} images"
+            + (f" x {spec.rounds} rounds" if spec.rounds > 1 else "")
+            if stream.n_images % visits == 0
+            else f"{stream.n_images:,} images over {domains}"
+        )
+        batches = f"{len(stream):,} batch{'es' if len(stream) != 1 else ''}"
+        print(
+            f"no --stream given: using {where}: {size} = {stream.n_images:,} images in {batches} "
+            f"({describe_stream(spec)}); pass --stream FILE (streams/*.yaml) to choose another",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return announce
