@@ -27,8 +27,8 @@ from tta_surgical.finetune import (
     shift_level,
     split_indices,
 )
-from tta_surgical.finetune import compare as cmp
 from tta_surgical.streams import StreamSpec, build_stream, class_prior, class_prior_counts, select_images
+from tta_surgical.studies import cells as cmp
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -200,7 +200,7 @@ VERDICT_HEADER = [
 
 
 def verdict_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The paper's Table 1 in our setting, one line per corruption and per shift level (see `finetune.compare`)."""
+    """The paper's Table 1 in our setting, one line per corruption and per shift level (see `tta_surgical.studies`)."""
     body = [
         [
             r["shift"],

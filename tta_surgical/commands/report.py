@@ -1,6 +1,6 @@
 """`tta-surgical report`: online (unlabeled) vs supervised surgical adaptation, block by block, on one target task.
 
-The study is `tta_surgical.finetune.compare` (read its docstring for the protocol). In short, per seed of the
+The study is `tta_surgical.studies` (read its docstring for the protocol). In short, per seed of the
 finetune config the target set is split once: the supervised side fine-tunes on the labeled train split and is
 tested on the test split; the online side adapts without labels on every image outside the labeled train / val
 split (the "online pool", ~8,900 per corruption on CIFAR-10-C; `--online-images` draws fewer), and is scored twice:
@@ -54,8 +54,8 @@ def _csv(text: str) -> list[str]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from ..finetune.compare import ONLINE_MODES
     from ..finetune.tasks import TASKS
+    from ..studies.cells import ONLINE_MODES
     from ..sweep import LAUNCHERS
 
     parser.add_argument("--model", default=None, help="model name (sets model.name; default: the finetune config's)")
@@ -162,7 +162,7 @@ def parse_counts(text: str, flag: str) -> list[int | None]:
 def build_study(args: argparse.Namespace) -> Any:
     """The `Comparison` of the command line: finetune config (task, corruptions, options) and online settings."""
     from ..finetune import load_finetune_config
-    from ..finetune.compare import Comparison, OnlineSettings
+    from ..studies.cells import Comparison, OnlineSettings
 
     options = parse_options(args.options)
     extra = list(args.overrides or [])
@@ -194,7 +194,7 @@ def build_study(args: argparse.Namespace) -> Any:
 
 
 def launch_of(args: argparse.Namespace) -> Any:
-    from ..finetune.compare import Launch
+    from ..studies.cells import Launch
 
     return Launch(args.launcher, args.max_parallel, args.address, progress=not args.no_progress)
 
@@ -267,8 +267,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
-    from ..finetune.compare import run_budgets, run_study
     from ..runfolder import folder_lock
+    from ..studies.cells import run_budgets, run_study
 
     comp = build_study(args)
     held.enter_context(folder_lock(comp.out, "report"))

@@ -44,9 +44,9 @@ import yaml
 
 from ..config import Config, ConfigError, OptimConfig, apply_overrides, method_config, to_dict
 from ..fileio import atomic_write_text
-from .config import AUTO_OPTIONS, FinetuneConfig
-from .data import TargetData, online_pool, per_class_train
-from .tasks import get_task
+from ..finetune.config import AUTO_OPTIONS, FinetuneConfig
+from ..finetune.data import TargetData, online_pool, per_class_train
+from ..finetune.tasks import get_task
 
 __all__ = [
     "ONLINE_MODES",
@@ -470,7 +470,7 @@ def top_block(tables: Sequence[Mapping[str, float]]) -> str | None:
 def task_report(comp: Comparison, g: Gathered, blocks: Sequence[str]) -> dict[str, Any]:
     """The report.json entry of one task: per option the four numbers (means over corruptions), per corruption
     the detail, the references, the auto-RGN weights and the verdict rows."""
-    from .tasks import shift_level
+    from ..finetune.tasks import shift_level
 
     sec = comp.sec
     cs = list(sec.corruptions)
