@@ -55,7 +55,7 @@ def _csv(text: str) -> list[str]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from ..finetune.tasks import TASKS
-    from ..studies.cells import ONLINE_MODES
+    from ..studies import ONLINE_MODES
     from ..sweep import LAUNCHERS
 
     parser.add_argument("--model", default=None, help="model name (sets model.name; default: the finetune config's)")
@@ -162,7 +162,7 @@ def parse_counts(text: str, flag: str) -> list[int | None]:
 def build_study(args: argparse.Namespace) -> Any:
     """The `Comparison` of the command line: finetune config (task, corruptions, options) and online settings."""
     from ..finetune import load_finetune_config
-    from ..studies.cells import Comparison, OnlineSettings
+    from ..studies import Comparison, OnlineSettings
 
     options = parse_options(args.options)
     extra = list(args.overrides or [])
@@ -194,7 +194,7 @@ def build_study(args: argparse.Namespace) -> Any:
 
 
 def launch_of(args: argparse.Namespace) -> Any:
-    from ..studies.cells import Launch
+    from ..studies import Launch
 
     return Launch(args.launcher, args.max_parallel, args.address, progress=not args.no_progress)
 
@@ -268,7 +268,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from ..runfolder import folder_lock
-    from ..studies.cells import run_budgets, run_study
+    from ..studies import run_budgets, run_study
 
     comp = build_study(args)
     held.enter_context(folder_lock(comp.out, "report"))
