@@ -202,7 +202,7 @@ def launch_of(args: argparse.Namespace) -> Any:
 def write_report(out: Path, tasks: dict[str, Any], plot: bool) -> int:
     """report.md / report.json (and report.png) of one or several tasks, with their verdict rows."""
     from ..fileio import atomic_write_text
-    from ..report import comparison_markdown, plot_comparison, verdict_markdown
+    from ..studies.render import comparison_markdown, plot_comparison, verdict_markdown
 
     rows = [r for t in tasks.values() for r in t["verdict"]]
     parts = [comparison_markdown(t) for t in tasks.values()]
@@ -226,7 +226,7 @@ def write_report(out: Path, tasks: dict[str, Any], plot: bool) -> int:
 def write_budgets(out: Path, budgets: dict[str, Any], plot: bool = True) -> int:
     """budgets.md / budgets.json / budgets.png."""
     from ..fileio import atomic_write_text
-    from ..report import budgets_markdown, plot_budgets
+    from ..studies.render import budgets_markdown, plot_budgets
 
     text = budgets_markdown(budgets)
     atomic_write_text(out / "budgets.md", text)

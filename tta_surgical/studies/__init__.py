@@ -8,7 +8,8 @@ holds one study, online (unlabeled) vs supervised surgical adaptation of one tar
 - `scoring`: `score_run`, a finished online run's adapted model on the labeled test split;
 - `gather`: the cells' numbers as one task's `report.json` entry (`run_study`);
 - `verdict`: the paper's Table 1 in our setting (`verdict_rows`);
-- `budgets`: accuracy vs the number of labeled / unlabeled target images (`run_budgets`).
+- `budgets`: accuracy vs the number of labeled / unlabeled target images (`run_budgets`);
+- `render`: the study's Markdown tables and plots.
 
 The protocol. For each seed of the finetune config, the target set is split once
 (`TargetData.split`, on the source labels): labeled train / val / test for the supervised side, and the *online
