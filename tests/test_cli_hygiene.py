@@ -16,7 +16,7 @@ import pytest
 
 from tta_surgical import cli
 from tta_surgical.config import ConfigError, load_yaml, read_yaml
-from tta_surgical.report import ERROR_NOTE, compare_markdown, summary_markdown
+from tta_surgical.render import ERROR_NOTE, compare_markdown, summary_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "tta_surgical"

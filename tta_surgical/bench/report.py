@@ -94,7 +94,7 @@ def bench_markdown(result: Mapping[str, Any]) -> str:
 
 def plot_latency(result: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """One PNG per model: p50 latency (ms) vs batch size, one line per method (and precision); needs matplotlib."""
-    from ..report import pyplot, save_figure
+    from ..render import pyplot, save_figure
 
     plt = pyplot()
     cells = [c for c in result.get("cells", []) if not c.get("error") and c.get("latency_ms")]

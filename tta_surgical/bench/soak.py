@@ -78,7 +78,7 @@ def soak_markdown(rows: list[dict[str, Any]], reference: str = "norm") -> str:
 
 def plot_soak(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Online error per round, one line per configuration (needs matplotlib)."""
-    from ..report import pyplot
+    from ..render import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))

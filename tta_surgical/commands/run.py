@@ -71,7 +71,7 @@ def default_out(config: str | os.PathLike, stream: str | os.PathLike | None) -> 
 def main(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..engine import run
-    from ..report import summary_markdown
+    from ..render import summary_markdown
 
     cfg = load_config(args.config, stream=args.stream, overrides=resolve_overrides(args))
     out = Path(args.out) if args.out else default_out(args.config, args.stream)

@@ -1,6 +1,6 @@
 """The online-vs-supervised study's Markdown tables and plots (`tta-surgical report`): online vs supervised per
 option, per corruption, the verdict per shift type, the budget curves. Formatting comes from `tta_surgical.tables`,
-figures from `tta_surgical.report.pyplot` / `save_figure`."""
+figures from `tta_surgical.render.pyplot` / `save_figure`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..report import pyplot, save_figure
+from ..render import pyplot, save_figure
 from ..tables import MISSING, bold_best, fmt, markdown_table
 
 __all__ = [
