@@ -160,9 +160,9 @@ def parse_counts(text: str, flag: str) -> list[int | None]:
 
 
 def build_study(args: argparse.Namespace) -> Any:
-    """The `Comparison` of the command line: finetune config (task, corruptions, options) and online settings."""
+    """The `ShiftStudy` of the command line: finetune config (task, corruptions, options) and online settings."""
     from ..finetune import load_finetune_config
-    from ..studies import Comparison, OnlineSettings
+    from ..studies import OnlineSettings, ShiftStudy
 
     options = parse_options(args.options)
     extra = list(args.overrides or [])
@@ -190,7 +190,7 @@ def build_study(args: argparse.Namespace) -> Any:
         overrides=tuple(o for o in onl_over if o not in shared),
     )
     out = Path(args.out) if args.out else Path("runs") / f"report-{ft_cfg.model.name}"
-    return Comparison(ft_cfg, options, online, out, data_root=args.data_root, frost_dir=args.frost_dir)
+    return ShiftStudy(ft_cfg, options, online, out, data_root=args.data_root, frost_dir=args.frost_dir)
 
 
 def launch_of(args: argparse.Namespace) -> Any:
@@ -202,10 +202,10 @@ def launch_of(args: argparse.Namespace) -> Any:
 def write_report(out: Path, tasks: dict[str, Any], plot: bool) -> int:
     """report.md / report.json (and report.png) of one or several tasks, with their verdict rows."""
     from ..fileio import atomic_write_text
-    from ..studies.render import comparison_markdown, plot_comparison, verdict_markdown
+    from ..studies.render import plot_study, study_markdown, verdict_markdown
 
     rows = [r for t in tasks.values() for r in t["verdict"]]
-    parts = [comparison_markdown(t) for t in tasks.values()]
+    parts = [study_markdown(t) for t in tasks.values()]
     parts.append("### Verdict per shift type (the paper's Table 1 in our setting)\n\n" + verdict_markdown(rows))
     text = "\n".join(parts)
     atomic_write_text(out / "report.md", text)
@@ -216,7 +216,7 @@ def write_report(out: Path, tasks: dict[str, Any], plot: bool) -> int:
         for name, task in tasks.items():
             suffix = "" if len(tasks) == 1 else f"-{name}"
             try:
-                print(f"plot saved to {plot_comparison(task, out / f'report{suffix}.png')}")
+                print(f"plot saved to {plot_study(task, out / f'report{suffix}.png')}")
             except ImportError as err:
                 print(f"no plot: {err}")
                 return 1

@@ -3,7 +3,7 @@
 Nothing in the library imports this package (`tests/test_layers.py` checks it); only `commands/` does. Today it
 holds one study, online (unlabeled) vs supervised surgical adaptation of one target task, block by block:
 
-- `cells`: its settings (`OnlineSettings`, `Launch`) and `Comparison`, the split, the online pool and the sweep
+- `cells`: its settings (`OnlineSettings`, `Launch`) and `ShiftStudy`, the split, the online pool and the sweep
   cells of both sides, run (or reused) through `tta_surgical.sweep`;
 - `scoring`: `score_run`, a finished online run's adapted model on the labeled test split;
 - `gather`: the cells' numbers as one task's `report.json` entry (`run_study`);
@@ -40,14 +40,14 @@ their config, so a rerun (or the budget study) reuses every finished cell.
 """
 
 from .budgets import run_budgets
-from .cells import ONLINE_MODES, Comparison, Launch, OnlineSettings, online_method, online_options
+from .cells import ONLINE_MODES, Launch, OnlineSettings, ShiftStudy, online_method, online_options
 from .gather import Gathered, gather, model_blocks, run_study, task_report
 from .scoring import score_run
 from .verdict import top_block, verdict_rows
 
 __all__ = [
     "ONLINE_MODES",
-    "Comparison",
+    "ShiftStudy",
     "Gathered",
     "Launch",
     "OnlineSettings",

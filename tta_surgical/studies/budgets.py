@@ -8,14 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from .cells import Comparison, Launch
+from .cells import Launch, ShiftStudy
 from .gather import gather, mean_or_none
 
 __all__ = ["run_budgets"]
 
 
 def run_budgets(
-    comp: Comparison, labeled: Sequence[int], unlabeled: Sequence[int | None], launch: Launch
+    comp: ShiftStudy, labeled: Sequence[int], unlabeled: Sequence[int | None], launch: Launch
 ) -> dict[str, Any]:
     """Accuracy on the supervised test split vs the number of target images used, per option: labeled training
     images (supervised; nested class-balanced subsets of the training split) and unlabeled streamed images

@@ -1,4 +1,4 @@
-"""The online-vs-supervised study's settings and its sweep cells: `Comparison` splits the target set per seed, draws
+"""The online-vs-supervised study's settings and its sweep cells: `ShiftStudy` splits the target set per seed, draws
 the online pool, plans both sides as sweep-file mappings, runs (or reuses) them through `tta_surgical.sweep` and
 reads each cell's result (the online runs scored by `scoring.score_run`). The protocol: `tta_surgical.studies`.
 """
@@ -24,7 +24,7 @@ from .scoring import score_run
 
 __all__ = [
     "ONLINE_MODES",
-    "Comparison",
+    "ShiftStudy",
     "Launch",
     "OnlineSettings",
     "online_method",
@@ -123,9 +123,9 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class Comparison:
+class ShiftStudy:
     """One target task's study: the finetune config, the target data, each seed's split and online pool, and the
-    sweep cells of both sides (see the module docstring)."""
+    sweep cells of both sides (the protocol: `tta_surgical.studies`)."""
 
     def __init__(
         self,

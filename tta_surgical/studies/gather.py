@@ -13,7 +13,7 @@ import numpy as np
 
 from ..finetune.config import FinetuneConfig
 from ..finetune.tasks import shift_level
-from .cells import Comparison, Launch
+from .cells import Launch, ShiftStudy
 from .verdict import top_block, verdict_rows
 
 __all__ = ["Gathered", "gather", "mean_or_none", "model_blocks", "run_study", "task_report"]
@@ -38,7 +38,7 @@ def mean_or_none(values: Sequence[float]) -> float | None:
 
 
 def gather(
-    comp: Comparison,
+    comp: ShiftStudy,
     supervised: Mapping[tuple, Mapping[str, Any]],
     online: Mapping[int, Mapping[tuple, Mapping[str, Any]]],
     budget: int | None = None,
@@ -77,7 +77,7 @@ def gather(
     return g
 
 
-def task_report(comp: Comparison, g: Gathered, blocks: Sequence[str]) -> dict[str, Any]:
+def task_report(comp: ShiftStudy, g: Gathered, blocks: Sequence[str]) -> dict[str, Any]:
     """The report.json entry of one task: per option the four numbers (means over corruptions), per corruption
     the detail, the references, the auto-RGN weights and the verdict rows."""
     sec = comp.sec
@@ -156,7 +156,7 @@ def model_blocks(cfg: FinetuneConfig) -> list[str]:
     return list(block_map(create_model_from_config(shape)[0]))
 
 
-def run_study(comp: Comparison, launch: Launch) -> dict[str, Any]:
+def run_study(comp: ShiftStudy, launch: Launch) -> dict[str, Any]:
     """Both sides of the study at its own stream length, scored and gathered: the task's report.json entry."""
     supervised = comp.supervised_results((None,), launch)
     online = {s: comp.online_results(s, (comp.online.n_images,), launch) for s in comp.sec.seeds}

@@ -17,8 +17,8 @@ __all__ = [
     "budgets_markdown",
     "per_corruption_markdown",
     "plot_budgets",
-    "plot_comparison",
-    "comparison_markdown",
+    "plot_study",
+    "study_markdown",
     "verdict_markdown",
 ]
 
@@ -27,7 +27,7 @@ def _yes_no(value: bool | None) -> str:
     return "–" if value is None else ("yes" if value else "**no**")
 
 
-def comparison_markdown(task: Mapping[str, Any]) -> str:
+def study_markdown(task: Mapping[str, Any]) -> str:
     """One task of `tta-surgical report`: per option the online error on its stream, the online-adapted model's
     accuracy on the supervised test split and the supervised accuracy there (means over corruptions and seeds),
     then the same per corruption."""
@@ -129,7 +129,7 @@ def verdict_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return markdown_table(VERDICT_HEADER, body) + "\n\n" + note + "\n"
 
 
-def plot_comparison(task: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def plot_study(task: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Grouped bars per option: the online-adapted and the supervised accuracy on the test split."""
     plt = pyplot()
     opts = list(task["options"])
