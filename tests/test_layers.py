@@ -172,7 +172,7 @@ def test_the_layers_exist_where_the_rules_say():
     [
         ("tta_surgical.finetune.compare", False, "def f():\n    from ..sweep import run_sweep\n", "tta_surgical.sweep"),
         ("tta_surgical.finetune", True, "from .core import x\n", "tta_surgical.finetune.core"),
-        ("tta_surgical.bench.report", False, "from .. import studies\n", "tta_surgical.studies"),
+        ("tta_surgical.bench.results", False, "from .. import studies\n", "tta_surgical.studies"),
         ("tta_surgical.engine", False, "import tta_surgical.commands.run as r\n", "tta_surgical.commands.run"),
         (
             "tta_surgical.models.zoo",

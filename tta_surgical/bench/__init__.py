@@ -8,7 +8,7 @@ One job per module:
 - `runners`: what a cell runs (`build_runner`) and its precision;
 - `autograd`: `autograd_report`, what autograd saves and which tensors get gradients in one step;
 - `measure`: the timing grid (`BenchSpec`, `run_bench`): warm-up, cells, interleaving, ratios;
-- `report`: `bench.json` / `bench.md`, latency plots.
+- `results`: `bench.json` / `bench.md`, latency plots.
 
 The one-off benchmark studies behind RESULTS.md (stream timing, corruption speed, CIFAR-10-C accuracy, sweep wall
 time, augmentation cost, bring-your-own-model, the methods grid and the soak) live above the package, in
@@ -40,7 +40,7 @@ from .labels import (
 )
 from .measure import BenchSpec, attach_ratios, quick_spec, run_bench, run_cell, run_group_interleaved
 from .reference import PlainTent, plain_entropy, prepare_plain_tent, reference_tent
-from .report import RESULTS_FILE, TABLE_FILE, bench_markdown, bench_meta, plot_latency, write_results
+from .results import RESULTS_FILE, TABLE_FILE, bench_markdown, bench_meta, plot_latency, write_results
 
 __all__ = [
     "AUTORGN",
