@@ -16,10 +16,24 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, ConfigError, OptimConfig, apply_overrides, method_config, to_dict
+from ..config import (
+    Config,
+    ConfigError,
+    MethodSettings,
+    OptimConfig,
+    apply_overrides,
+    from_dict,
+    method_config,
+    to_dict,
+)
+from ..corruptions.textures import default_frost_dir
 from ..fileio import atomic_write_text
 from ..finetune.config import AUTO_OPTIONS, FinetuneConfig
 from ..finetune.data import TargetData, online_pool, per_class_train
+from ..runfolder import RunFolder
+from ..runtime import pick_device
+from ..streams import StreamSpec, source_class
+from ..sweep import cell_dir, load_sweep, run_sweep
 from .scoring import score_run
 
 __all__ = [
@@ -63,8 +77,6 @@ class OnlineSettings:
         if self.n_images is not None and self.n_images < 1:
             raise ConfigError(f"online images per corruption must be >= 1 or all, got {self.n_images}")
         for ref in self.references:
-            from ..config import MethodSettings
-
             if "blocks" in {f.name for f in dataclasses.fields(MethodSettings.variant(ref))}:
                 raise ConfigError(f"online reference {ref!r} adapts parameters; references are e.g. norm or source")
         for text in self.overrides:
@@ -92,8 +104,6 @@ def online_method(name: str, option: str) -> Any:
     """The settings of online method `name` adapting `option`: every parameter of its blocks (`kind: all`, the
     paper's surgical choice) with test-batch BatchNorm statistics where the method has those settings; `auto-rgn`
     = every tensor with per-tensor learning rates from auto-RGN (needs `method.weighting`)."""
-    from ..config import MethodSettings
-
     cls = MethodSettings.variant(name)
     fields = {f.name for f in dataclasses.fields(cls)}
     if "blocks" not in fields:
@@ -108,8 +118,6 @@ def online_method(name: str, option: str) -> Any:
 def online_options(method: str, options: Sequence[str]) -> list[str]:
     """The options with an online form: block specs always, auto-rgn when the method has `weighting: auto-rgn`
     (auto-snr needs labels and has none)."""
-    from ..config import MethodSettings
-
     has_rgn = "weighting" in {f.name for f in dataclasses.fields(MethodSettings.variant(method))}
     return [o for o in options if o not in AUTO_OPTIONS or (o == "auto-rgn" and has_rgn)]
 
@@ -138,9 +146,6 @@ class ShiftStudy:
         frost_dir: str | os.PathLike | None = None,
         target: TargetData | None = None,
     ) -> None:
-        from ..corruptions.textures import default_frost_dir
-        from ..runtime import pick_device
-
         if list(ft_cfg.finetune.options) != list(options):
             ft_cfg = apply_overrides(ft_cfg, [f"finetune.options={json.dumps(list(options))}"])
         self.cfg, self.sec, self.online = ft_cfg, ft_cfg.finetune, online
@@ -181,8 +186,6 @@ class ShiftStudy:
 
     def online_base(self, seed: int) -> Config:
         """The run config shared by the online cells of `seed` (method and domains are set per cell)."""
-        from ..streams import StreamSpec, source_class
-
         sec, onl = self.sec, self.online
         on_the_fly = source_class(sec.source).corrupts_on_the_fly
         stream = StreamSpec(
@@ -244,8 +247,6 @@ class ShiftStudy:
     # ------------------------------------------------------------------------------------------ running
     def run_cells(self, data: Mapping[str, Any], folder: Path, launch: Launch) -> Any:
         """Write `folder/sweep.yaml`, load it as any sweep file is loaded, run its unfinished cells; the Sweep."""
-        from ..sweep import load_sweep, run_sweep
-
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "sweep.yaml"
         head = (
@@ -277,9 +278,6 @@ class ShiftStudy:
     # ------------------------------------------------------------------------------------------ results
     def supervised_results(self, budgets: Sequence[int | None], launch: Launch) -> dict[tuple, dict[str, Any]]:
         """Run (or reuse) the finetune cells; (corruption, budget) -> that cell's finetune summary."""
-        from ..runfolder import RunFolder
-        from ..sweep import cell_dir
-
         data, keys = self.supervised_cells(budgets)
         folder = self.out / "supervised"
         sweep = self.run_cells(data, folder, launch)
@@ -287,9 +285,6 @@ class ShiftStudy:
 
     def online_results(self, seed: int, n_images: Sequence[int | None], launch: Launch) -> dict[tuple, dict]:
         """Run (or reuse) one seed's online cells and score them; (option, domains, n) -> per-corruption numbers."""
-        from ..runfolder import RunFolder
-        from ..sweep import cell_dir
-
         data, keys = self.online_cells(seed, n_images)
         folder = self.out / "online" / f"seed{seed}"
         sweep = self.run_cells(data, folder, launch)
@@ -328,6 +323,4 @@ class ShiftStudy:
 
 
 def _run_config(plain: Mapping[str, Any]) -> Config:
-    from ..config import from_dict
-
     return from_dict(Config, plain)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..finetune.config import FinetuneConfig
 from ..finetune.tasks import shift_level
+from ..models import block_map, create_model_from_config
 from .cells import Launch, ShiftStudy
 from .verdict import top_block, verdict_rows
 
@@ -150,8 +151,6 @@ def task_report(comp: ShiftStudy, g: Gathered, blocks: Sequence[str]) -> dict[st
 
 def model_blocks(cfg: FinetuneConfig) -> list[str]:
     """The block names of the study's model, in order (its shape only: no weights are loaded)."""
-    from ..models import block_map, create_model_from_config
-
     shape = dataclasses.replace(cfg.model, pretrained=False, checkpoint=None, allow_random=True)
     return list(block_map(create_model_from_config(shape)[0]))
 

@@ -6,7 +6,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
+from ..autotune import block_weight_table
 from ..config import Config
+from ..engine import build
+from ..runfolder import RunFolder
 
 __all__ = ["score_run"]
 
@@ -22,12 +27,6 @@ def score_run(
     """The adapted model of a finished run (its final `state.pt`) on labeled test sets: accuracy % per set through
     the method's `predict` (batches of the stream's batch size), and the per-block auto-RGN weights of the
     method's latest refresh when it has them. Changes nothing in `folder`."""
-    import torch
-
-    from ..autotune import block_weight_table
-    from ..engine import build
-    from ..runfolder import RunFolder
-
     state = RunFolder(folder).load_checkpoint()
     if state is None:
         raise FileNotFoundError(f"{folder} holds no state.pt: the run has not finished")
