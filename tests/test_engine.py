@@ -21,7 +21,7 @@ import yaml
 from tta_surgical.config import load_config
 from tta_surgical.engine import RESULTS_FILE, STATE_FILE, run
 from tta_surgical.metrics import ErrorMeter, percentile
-from tta_surgical.report import compare_markdown, plot_errors, summary_markdown
+from tta_surgical.render import compare_markdown, plot_errors, summary_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("gaussian_noise", "brightness")

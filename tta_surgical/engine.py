@@ -263,7 +263,7 @@ def run(
             folder.clear((STATE_FILE, SUMMARY_FILE))
         wall_s = loop.run()
         summary = summarize(cfg, built, loop, wall_s)
-        from .report import summary_markdown
+        from .render import summary_markdown
 
         folder.write_summary(summary, summary_markdown(summary))
     return summary

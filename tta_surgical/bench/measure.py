@@ -367,7 +367,7 @@ def run_bench(
     (tests use it to inject failures).
     """
     from ..runtime import pick_device
-    from .report import bench_meta, progress_line, write_results
+    from .results import bench_meta, progress_line, write_results
 
     if threads is not None:
         if threads < 1:

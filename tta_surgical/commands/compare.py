@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace, stems: list[str], out: Path) -> int:
     from ..config import load_config
     from ..engine import finished_summary, run
-    from ..report import compare_markdown, plot_errors
+    from ..render import compare_markdown, plot_errors
 
     overrides = resolve_overrides(args)
     configs = {

@@ -74,7 +74,7 @@ def default_out(config: str | os.PathLike, stream: str | os.PathLike | None) -> 
 def main(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..engine import run
-    from ..report import summary_markdown
+    from ..render import summary_markdown
 
     overrides = resolve_overrides(args)
     cfg = load_config(args.config, stream=args.stream, overrides=overrides)

@@ -182,7 +182,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 
 def plot_rgn_weights(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Save a bar chart of the mean auto-RGN weight per block (matplotlib is optional, imported only here)."""
-    from ..report import pyplot, save_figure
+    from ..render import pyplot, save_figure
 
     plt = pyplot()
     table = summary.get("rgn_block_weights")

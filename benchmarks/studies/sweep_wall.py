@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write_text
-from ..provenance import provenance
+from tta_surgical.fileio import atomic_write_text
+from tta_surgical.provenance import provenance
 
 __all__ = ["time_sweep"]
 
@@ -37,8 +37,8 @@ def time_sweep(
 ) -> dict[str, Any]:
     """Run the sweep `file` once per worker count; return (and write to `json_path`) the walls and whether the
     merged `sweep.jsonl` files are identical. A failed cell raises RuntimeError naming it and its log."""
-    from ..corruptions.textures import default_frost_dir
-    from ..sweep import load_sweep, run_sweep
+    from tta_surgical.corruptions.textures import default_frost_dir
+    from tta_surgical.sweep import load_sweep, run_sweep
 
     say = log or (lambda _: None)
     sweep = load_sweep(file, overrides=list(overrides))

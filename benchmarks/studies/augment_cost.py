@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import OptimConfig, method_config
-from ..methods import MethodContext, build_method
-from ..methods.augment import augmix_views, cotta_views
-from ..methods.bn import set_bn_stats
-from ..methods.memo import marginal_entropy
-from ..models import create_model
+from tta_surgical.config import OptimConfig, method_config
+from tta_surgical.methods import MethodContext, build_method
+from tta_surgical.methods.augment import augmix_views, cotta_views
+from tta_surgical.methods.bn import set_bn_stats
+from tta_surgical.methods.memo import marginal_entropy
+from tta_surgical.models import create_model
 
 __all__ = ["run_augment_cost", "table"]
 
@@ -218,7 +218,7 @@ def table(rows: list[dict]) -> str:
 
 def run_augment_cost(args: argparse.Namespace) -> dict[str, Any]:
     """Time every variant (`build_variants`) interleaved; returns the record the script writes (rows, timings)."""
-    from ..provenance import provenance
+    from tta_surgical.provenance import provenance
 
     if args.quick:
         args.repeats, args.memo_batch = 2, 4

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..corruptions import BENCHMARK_CORRUPTIONS, corrupt, make_generator, to_uint8
-from ..fileio import atomic_write_text
-from ..provenance import provenance
-from ..tables import fmt, markdown_table
+from tta_surgical.corruptions import BENCHMARK_CORRUPTIONS, corrupt, make_generator, to_uint8
+from tta_surgical.fileio import atomic_write_text
+from tta_surgical.provenance import provenance
+from tta_surgical.tables import fmt, markdown_table
 
 __all__ = ["AccuracyOptions", "accuracy_markdown", "error_rate", "generate", "run_cifar10c_accuracy"]
 
@@ -73,7 +73,7 @@ def generate(
     frost_dir: str | None = None,
 ) -> np.ndarray:
     """Our corruption of `clean` (uint8 NHWC), batch for batch as make-cifar10c writes it (its seeds, its rounding)."""
-    from ..data.make_cifar10c import batch_seed
+    from tta_surgical.data.make_cifar10c import batch_seed
 
     out = np.empty_like(clean)
     for start in range(0, len(clean), batch_size):
@@ -99,9 +99,9 @@ def run_cifar10c_accuracy(opts: AccuracyOptions, log: Callable[[str], None] | No
     """Evaluate, log the table, write the JSON to `opts.out_path()`, return the result."""
     from tqdm.auto import tqdm
 
-    from ..corruptions.textures import default_frost_dir
-    from ..data.cifar import find_cifar10, load_cifar10, load_cifar10c
-    from ..models import create_model
+    from tta_surgical.corruptions.textures import default_frost_dir
+    from tta_surgical.data.cifar import find_cifar10, load_cifar10, load_cifar10c
+    from tta_surgical.models import create_model
 
     say = log or (lambda _: None)
     device = torch.device(opts.device)
