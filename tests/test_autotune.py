@@ -388,6 +388,6 @@ def test_engine_runs_surgical_autorgn(tmp_path, data_root):
             "method.weighting_every=2",
         ],
     )
-    summary = run(cfg, tmp_path / "autorgn", data_root=data_root)
+    summary = run(cfg, tmp_path / "autorgn", data=data_root)
     assert summary["n_images"] == 48 and summary["n_skipped_updates"] == 0
     assert math.isfinite(summary["mean_error"]) and 0.0 <= summary["mean_error"] <= 100.0

@@ -26,6 +26,7 @@ from tta_surgical.bench import (
     quick_spec,
     run_bench,
 )
+from tta_surgical.data.context import DataContext
 from tta_surgical.metrics import json_safe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -475,7 +476,7 @@ def test_compare_with_engine_agrees_with_the_plain_loop(data_root):
 
     res = compare_with_engine(
         REPO / "configs" / "tent.yaml", REPO / "streams" / "cifar10c_reset.yaml", n_examples=20, batch_size=10,
-        domains="fog,gaussian_noise", data_root=str(data_root), frost_dir=data_root / "frost",
+        domains="fog,gaussian_noise", data=DataContext.resolve(str(data_root), data_root / "frost"),
     )  # fmt: skip
     assert res["n_images"] == 40 and set(res["engine_errors"]) == {"fog", "gaussian_noise"}
     assert res["difference_points"] == 0.0 and res["max_abs_per_batch_correct_diff"] == 0

@@ -84,8 +84,8 @@ def test_flip_config_is_the_corruption_protocol_with_another_task():
 
 
 def test_target_data_flip_labels_clean_images_and_shared_split(data_root):
-    corr = TargetData(tiny_cfg("finetune.corruptions=[none,fog]").finetune, data_root=data_root)
-    flip = TargetData(tiny_cfg("finetune.task=cifar_flip", "finetune.corruptions=[none]").finetune, data_root=data_root)
+    corr = TargetData(tiny_cfg("finetune.corruptions=[none,fog]").finetune, data=data_root)
+    flip = TargetData(tiny_cfg("finetune.task=cifar_flip", "finetune.corruptions=[none]").finetune, data=data_root)
     assert np.array_equal(flip.source_labels, corr.labels)
     assert np.array_equal(flip.labels, 9 - corr.labels)
     a, b = corr.split(2, seed=3), flip.split(2, seed=3)  # the split is drawn on the source labels
@@ -128,8 +128,8 @@ def test_train_budget_trains_on_that_many_images(data_root, tmp_path, monkeypatc
 
     monkeypatch.setattr(core, "finetune_cell", spy)
     cfg = tiny_cfg("finetune.corruptions=[fog]", "finetune.options=[head]")
-    run_finetune(cfg, tmp_path / "full", data_root=data_root)
-    summary = run_finetune(tiny_cfg(*cfg_args(cfg), "finetune.train_budget=10"), tmp_path / "b", data_root=data_root)
+    run_finetune(cfg, tmp_path / "full", data=data_root)
+    summary = run_finetune(tiny_cfg(*cfg_args(cfg), "finetune.train_budget=10"), tmp_path / "b", data=data_root)
     assert [n for n, _ in seen] == [20, 10]
     assert torch.equal(seen[0][1], seen[1][1])  # the same test images whatever the budget
     assert summary["train_budget"] == 10
@@ -196,7 +196,7 @@ def test_clean_domain_streams_the_clean_images(data_root):
     from tta_surgical.data.cifar import load_cifar10
 
     spec = StreamSpec(domains=(CLEAN,), n_examples=40, batch_size=20, class_imbalance=3.0, label_shift="dirichlet")
-    stream = build_stream(spec, data_root=data_root)
+    stream = build_stream(spec, data=data_root)
     clean, labels = load_cifar10(data_root, "test")
     for b in stream:
         assert torch.equal(b.x, torch.from_numpy(clean[b.plan.indices]).permute(0, 3, 1, 2).float() / 255)
@@ -305,7 +305,7 @@ def test_report_end_to_end_on_real_data(data_root, tmp_path, monkeypatch):
     assert {r["shift"] for r in rep["verdict"]} == {"label", "input+label"}
     # The online stream: the pool outside the supervised train/val split, 30 images of it per corruption.
     cfg = tiny_cfg("finetune.task=cifar_flip", "finetune.corruptions=[none,gaussian_noise]")
-    target = TargetData(cfg.finetune, data_root=data_root)
+    target = TargetData(cfg.finetune, data=data_root)
     split = target.split(2, seed=0)
     stream_rows = set(scored[0][0].stream.indices)
     assert stream_rows == set(online_pool(200, split).tolist())
@@ -384,8 +384,8 @@ def test_online_cell_plans_reset_and_continual(data_root, tmp_path):
     corruptions without reset. Every cell streams the pool rows; the method is the option's surgical method."""
     cfg = tiny_cfg("finetune.corruptions=[fog,contrast]")
     online = studies.OnlineSettings(n_images=40)
-    reset = studies.ShiftStudy(cfg, ["block1", "auto-snr", "auto-rgn"], online, tmp_path, data_root=data_root)
-    assert reset.frost_dir == Path(data_root) / "frost"  # the supervised `frost` images need the textures too
+    reset = studies.ShiftStudy(cfg, ["block1", "auto-snr", "auto-rgn"], online, tmp_path, data=data_root)
+    assert reset.data.frost_dir == Path(data_root) / "frost"  # the supervised `frost` images need the textures too
     assert reset.online_options == ["block1", "auto-rgn"]  # auto-snr needs labels: no online form
     data, keys = reset.online_cells(0)
     assert [k[:2] for k in keys] == [(o, (c,)) for c in ("fog", "contrast") for o in ("block1", "auto-rgn", "norm")]
@@ -423,7 +423,7 @@ def test_shipped_budget_sweep_is_the_reports_supervised_cells(data_root, tmp_pat
         ],
     )
     options = ["input", "block1", "block2", "block3", "head", "all", "auto-rgn"]
-    comp = studies.ShiftStudy(cfg, options, studies.OnlineSettings(), tmp_path, data_root=data_root)
+    comp = studies.ShiftStudy(cfg, options, studies.OnlineSettings(), tmp_path, data=data_root)
     data, keys = comp.supervised_cells([100, 250, 500, 1000])
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
     ours = load_sweep(tmp_path / "s.yaml", check_models=False)

@@ -278,7 +278,7 @@ def test_readme_outputs_explain_every_summary_and_results_field(tmp_path, data_r
         overrides=["method.name=norm", "stream.order=mixed", "stream.reset=never", "stream.domains=[fog,contrast]",
                    "stream.n_examples=20", "stream.batch_size=10", "runtime.device=cpu", "runtime.progress=false"]
     )  # fmt: skip
-    summary = run(cfg, tmp_path / "r", data_root=data_root, record_predictions=True)
+    summary = run(cfg, tmp_path / "r", data=data_root, record_predictions=True)
     line = json.loads((tmp_path / "r" / RESULTS_FILE).read_text().splitlines()[0])
     assert "by_domain" in line and "pred" in line  # the optional fields are there to be checked too
     missing = [k for k in [*summary, *summary["timing_this_session"], *line] if f"`{k}`" not in outputs]

@@ -20,6 +20,7 @@ import torch
 
 from benchmarks.studies import stream_timing as st
 from tta_surgical.config import load_config
+from tta_surgical.data.context import DataContext
 from tta_surgical.models import create_model
 from tta_surgical.streams import build_stream
 
@@ -95,10 +96,10 @@ def test_cifar_source_error_matches_an_independent_evaluation(cifar_result, data
     cfg = load_config(REPO / "configs" / "source.yaml", stream=REPO / "streams" / "cifar10c_continual.yaml",
                       overrides=[f"stream.domains=[{','.join(DOMAINS)}]", "stream.n_examples=20",
                       "stream.batch_size=10"])  # fmt: skip
-    model, _ = create_model("resnet20", data_root=data_root)
+    model, _ = create_model("resnet20", data=data_root)
     wrong = {d: 0 for d in DOMAINS}
     with torch.inference_mode():
-        for b in build_stream(cfg.stream, data_root=data_root, frost_dir=data_root / "frost"):
+        for b in build_stream(cfg.stream, data=DataContext.resolve(data_root, data_root / "frost")):
             wrong[b.domain] += int((model(b.x).argmax(1) != b.y).sum())
     src = res["methods"][0]
     assert src["errors"] == pytest.approx({d: 100 * w / 20 for d, w in wrong.items()})

@@ -64,7 +64,7 @@ def test_second_writer_fails_at_once_naming_the_folder_and_holder(tmp_path, data
     try:
         t0 = time.perf_counter()
         with pytest.raises(FolderInUseError, match=f"{folder}.*in use.*pid {holder.pid}.*test holder"):
-            run(cfg, folder, data_root=data_root)
+            run(cfg, folder, data=data_root)
         assert time.perf_counter() - t0 < 1.0
         assert not (folder / RESULTS_FILE).exists()  # nothing was written by the refused run
         cli = subprocess.run(
@@ -77,7 +77,7 @@ def test_second_writer_fails_at_once_naming_the_folder_and_holder(tmp_path, data
     finally:
         holder.kill()  # SIGKILL: the OS releases the lock, nothing stale is left behind
         holder.wait()
-    summary = run(cfg_for("norm", "stream.n_examples=100"), folder, data_root=data_root, overwrite=True)
+    summary = run(cfg_for("norm", "stream.n_examples=100"), folder, data=data_root, overwrite=True)
     assert summary["n_images"] == 200
 
 
@@ -122,7 +122,7 @@ def test_checkpoint_never_counts_lines_not_on_disk(tmp_path, data_root, monkeypa
 
     monkeypatch.setattr(JsonlWriter, "sync", sync)
     monkeypatch.setattr(RunFolder, "save_checkpoint", save)
-    run(cfg_for("tent", "stream.n_examples=200"), tmp_path / "d", data_root=data_root)
+    run(cfg_for("tent", "stream.n_examples=200"), tmp_path / "d", data=data_root)
     checkpoints = [i for i, e in enumerate(events) if e[0] == "checkpoint"]
     assert len(checkpoints) == 2  # the domain boundary and the end
     for i in checkpoints:
@@ -173,29 +173,29 @@ def test_collapse_policies_on_a_diverging_tent(tmp_path, data_root):
     """Tent at lr=1000 collapses to one class; warn counts it, reset recovers, stop ends the run; a sane Tent
     on the same stream raises nothing."""
     fast = ["optim.lr=1000", "stream.n_examples=600"]
-    warn = run(cfg_for("tent", *fast), tmp_path / "warn", data_root=data_root)
+    warn = run(cfg_for("tent", *fast), tmp_path / "warn", data=data_root)
     assert warn["n_collapse_warnings"] >= 1 and warn["on_collapse"] == "warn"
     rec = lines(tmp_path / "warn")[warn["collapse_batches"][0]]
     assert rec["top_class_share"] >= 0.6 and rec["pred_entropy"] < 0.1
-    reset = run(cfg_for("tent", *fast, "runtime.on_collapse=reset"), tmp_path / "reset", data_root=data_root)
+    reset = run(cfg_for("tent", *fast, "runtime.on_collapse=reset"), tmp_path / "reset", data=data_root)
     assert reset["n_resets"] == reset["n_collapse_warnings"] >= 1
     after = lines(tmp_path / "reset")[reset["collapse_batches"][0] + 1]
     assert after["reset"] is True
     assert reset["online_error"] < warn["online_error"]
-    stop = run(cfg_for("tent", *fast, "runtime.on_collapse=stop"), tmp_path / "stop", data_root=data_root)
+    stop = run(cfg_for("tent", *fast, "runtime.on_collapse=stop"), tmp_path / "stop", data=data_root)
     assert stop["stopped_on_collapse_at_batch"] == stop["collapse_batches"][0]
     assert len(lines(tmp_path / "stop")) == stop["collapse_batches"][0] + 1
-    sane = run(cfg_for("tent", "stream.n_examples=600"), tmp_path / "sane", data_root=data_root)
+    sane = run(cfg_for("tent", "stream.n_examples=600"), tmp_path / "sane", data=data_root)
     assert sane["n_collapse_warnings"] == 0 and sane["collapse_batches"] == []
 
 
 def test_results_lines_carry_loss_and_prediction_statistics(tmp_path, data_root):
-    run(cfg_for("tent", "stream.n_examples=200"), tmp_path / "t", data_root=data_root)
+    run(cfg_for("tent", "stream.n_examples=200"), tmp_path / "t", data=data_root)
     for rec in lines(tmp_path / "t"):
         assert rec["loss"] is not None and rec["loss"] >= 0
         assert 0 <= rec["pred_entropy"] and 0 < rec["top_class_share"] <= 1 and 0 <= rec["top_class"] < 10
         assert rec["n_filtered"] == 0 and rec["method_reset"] is None
-    run(cfg_for("norm", "stream.n_examples=200"), tmp_path / "n", data_root=data_root)
+    run(cfg_for("norm", "stream.n_examples=200"), tmp_path / "n", data=data_root)
     assert all(rec["loss"] is None for rec in lines(tmp_path / "n"))  # no update, no loss
 
 
@@ -208,7 +208,7 @@ def test_collapse_settings_are_validated():
 def test_resume_rebuilds_the_collapse_monitor(tmp_path, data_root):
     """Replaying the kept lines gives the monitor the state it had: a resumed run flags the same batches."""
     cfg = cfg_for("tent", "optim.lr=1000", "stream.n_examples=600", "runtime.on_collapse=reset")
-    full = run(cfg, tmp_path / "full", data_root=data_root)
+    full = run(cfg, tmp_path / "full", data=data_root)
 
     class Crash(Exception):
         pass
@@ -218,8 +218,8 @@ def test_resume_rebuilds_the_collapse_monitor(tmp_path, data_root):
             raise Crash
 
     with pytest.raises(Crash):
-        run(cfg, tmp_path / "part", data_root=data_root, on_batch=crash)
-    resumed = run(cfg, tmp_path / "part", data_root=data_root, resume=True)
+        run(cfg, tmp_path / "part", data=data_root, on_batch=crash)
+    resumed = run(cfg, tmp_path / "part", data=data_root, resume=True)
     assert resumed["collapse_batches"] == full["collapse_batches"] and resumed["errors"] == full["errors"]
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("latency_ms", "warmup")} for r in rs]  # noqa: E731
     assert strip(lines(tmp_path / "part")) == strip(lines(tmp_path / "full"))
@@ -248,7 +248,7 @@ def test_replaying_results_lines_gives_the_runs_collapse_batches(tmp_path, data_
     from tta_surgical.collapse import replay_collapses
 
     cfg = cfg_for("tent", "optim.lr=1000", "stream.n_examples=600", "runtime.on_collapse=warn")
-    summary = run(cfg, tmp_path / "r", data_root=data_root)
+    summary = run(cfg, tmp_path / "r", data=data_root)
     assert summary["collapse_batches"]  # the diverging Tent collapses
     rt = cfg.runtime
     mon = CollapseMonitor(rt.collapse_window, rt.collapse_share, rt.collapse_entropy_ratio)

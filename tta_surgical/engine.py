@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .collapse import CollapseMonitor, batch_prediction_stats
 from .config import Config
-from .corruptions.textures import default_frost_dir
+from .data.context import DataContext, DataLike
+from .methods import MethodContext, build_method
 from .metrics import (
     BatchTimer,
     ErrorMeter,
@@ -41,8 +42,11 @@ from .metrics import (
     peak_memory,
     reset_peak_memory,
 )
+from .models import create_model_from_config
+from .render import summary_markdown
 from .runfolder import JsonlWriter, RunFolder, config_differences, plain_config
 from .runtime import describe_device, pick_device, rng_state, seed_everything, set_rng_state
+from .streams import build_stream, source_class
 
 __all__ = [
     "CONFIG_FILE",
@@ -71,13 +75,6 @@ AUTO_CHECKPOINT_EVERY = 50  # batches, for streams without domain boundaries
 
 BatchHook = Callable[[int, dict[str, Any]], None]
 
-_SOURCE_NOTE = (
-    "source samples are the clean CIFAR-10 *test* images (no source training split was given): the same images "
-    "the stream corrupts, so the source statistics are not independent of the test data; set method.source_data "
-    "to a CIFAR-10 folder with data_batch_* files for a proper source split"
-)
-
-
 # ----------------------------------------------------------------------------------------------- building
 
 
@@ -93,58 +90,30 @@ class Built:
     multi_severity: bool
 
 
-def build(
-    cfg: Config,
-    *,
-    data_root: str | os.PathLike | None = None,
-    frost_dir: str | os.PathLike | None = None,
-    source: Any = None,
-) -> Built:
+def build(cfg: Config, *, data: DataLike = None, source: Any = None) -> Built:
     """Model (on the device, channels_last if set), method (configured, compiled if set) and stream of `cfg`.
 
+    data: where the data lives (`DataContext`; a folder = the data root; None = $TTA_SURGICAL_DATA).
     source: an open stream source of kind `cfg.stream.source` (e.g. a `streams.MemorySource` for images held in
-        memory); None = open it from `cfg.stream.path` / `data_root`.
+        memory); None = open it from `cfg.stream.path` / the data root.
     """
-    from .methods import MethodContext, build_method
-    from .models import create_model_from_config
-    from .streams import build_stream
-
     rt = cfg.runtime
+    data = DataContext.of(data).with_workers(rt.num_workers)
     device = pick_device(rt.device)
-    model, info = create_model_from_config(cfg.model, data_root=data_root)
+    model, info = create_model_from_config(cfg.model, data)
     model = model.to(device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    context = MethodContext(
-        seed=int(rt.seed), source_images=_clean_source_images(cfg, data_root), source_note=_SOURCE_NOTE
-    )
+    kind = source_class(cfg.stream.source)
+    context = MethodContext(seed=int(rt.seed), source_images=kind.source_samples(data), source_note=kind.samples_note)
     # The method autocasts its own forwards (bf16) and keeps its loss and BN statistics in fp32.
     autocast = torch.bfloat16 if rt.precision == "bf16" else None
     method = build_method(model, cfg.method, cfg.optim, autocast_dtype=autocast, context=context)
     if rt.compile:
         # In-place compile keeps parameter names (block maps match on them) and the state_dict keys.
         model.compile(mode=rt.compile_mode)
-    frost_dir = default_frost_dir(frost_dir, data_root)
-    stream = build_stream(
-        cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir, num_workers=rt.num_workers, source=source
-    )
+    stream = build_stream(cfg.stream, data=data, device=device, source=source)
     return Built(model, info, method, stream, device, _multi_severity(stream, cfg.stream))
-
-
-def _clean_source_images(cfg: Config, data_root: str | os.PathLike | None) -> Callable[[int], tuple[Any, Any]] | None:
-    """`n -> (images, labels)`: the first n clean CIFAR-10 test images, for methods that need source samples when
-    the user names no source split (read lazily, only if a method asks). None for ImageNet-style streams."""
-    if cfg.stream.source not in ("cifar10", "cifar10c"):
-        return None
-
-    def load(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from .data.cifar import find_cifar10, load_cifar10
-
-        images, labels = load_cifar10(find_cifar10(data_root))
-        x = torch.from_numpy(np.ascontiguousarray(images[:n])).permute(0, 3, 1, 2).float().div_(255.0)
-        return x, torch.from_numpy(np.asarray(labels[:n], dtype=np.int64))
-
-    return load
 
 
 # ----------------------------------------------------------------------------------------------- the loop state
@@ -223,9 +192,8 @@ def run(
     cfg: Config,
     out_dir: str | os.PathLike,
     *,
-    data_root: str | os.PathLike | None = None,
+    data: DataLike = None,
     resume: bool = False,
-    frost_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     on_batch: BatchHook | None = None,
     checkpoint_every: int | None = None,
@@ -235,6 +203,7 @@ def run(
 ) -> dict[str, Any]:
     """Run `cfg.method` on `cfg.model` over `cfg.stream`, write results to `out_dir`, return the summary.
 
+    data: where the data lives (`DataContext`; a folder = the data root; None = $TTA_SURGICAL_DATA).
     resume: continue from `out_dir/state.pt` (the config must equal the saved `config.yaml`; a folder with no
         checkpoint starts afresh). Without it, a folder that already holds a run is an error unless `overwrite`.
     on_batch: called as `on_batch(batch_index, record)` after each batch's line is written (progress, tests).
@@ -249,7 +218,7 @@ def run(
     with folder.lock():
         checkpoint = _open_folder(folder, cfg, resume, overwrite)
         seed_everything(int(cfg.runtime.seed))
-        built = build(cfg, data_root=data_root, frost_dir=frost_dir, source=source)
+        built = build(cfg, data=data, source=source)
         if not built.stream.plan:
             raise ValueError("the stream is empty: check stream.domains, stream.n_examples and the data")
         if on_start is not None:
@@ -263,8 +232,6 @@ def run(
             folder.clear((STATE_FILE, SUMMARY_FILE))
         wall_s = loop.run()
         summary = summarize(cfg, built, loop, wall_s)
-        from .render import summary_markdown
-
         folder.write_summary(summary, summary_markdown(summary))
     return summary
 

@@ -49,7 +49,7 @@ def _is_cuda(device: torch.device | str | None) -> bool:
 
 def versions(device: torch.device | str | None = None) -> dict[str, Any]:
     """Versions of this package, torch, torchvision and python; CUDA and cuDNN when `device` is a CUDA device."""
-    from . import __version__
+    from ._version import __version__
 
     try:
         import torchvision

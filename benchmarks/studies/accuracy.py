@@ -106,7 +106,7 @@ def run_cifar10c_accuracy(opts: AccuracyOptions, log: Callable[[str], None] | No
     say = log or (lambda _: None)
     device = torch.device(opts.device)
     frost_dir = default_frost_dir(opts.frost_dir, opts.data_root)
-    model, info = create_model(opts.model, data_root=opts.data_root)
+    model, info = create_model(opts.model, data=opts.data_root)
     model.eval().to(device)
     clean, labels = load_cifar10(find_cifar10(opts.data_root))
     n = opts.limit or len(clean)

@@ -135,7 +135,7 @@ def load_inputs(data_root: str | None, n: int, device: torch.device) -> Tensor:
 
 
 def fresh_model(data_root: str | None, device: torch.device) -> nn.Module:
-    model, _ = create_model("resnet20", pretrained=data_root is not None, data_root=data_root, allow_random=True)
+    model, _ = create_model("resnet20", pretrained=data_root is not None, data=data_root, allow_random=True)
     return model.to(device).to(memory_format=torch.channels_last)
 
 

@@ -57,6 +57,7 @@ from tta_surgical.bench.labels import (
     valid_labels,
 )
 from tta_surgical.config import Config, apply_overrides, load_config
+from tta_surgical.data.context import DataContext
 from tta_surgical.fileio import atomic_write_text
 from tta_surgical.metrics import json_safe
 from tta_surgical.provenance import provenance
@@ -307,7 +308,7 @@ def time_data_only(cfg: Config, data_root: str | None, frost_dir: Any, device: t
 
     _sync(device)
     t0 = time.perf_counter()
-    stream = build_stream(cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir)
+    stream = build_stream(cfg.stream, data=DataContext.resolve(data_root, frost_dir), device=device)
     _sync(device)
     t1 = time.perf_counter()
     n = 0
@@ -332,7 +333,7 @@ def time_method(
     """One engine run of `cfg` into `out_dir`, timed and broken down (see the module docstring)."""
     _sync(device)
     t0 = time.perf_counter()
-    summary = engine.run(cfg, out_dir, data_root=data_root, frost_dir=frost_dir, overwrite=True)
+    summary = engine.run(cfg, out_dir, data=DataContext.resolve(data_root, frost_dir), overwrite=True)
     _sync(device)
     total_s = time.perf_counter() - t0
     if not keep_state:  # after the clock: a resnet50 checkpoint is ~100-300 MB per run, results stay
@@ -435,7 +436,7 @@ def _warm_up(run: StreamPlan) -> None:
     time_data_only(shorten(first, 1, len(run.domains)), run.data_root, run.frost_dir, run.device)
     for m, cfg in run.configs.items():
         warm = run.work / "warmup" / safe_label(m)
-        engine.run(shorten(cfg, 2, 1), warm, data_root=run.data_root, frost_dir=run.frost_dir, overwrite=True)
+        engine.run(shorten(cfg, 2, 1), warm, data=DataContext.resolve(run.data_root, run.frost_dir), overwrite=True)
         if not run.opts.keep_state:
             (warm / engine.STATE_FILE).unlink(missing_ok=True)
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .options import data_context
 from .run import add_common_options, resolve_overrides
 
 HELP = "run several configs over the same stream and tabulate their errors side by side"
@@ -62,6 +63,7 @@ def _compare(args: argparse.Namespace, stems: list[str], out: Path) -> int:
     }
 
     summaries: dict[str, dict[str, Any]] = {}
+    data = data_context(args)
     for stem, cfg in configs.items():
         folder = out / stem
         previous = None if args.fresh else finished_summary(folder, cfg)
@@ -73,10 +75,9 @@ def _compare(args: argparse.Namespace, stems: list[str], out: Path) -> int:
         summaries[stem] = run(
             cfg,
             folder,
-            data_root=args.data_root,
+            data=data,
             resume=not args.fresh,
             overwrite=args.fresh,
-            frost_dir=args.frost_dir,
         )
 
     table = compare_markdown(summaries)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..hub import DATA_ENV
+from .options import data_context
 
 HELP = "online vs supervised surgical adaptation per block on one target task (tables, verdict, budget curves)"
 DESCRIPTION = (
@@ -190,7 +191,7 @@ def build_study(args: argparse.Namespace) -> Any:
         overrides=tuple(o for o in onl_over if o not in shared),
     )
     out = Path(args.out) if args.out else Path("runs") / f"report-{ft_cfg.model.name}"
-    return ShiftStudy(ft_cfg, options, online, out, data_root=args.data_root, frost_dir=args.frost_dir)
+    return ShiftStudy(ft_cfg, options, online, out, data=data_context(args))
 
 
 def launch_of(args: argparse.Namespace) -> Any:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .options import add_data_root, add_frost_dir
+from .options import add_data_root, add_frost_dir, data_context
 
 HELP = "adapt a model online over a stream (one config) and report error, latency and memory"
 DESCRIPTION = (
@@ -82,9 +82,8 @@ def main(args: argparse.Namespace) -> int:
     summary = run(
         cfg,
         out,
-        data_root=args.data_root,
+        data=data_context(args),
         resume=args.resume,
-        frost_dir=args.frost_dir,
         overwrite=args.overwrite,
         on_start=None if args.stream else _announce_default_stream(args.config, overrides),
     )

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import add_data_root, add_frost_dir
+from .options import add_data_root, add_frost_dir, data_context
 
 HELP = "run a sweep (corruptions x blocks x methods x seeds ...) locally or on a Ray cluster, resumably"
 DESCRIPTION = (
@@ -110,8 +110,7 @@ def main(args: argparse.Namespace) -> int:
             max_parallel=args.max_parallel,
             address=args.address,
             resume=args.resume,
-            data_root=args.data_root,
-            frost_dir=args.frost_dir,
+            data=data_context(args),
             progress=not args.no_progress,
         )
     except ImportError as err:

@@ -38,10 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..corruptions.textures import default_frost_dir
+from ..data.context import DataContext, DataLike
 from ..methods.base import guarded_step
 from ..metrics import json_safe
+from ..models import create_model_from_config
 from ..runfolder import JsonlWriter, RunFolder, read_jsonl
+from ..runtime import pick_device
 from .config import AUTO_OPTIONS, FinetuneConfig, FinetuneSection
 from .data import Split, TargetData, budget_subset, per_class_train
 
@@ -403,8 +405,7 @@ def run_finetune(
     cfg: FinetuneConfig,
     out_dir: str | os.PathLike,
     *,
-    data_root: str | os.PathLike | None = None,
-    frost_dir: str | os.PathLike | None = None,
+    data: DataLike = None,
     resume: bool = False,
     overwrite: bool = False,
     plot: bool = False,
@@ -412,6 +413,7 @@ def run_finetune(
 ) -> dict[str, Any]:
     """Run every (corruption, option, seed) cell of `cfg`, append each record to results.jsonl, write the summary.
 
+    data: where the data lives (`DataContext`; a folder = the data root; None = $TTA_SURGICAL_DATA).
     resume: skip the cells already recorded in `out_dir/results.jsonl` (the config must equal the saved one).
     Without it, a folder that already holds results is an error unless `overwrite`.
     target: a prepared `TargetData` (else built from the config); lets callers share generated images.
@@ -419,14 +421,13 @@ def run_finetune(
     """
     folder = RunFolder(out_dir, what="finetune run")
     with folder.lock():
-        return _run_finetune(cfg, folder, data_root, frost_dir, resume, overwrite, plot, target)
+        return _run_finetune(cfg, folder, DataContext.of(data), resume, overwrite, plot, target)
 
 
 def _run_finetune(
     cfg: FinetuneConfig,
     folder: RunFolder,
-    data_root: str | os.PathLike | None,
-    frost_dir: str | os.PathLike | None,
+    data: DataContext,
     resume: bool,
     overwrite: bool,
     plot: bool,
@@ -443,7 +444,7 @@ def _run_finetune(
         folder.clear((SUMMARY_FILE,))
     folder.write_config(cfg)
     done = {cell_key(r) for r in done_records}
-    job = _FinetuneJob(cfg, data_root, default_frost_dir(frost_dir, data_root), target)
+    job = _FinetuneJob(cfg, data, target)
     cells = [(c, o, s) for c in sec.corruptions for o in sec.options for s in sec.seeds]
     todo = [cell for cell in cells if cell not in done]
     n_lr = len(sec.lrs)
@@ -477,21 +478,17 @@ class _FinetuneJob:
     def __init__(
         self,
         cfg: FinetuneConfig,
-        data_root: str | os.PathLike | None,
-        frost_dir: str | os.PathLike | None,
+        data: DataContext,
         target: TargetData | None,
     ) -> None:
-        from ..models import create_model_from_config
-        from ..runtime import pick_device
-
         self.cfg, sec = cfg, cfg.finetune
         self.device = pick_device(cfg.runtime.device)
-        model, self.info = create_model_from_config(cfg.model, data_root=data_root)
+        model, self.info = create_model_from_config(cfg.model, data)
         self.model = model.to(self.device)
         validate_options(self.model, sec.options, sec.kind)
         self.pretrained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if target is None:
-            target = TargetData(sec, data_root=data_root, frost_dir=frost_dir, device=self.device)
+            target = TargetData(sec, data=data, device=self.device)
         self.target = target
         self.per_class = per_class_train(sec.n_train, target.n_classes)
         self.splits = {s: target.split(self.per_class, s) for s in sec.seeds}

@@ -26,7 +26,7 @@ from ..config import (
     method_config,
     to_dict,
 )
-from ..corruptions.textures import default_frost_dir
+from ..data.context import DataContext, DataLike
 from ..fileio import atomic_write_text
 from ..finetune.config import AUTO_OPTIONS, FinetuneConfig
 from ..finetune.data import TargetData, online_pool, per_class_train
@@ -142,8 +142,7 @@ class ShiftStudy:
         online: OnlineSettings,
         out: str | os.PathLike,
         *,
-        data_root: str | os.PathLike | None = None,
-        frost_dir: str | os.PathLike | None = None,
+        data: DataLike = None,
         target: TargetData | None = None,
     ) -> None:
         if list(ft_cfg.finetune.options) != list(options):
@@ -151,10 +150,9 @@ class ShiftStudy:
         self.cfg, self.sec, self.online = ft_cfg, ft_cfg.finetune, online
         self.options = list(options)
         self.out = Path(out)
-        # The frost textures: <data-root>/frost when present (the target images of `frost` need them here too).
-        self.data_root, self.frost_dir = data_root, default_frost_dir(frost_dir, data_root)
+        self.data = DataContext.of(data)
         self.device = pick_device(ft_cfg.runtime.device)
-        self.target = target or TargetData(self.sec, data_root=data_root, frost_dir=self.frost_dir, device=self.device)
+        self.target = target or TargetData(self.sec, data=self.data, device=self.device)
         self.per_class = per_class_train(self.sec.n_train, self.target.n_classes)
         self.splits = {s: self.target.split(self.per_class, s) for s in self.sec.seeds}
         n_rows = len(self.target.source_labels)
@@ -263,8 +261,7 @@ class ShiftStudy:
             max_parallel=launch.max_parallel,
             address=launch.address,
             resume=True,
-            data_root=self.data_root,
-            frost_dir=self.frost_dir,
+            data=self.data,
             progress=launch.progress,
         )
         if result.failed:
@@ -299,7 +296,7 @@ class ShiftStudy:
             if tag not in cache:
                 cfg = _run_config(cell.config)
                 tests = self.test_sets(split, key[1])
-                cache[tag] = score_run(run_dir, cfg, tests, data_root=self.data_root, frost_dir=self.frost_dir)
+                cache[tag] = score_run(run_dir, cfg, tests, data=self.data)
                 atomic_write_text(scores_path, json.dumps(cache, indent=1) + "\n")
             scored = cache[tag]
             out[key] = {

@@ -10,6 +10,7 @@ import torch
 
 from ..autotune import block_weight_table
 from ..config import Config
+from ..data.context import DataLike
 from ..engine import build
 from ..runfolder import RunFolder
 
@@ -21,8 +22,7 @@ def score_run(
     cfg: Config,
     tests: Mapping[str, tuple[Any, Any]],
     *,
-    data_root: str | os.PathLike | None = None,
-    frost_dir: str | os.PathLike | None = None,
+    data: DataLike = None,
 ) -> dict[str, Any]:
     """The adapted model of a finished run (its final `state.pt`) on labeled test sets: accuracy % per set through
     the method's `predict` (batches of the stream's batch size), and the per-block auto-RGN weights of the
@@ -31,7 +31,7 @@ def score_run(
     if state is None:
         raise FileNotFoundError(f"{folder} holds no state.pt: the run has not finished")
     # Built exactly as the run built it (model, method, its context), then given the run's final state.
-    built = build(cfg, data_root=data_root, frost_dir=frost_dir)
+    built = build(cfg, data=data)
     method = built.method
     method.load_state_dict(state["method"])
     bs = int(cfg.stream.batch_size)

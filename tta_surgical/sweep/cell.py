@@ -2,7 +2,7 @@
 
 `execute_cell(task, runner)` is the unit of work of all launchers (in this process, in a local worker
 subprocess, in a Ray task): it sets the thread count, sends the cell's output to `cell.log` in its folder, calls
-`runner(kind, config, out_dir, data_root=, frost_dir=)`, and writes the cell's result to `DONE` and its wall
+`runner(kind, config, out_dir, data=)`, and writes the cell's result to `DONE` and its wall
 time to `timing.json`, both atomically. The runner resumes a cell whose earlier attempt died (the engine
 checkpoints at every domain boundary; finetune skips its finished inner cells), so a retry continues.
 """
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..data.context import DataContext
 from ..fileio import atomic_write_text
 
 __all__ = [
@@ -77,8 +78,7 @@ class Runner(Protocol):
         config: Mapping[str, Any],
         out_dir: Path,
         *,
-        data_root: str | None = None,
-        frost_dir: str | None = None,
+        data: DataContext | None = None,
     ) -> Mapping[str, Any]: ...
 
 
@@ -87,8 +87,7 @@ def run_cell(
     config: Mapping[str, Any],
     out_dir: Path,
     *,
-    data_root: str | None = None,
-    frost_dir: str | None = None,
+    data: DataContext | None = None,
 ) -> dict[str, Any]:
     """The real runner: rebuild the frozen config from its dict and run `engine.run` or `run_finetune`.
 
@@ -100,13 +99,30 @@ def run_cell(
     if kind == "run":
         from ..engine import run
 
-        return run(from_dict(Config, config), out_dir, data_root=data_root, frost_dir=frost_dir, resume=True)
+        return run(from_dict(Config, config), out_dir, data=data, resume=True)
     if kind == "finetune":
         from ..finetune import FinetuneConfig, run_finetune
 
         cfg = from_dict(FinetuneConfig, config)
-        return run_finetune(cfg, out_dir, data_root=data_root, frost_dir=frost_dir, resume=True)
+        return run_finetune(cfg, out_dir, data=data, resume=True)
     raise ValueError(f"unknown sweep kind {kind!r}; expected run or finetune")
+
+
+def data_task(data: DataContext) -> dict[str, Any]:
+    """The plain (JSON) form of a data context for a cell's task, with absolute paths (workers may run elsewhere)."""
+    return {
+        "root": str(data.root.resolve()) if data.root else None,
+        "frost_dir": str(data.frost_dir.resolve()) if data.frost_dir else None,
+        "num_workers": data.num_workers,
+    }
+
+
+def data_from_task(plain: Mapping[str, Any] | None) -> DataContext:
+    """The data context `data_task` wrote (None: the environment's, resolved in the worker)."""
+    if not plain:
+        return DataContext.resolve()
+    root, frost = plain.get("root"), plain.get("frost_dir")
+    return DataContext(Path(root) if root else None, Path(frost) if frost else None, plain.get("num_workers"))
 
 
 def key_metrics(kind: str, summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -190,7 +206,8 @@ def _threads(n: int | None) -> Iterator[None]:
 def execute_cell(task: Mapping[str, Any], runner: Callable[..., Any] | None = None, *, log: bool = True) -> dict:
     """Run one cell as `task` describes it and record it; returns {"done": record, "timing": timing}.
 
-    task: {"kind", "config", "out_dir", "id", "data_root", "frost_dir", "threads"}.
+    task: {"kind", "config", "out_dir", "id", "data", "threads"}; "data" is the plain form of a `DataContext`
+    (`data_task`), so a task crosses process and machine boundaries as JSON.
     log: redirect Python's stdout/stderr into the cell's `cell.log` (a worker subprocess redirects at the
     file-descriptor level itself and passes False).
     Raises what the runner raises, after writing its traceback to `ERROR` and the log.
@@ -211,9 +228,7 @@ def execute_cell(task: Mapping[str, Any], runner: Callable[..., Any] | None = No
         print(f"--- cell {task['id']} attempt {attempts} (pid {os.getpid()})", flush=True)
         try:
             with _threads(task.get("threads")):
-                summary = runner(
-                    task["kind"], task["config"], out, data_root=task.get("data_root"), frost_dir=task.get("frost_dir")
-                )
+                summary = runner(task["kind"], task["config"], out, data=data_from_task(task.get("data")))
         except Exception:
             text = traceback.format_exc()
             print(text, file=sys.stderr, flush=True)

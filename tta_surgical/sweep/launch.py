@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.context import DataContext, DataLike
 from ..runfolder import folder_lock
-from .cell import DONE_FILE, LOG_FILE, execute_cell, read_done, runner_path, runner_spec, write_result
+from .cell import DONE_FILE, LOG_FILE, data_task, execute_cell, read_done, runner_path, runner_spec, write_result
 from .merge import CELLS_DIR, cell_dir, merge
 from .spec import Cell, Sweep
 
@@ -84,10 +85,10 @@ def cell_tasks(
     out: Path,
     cells: Sequence[Cell],
     *,
-    data_root: str | os.PathLike | None = None,
-    frost_dir: str | os.PathLike | None = None,
+    data: DataLike = None,
 ) -> list[dict[str, Any]]:
     """The plain-data task of each cell (what `execute_cell` takes), with absolute paths."""
+    plain = data_task(DataContext.of(data))
     return [
         {
             "id": c.id,
@@ -95,8 +96,7 @@ def cell_tasks(
             "kind": sweep.kind,
             "config": c.config,
             "out_dir": str(cell_dir(out, c).resolve()),
-            "data_root": str(Path(data_root).resolve()) if data_root else None,
-            "frost_dir": str(Path(frost_dir).resolve()) if frost_dir else None,
+            "data": plain,
             "threads": sweep.resources.threads,
         }
         for c in cells
@@ -130,8 +130,7 @@ def run_sweep(
     max_parallel: int | None = None,
     address: str | None = None,
     resume: bool = False,
-    data_root: str | os.PathLike | None = None,
-    frost_dir: str | os.PathLike | None = None,
+    data: DataLike = None,
     runner: Callable[..., Any] | None = None,
     progress: bool = True,
 ) -> SweepResult:
@@ -141,7 +140,8 @@ def run_sweep(
     one per GPU when several exist, else 1 = in this process); for ray, the CPUs of a cluster started on demand
     and a cap on cells in flight. address: a running Ray cluster (`HEAD:6379` or `auto`).
     resume: skip finished cells; without it, an `out` that already holds cells is an error.
-    runner: `runner(kind, config, out_dir, data_root=, frost_dir=) -> summary` (default: `run_cell`, the real
+    data: where the data lives (`DataContext`; a folder = the data root), passed to every cell.
+    runner: `runner(kind, config, out_dir, data=DataContext) -> summary` (default: `run_cell`, the real
     engine / finetune); the local subprocess launcher needs it importable by module path.
     """
     if launcher not in LAUNCHERS:
@@ -152,7 +152,7 @@ def run_sweep(
     # One driver per sweep folder (each cell's run also locks its own folder, whichever worker or node runs it).
     with folder_lock(out, "sweep"):
         result, todo = _start(sweep, out, resume)
-        tasks = cell_tasks(sweep, out, todo, data_root=data_root, frost_dir=frost_dir)
+        tasks = cell_tasks(sweep, out, todo, data=data)
         by_id = {c.id: c for c in todo}
         bar = _progress(len(sweep.cells), len(result.skipped), sweep.name, progress)
 
