@@ -307,7 +307,7 @@ def test_online_refresh_schedule_adam_state_and_reset(monkeypatch):
     real = autotune.rgn_weights_from_grads
 
     def spy(params, grads):
-        calls.append(method.n_steps - 1)  # batches before this one (n_steps counts the current batch)
+        calls.append(method.n_steps)  # batches before this one (n_steps counts finished steps)
         return real(params, grads)
 
     monkeypatch.setattr("tta_surgical.methods.entropy_min.rgn_weights_from_grads", spy)

@@ -207,6 +207,32 @@ def test_resume_after_crash_equals_uninterrupted(continual, tmp_path, data_root)
     assert done["errors"] == summary["errors"] and len(read_lines(folder)) == 4
 
 
+def test_resume_of_a_finished_run_leaves_it_untouched(baseline, tmp_path, data_root, capsys):
+    """--resume on a finished run changes no byte (the summary keeps its wall time and timing), says so in one
+    line and exits 0; the Python call returns the stored summary."""
+    import shutil
+
+    from tta_surgical.cli import main
+
+    src, summary = baseline
+    out = tmp_path / "finished"
+    shutil.copytree(src, out)
+    files = lambda: {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".lock"}  # noqa: E731
+    before = files()
+    assert run(tiny_cfg(), out, data_root=data_root, resume=True) == json.loads(before["summary.json"])
+    assert files() == before
+    argv = ["run", "--config", str(REPO / "configs" / "tent.yaml"), "--out", str(out), "--data-root", str(data_root),
+            "--resume", "stream.domains=[gaussian_noise,brightness]", "stream.severities=[5]", "stream.n_examples=32",
+            "stream.batch_size=16", "stream.reset=per_domain", "runtime.device=cpu",
+            "runtime.progress=false"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed == [f"{out}: the run is finished (4 batches); nothing to resume, its files are left as they are "
+                       "(--overwrite runs it again)"]  # fmt: skip
+    assert files() == before
+    assert main([*argv, "optim.lr=1e-2"]) == 2 and "optim.lr" in capsys.readouterr().err  # another config: an error
+
+
 def test_resume_with_changed_config_is_an_error(baseline, data_root):
     out, _ = baseline
     with pytest.raises(ValueError, match=r"optim\.lr"):

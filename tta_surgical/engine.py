@@ -8,7 +8,8 @@ results lines durable and writes a checkpoint `state.pt` atomically, so a crash 
 `run(..., resume=True)` restores method, optimiser, stream position and RNG states, drops the lines written after
 the checkpoint, replays the kept ones into the meters and the collapse monitor, and continues; an interrupted and
 resumed run ends with exactly the numbers of an uninterrupted one. `summarize` turns the meters into
-`summary.json` / `summary.md`.
+`summary.json` / `summary.md`, written when the run ends (at the end of the stream, or where the collapse policy
+`stop` stopped it); a run that has ended is left untouched by `resume` (unless `continue_after_stop`).
 
 Files in `out_dir`: `config.yaml` (the resolved config), `results.jsonl`, `state.pt`, `summary.json`,
 `summary.md`, `.lock` (the writer lock; see `runfolder`).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from .collapse import CollapseMonitor, batch_prediction_stats
 from .config import Config
 from .data.context import DataContext, DataLike
 from .methods import MethodContext, build_method
+from .methods.bn import uses_batch_statistics
 from .metrics import (
     BatchTimer,
     ErrorMeter,
@@ -58,6 +61,7 @@ __all__ = [
     "build",
     "config_differences",
     "describe_stream",
+    "ended_note",
     "finished_summary",
     "load_summary",
     "pick_device",
@@ -68,6 +72,8 @@ __all__ = [
 
 CONFIG_FILE, RESULTS_FILE, STATE_FILE = RunFolder.CONFIG, RunFolder.RESULTS, RunFolder.STATE
 SUMMARY_FILE, SUMMARY_MD = RunFolder.SUMMARY, RunFolder.SUMMARY_MD
+# summary.json "status": the stream ran to its end, or the collapse policy stopped it.
+COMPLETE, STOPPED = "complete", "stopped_on_collapse"
 # 2: the method interface v2 (registered state, counters inside the method's state_dict).
 STATE_VERSION = 2
 STATE_KEYS = ("version", "method", "next_batch", "n_lines", "rng")  # what `_Loop.restore` reads from state.pt
@@ -109,11 +115,23 @@ def build(cfg: Config, *, data: DataLike = None, source: Any = None) -> Built:
     # The method autocasts its own forwards (bf16) and keeps its loss and BN statistics in fp32.
     autocast = torch.bfloat16 if rt.precision == "bf16" else None
     method = build_method(model, cfg.method, cfg.optim, autocast_dtype=autocast, context=context)
+    _check_batch_size(cfg, model)
     if rt.compile:
         # In-place compile keeps parameter names (block maps match on them) and the state_dict keys.
         model.compile(mode=rt.compile_mode)
     stream = build_stream(cfg.stream, data=data, device=device, source=source)
     return Built(model, info, method, stream, device, _multi_severity(stream, cfg.stream))
+
+
+def _check_batch_size(cfg: Config, model: torch.nn.Module) -> None:
+    """Batches of one image where BatchNorm normalises with the batch's own statistics: refused, as the Python API
+    refuses them (`tta_surgical.adapt`)."""
+    if cfg.stream.batch_size < 2 and uses_batch_statistics(model):
+        raise ValueError(
+            f"stream.batch_size={cfg.stream.batch_size} with method {cfg.method.name}, which normalises with the "
+            "BatchNorm statistics of the test batch: one image cannot give them; use stream.batch_size >= 2, or a "
+            "method that does not need them (source, lame, memo, rotta)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- the loop state
@@ -155,6 +173,18 @@ def _monitor(cfg: Config) -> CollapseMonitor:
 def _round(batch: Any, spec: Any) -> int | None:
     """The batch's round for its domain key: only streams with several rounds key their domains per round."""
     return batch.plan.round if spec.rounds > 1 and batch.plan is not None else None
+
+
+def _segment_ends(plan: list[Any], spec: Any, multi: bool) -> list[bool]:
+    """Per planned batch: whether it is the last of its segment (the next batch starts another domain or is reset
+    by the stream's policy, or there is none). The collapse monitor judges a segment there (`segment_end`)."""
+    keys = [
+        (int(p.domain_index), domain_key(p.domain, p.severity, multi, p.round if spec.rounds > 1 else None))
+        for p in plan
+    ]
+    return [
+        i + 1 == len(plan) or bool(plan[i + 1].reset_before) or keys[i + 1] != keys[i] for i in range(len(plan))
+    ]
 
 
 def _record(batch: Any, logits: torch.Tensor, method: Any, ms: float, spec: Any, multi: bool) -> dict[str, Any]:
@@ -200,12 +230,16 @@ def run(
     record_predictions: bool = False,
     source: Any = None,
     on_start: Callable[[Built], None] | None = None,
+    continue_after_stop: bool = False,
 ) -> dict[str, Any]:
     """Run `cfg.method` on `cfg.model` over `cfg.stream`, write results to `out_dir`, return the summary.
 
     data: where the data lives (`DataContext`; a folder = the data root; None = $TTA_SURGICAL_DATA).
     resume: continue from `out_dir/state.pt` (the config must equal the saved `config.yaml`; a folder with no
-        checkpoint starts afresh). Without it, a folder that already holds a run is an error unless `overwrite`.
+        checkpoint starts afresh). A run that has ended (its `summary.json` is written: finished, or stopped by
+        `runtime.on_collapse=stop`) is left untouched, byte for byte, and its summary returned (`ended_note` says
+        which). Without it, a folder that already holds a run is an error unless `overwrite`.
+    continue_after_stop: with `resume`, continue a run that the collapse policy stopped, past the stop.
     on_batch: called as `on_batch(batch_index, record)` after each batch's line is written (progress, tests).
     checkpoint_every: also checkpoint every N batches; None = only at domain boundaries, or every
         `AUTO_CHECKPOINT_EVERY` batches for a stream with none (mixed).
@@ -216,6 +250,9 @@ def run(
     """
     folder = RunFolder(out_dir)
     with folder.lock():
+        ended = _ended(folder, cfg, resume, continue_after_stop)
+        if ended is not None:
+            return ended
         checkpoint = _open_folder(folder, cfg, resume, overwrite)
         seed_everything(int(cfg.runtime.seed))
         built = build(cfg, data=data, source=source)
@@ -226,6 +263,8 @@ def run(
         loop = _Loop(cfg, folder, built, checkpoint_every, record_predictions, on_batch)
         if checkpoint is not None:
             loop.restore(checkpoint)
+            # From here the run is not ended (a stopped run continues past its stop): no summary until it ends.
+            folder.clear((SUMMARY_FILE, SUMMARY_MD))
         else:
             folder.write_config(cfg)
             folder.results.write_bytes(b"")
@@ -234,6 +273,41 @@ def run(
         summary = summarize(cfg, built, loop, wall_s)
         folder.write_summary(summary, summary_markdown(summary))
     return summary
+
+
+def _stopped(summary: dict[str, Any]) -> bool:
+    return summary.get("status") == STOPPED or summary.get("stopped_on_collapse_at_batch") is not None
+
+
+def _ended(folder: RunFolder, cfg: Config, resume: bool, continue_after_stop: bool) -> dict[str, Any] | None:
+    """On resume, the summary of a run that has ended (and must stay as it is), else None (the run goes on)."""
+    if not resume:
+        return None
+    summary = folder.final_summary()
+    if summary is None:
+        return None
+    folder.check_config(cfg)  # resuming with another config is an error, finished or not
+    if continue_after_stop and _stopped(summary):
+        return None
+    return summary
+
+
+def ended_note(out_dir: str | os.PathLike, continue_after_stop: bool = False) -> str | None:
+    """The one line `run --resume` says about a run that has ended and is left as it is; None when it goes on."""
+    summary = RunFolder(out_dir).final_summary()
+    if summary is None or (continue_after_stop and _stopped(summary)):
+        return None
+    ran, planned = summary.get("n_batches"), summary.get("n_batches_planned", summary.get("n_batches"))
+    if _stopped(summary):
+        return (
+            f"{out_dir}: the run was stopped on collapse at batch {summary.get('stopped_on_collapse_at_batch')} "
+            f"(runtime.on_collapse=stop; {ran} of {planned} batches ran) and is left as it is; to continue past the "
+            "stop, add --continue-after-stop to --resume"
+        )
+    return (
+        f"{out_dir}: the run is finished ({ran} batches); nothing to resume, its files are left as they are "
+        "(--overwrite runs it again)"
+    )
 
 
 def _open_folder(folder: RunFolder, cfg: Config, resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -281,6 +355,7 @@ class _Loop:
             checkpoint_every = AUTO_CHECKPOINT_EVERY  # one segment (a mixed stream) has no domain boundary
         self.checkpoint_every = checkpoint_every
         self.fingerprint = built.stream.fingerprint()
+        self.segment_ends = _segment_ends(plan, cfg.stream, built.multi_severity)
         # Where this session's loop time goes: waiting for the next batch (reading or generating it; on a GPU only
         # the host side of generation), the adaptation steps (device-synchronised), and checkpoint writes.
         self.timing = {"data_s": 0.0, "step_s": 0.0, "checkpoint_s": 0.0}
@@ -372,22 +447,36 @@ class _Loop:
         self.timing["step_s"] += float(timer.ms) / 1000.0
         rec = _record(batch, logits, built.method, timer.ms, self.cfg.stream, built.multi_severity)
         rec["reset"] = bool(batch.reset_before or self.tally.pending_reset)
+        rec["segment_end"] = self.segment_ends[int(batch.batch_index)]
         rec["warmup"] = first
         if self.record_predictions:
             rec["pred"] = logits.argmax(dim=1).tolist()
         return rec
 
     def _on_collapse(self, rec: dict[str, Any], bar: Any) -> None:
+        """Say it on stderr (a progress bar shares stderr: write through it), then act on the policy."""
         rec_index = int(rec["batch_index"])
         action = {"warn": "", "reset": "; resetting the method", "stop": "; stopping the run"}[self.policy]
-        msg = (
-            f"warning: collapse suspected at batch {rec_index} ({rec['domain']}): {rec['top_class_share']:.0%} of "
-            f"the batch predicted as class {rec['top_class']}, prediction entropy {rec['pred_entropy']:.3f}"
-            f"{action} (runtime.on_collapse={self.policy})"
-        )
-        (bar.write if bar is not None else print)(msg)
+        msg = f"warning: collapse suspected at batch {rec_index} ({rec['domain']}): {_evidence(self.tally.monitor)}"
+        msg += f"{action} (runtime.on_collapse={self.policy})"
+        if bar is not None:
+            bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
         if self.policy == "stop":
             self.stopped_at = rec_index
+
+
+def _evidence(monitor: CollapseMonitor) -> str:
+    """What the monitor's last flag rested on, in words."""
+    f = monitor.last_flag or {}
+    scope = "the last" if f.get("over") == "window" else "this domain's"
+    return (
+        f"over {scope} {f.get('batches')} batches ({f.get('images')} images) class {f.get('top_class')} leads in "
+        f"{f.get('batches_with_top_class')} of them and the leading class takes {f.get('mean_share', 0.0):.0%} of "
+        f"the predictions, prediction entropy {f.get('mean_entropy', 0.0):.3f} (first batch after the start or "
+        f"last reset: {f.get('reference_entropy', 0.0):.3f})"
+    )
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
@@ -441,8 +530,11 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "collapse_batches": list(tally.collapses),
         "on_collapse": cfg.runtime.on_collapse,
         "stopped_on_collapse_at_batch": loop.stopped_at,
+        "status": COMPLETE if loop.stopped_at is None else STOPPED,
         "n_images": tally.errors.n_images,
-        "n_batches": len(built.stream),
+        "n_batches": tally.n_lines,
+        "n_images_planned": built.stream.n_images,
+        "n_batches_planned": len(built.stream),
         # segments whose single-image last batch was merged into the previous one (streams.batch_bounds)
         "n_single_image_batches_merged": sum(len(p) > cfg.stream.batch_size for p in built.stream.plan),
         "batch_size": int(cfg.stream.batch_size),

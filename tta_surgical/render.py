@@ -31,6 +31,17 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         title += f" ({stream})"
     if summary.get("model_pretrained") is False:
         title += "\n\n**Warning: randomly initialised weights; these errors say nothing about the method.**"
+    if summary.get("stopped_on_collapse_at_batch") is not None:
+        title += (
+            f"\n\n**Stopped on collapse at batch {summary['stopped_on_collapse_at_batch']} (runtime.on_collapse=stop): "
+            f"{_batches_run(summary)} batches ran; the errors cover those only.**"
+        )
+    elif summary.get("n_collapse_warnings"):
+        n = int(summary["n_collapse_warnings"])
+        title += (
+            f"\n\n**Warning: collapse suspected {n} time{'s' if n > 1 else ''} ({_flagged_batches(summary)}; "
+            f"runtime.on_collapse={summary.get('on_collapse')}): see results.jsonl.**"
+        )
     rows = [[d, fmt(e)] for d, e in summary.get("errors", {}).items()]
     rows.append(["**mean**", f"**{fmt(summary.get('mean_error'))}**"])
     errors = markdown_table(["domain", "error %"], rows)
@@ -43,10 +54,35 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         ["images / s", fmt(summary.get("images_per_s"), 1)],
         [f"peak memory MiB ({summary.get('peak_memory_kind', '?')})", fmt(summary.get("peak_memory_mb"), 1)],
         ["skipped updates", fmt(summary.get("n_skipped_updates"))],
+        ["collapse warnings", _collapses(summary)],
+        ["batches", _batches_run(summary)],
         ["images", fmt(summary.get("n_images"))],
         ["device", fmt(summary.get("device"))],
     ]
     return "\n\n".join([title, errors, markdown_table(["metric", "value"], stats), ERROR_NOTE]) + "\n"
+
+
+def _flagged_batches(summary: Mapping[str, Any], show: int = 10) -> str:
+    """The batches of the collapse warnings as words: `batch 4`, `batches 4, 9, ...` (the first `show`)."""
+    batches = list(summary.get("collapse_batches") or [])
+    listed = ", ".join(str(b) for b in batches[:show]) + (", ..." if len(batches) > show else "")
+    return f"batch{'es' if len(batches) > 1 else ''} {listed}"
+
+
+def _collapses(summary: Mapping[str, Any]) -> str:
+    """The collapse warnings for the table: none, or their count and first batches; not monitored when off."""
+    if summary.get("on_collapse") == "off":
+        return "not monitored (runtime.on_collapse=off)"
+    n = len(summary.get("collapse_batches") or [])
+    return f"{n} ({_flagged_batches(summary)})" if n else "none"
+
+
+def _batches_run(summary: Mapping[str, Any]) -> str:
+    """Batches run, and of how many planned when the run stopped early ("12 of 20")."""
+    ran, planned = summary.get("n_batches"), summary.get("n_batches_planned")
+    if ran is None:
+        return MISSING
+    return f"{ran} of {planned}" if planned is not None and planned != ran else str(ran)
 
 
 def compare_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:

@@ -21,9 +21,12 @@ from typing import Any, Protocol
 
 from ..data.context import DataContext
 from ..fileio import atomic_write_text
+from ..runfolder import FolderInUseError, folder_lock
 
 __all__ = [
+    "BUSY_WAIT_S",
     "DONE_FILE",
+    "CellBusyError",
     "ERROR_FILE",
     "LOG_FILE",
     "TIMING_FILE",
@@ -43,6 +46,13 @@ ERROR_FILE = "ERROR"  # the traceback of the last attempt that raised
 LOG_FILE = "cell.log"  # stdout and stderr of every attempt, appended
 TIMING_FILE = "timing.json"  # wall time and attempts: kept out of the merged results (they vary run to run)
 ATTEMPTS_FILE = "attempts"
+# How long a cell waits for another live process that holds its folder (an attempt of an earlier, killed sweep
+# session that is still finishing) before it is reported busy; `sweep --busy-wait` sets it.
+BUSY_WAIT_S = 60.0
+
+
+class CellBusyError(FolderInUseError):
+    """A cell's folder stayed held by another live process: the cell was not run (and is not failed)."""
 
 # Summary keys that go into the merged sweep.jsonl: numbers that a seed reproduces exactly on one machine.
 RUN_METRICS = (
@@ -203,18 +213,62 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def execute_cell(task: Mapping[str, Any], runner: Callable[..., Any] | None = None, *, log: bool = True) -> dict:
+def execute_cell(
+    task: Mapping[str, Any],
+    runner: Callable[..., Any] | None = None,
+    *,
+    log: bool = True,
+    on_wait: Callable[[str], None] | None = None,
+) -> dict:
     """Run one cell as `task` describes it and record it; returns {"done": record, "timing": timing}.
 
-    task: {"kind", "config", "out_dir", "id", "data", "threads"}; "data" is the plain form of a `DataContext`
-    (`data_task`), so a task crosses process and machine boundaries as JSON.
+    task: {"kind", "config", "out_dir", "id", "data", "threads"}, optionally "busy_wait_s"; "data" is the plain form
+    of a `DataContext` (`data_task`), so a task crosses process and machine boundaries as JSON.
     log: redirect Python's stdout/stderr into the cell's `cell.log` (a worker subprocess redirects at the
     file-descriptor level itself and passes False).
+    The whole attempt holds the cell folder's writer lock, so DONE and ERROR are never written by two processes.
+    When another live process holds it (an attempt of an earlier session still running), the cell waits for it up
+    to `busy_wait_s` seconds (`BUSY_WAIT_S`), saying so through `on_wait(message)` (default: stderr); a cell that
+    holder finished is then not run again, and one still held raises `CellBusyError` without touching the folder.
     Raises what the runner raises, after writing its traceback to `ERROR` and the log.
     """
     runner = runner or run_cell
     out = Path(task["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    wait_s = float(task.get("busy_wait_s", BUSY_WAIT_S))
+
+    def waiting(holder: str) -> None:
+        (on_wait or _to_stderr)(
+            f"cell {task['id']}: its folder is held by a live process ({holder}); waiting up to {wait_s:g} s for it"
+        )
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock(out, "sweep cell", wait_s=wait_s, on_wait=waiting))
+        except FolderInUseError as err:
+            raise CellBusyError(
+                f"not run, still held after {wait_s:g} s by another live process: {err}; rerun with --resume once "
+                "it has ended"
+            ) from None
+        done = read_done(out)
+        if done is not None:  # the process we waited for finished the cell
+            return {"done": done, "timing": _read_json(out / TIMING_FILE)}
+        return _attempt(task, runner, out, log)
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _attempt(task: Mapping[str, Any], runner: Callable[..., Any], out: Path, log: bool) -> dict:
+    """One attempt at a cell whose folder lock this process holds: count it, run it, record DONE or ERROR."""
     attempts_path = out / ATTEMPTS_FILE
     try:
         attempts = int(attempts_path.read_text().strip() or 0) + 1
@@ -242,6 +296,7 @@ def execute_cell(task: Mapping[str, Any], runner: Callable[..., Any] | None = No
 
 
 def write_result(out: Path, done: Mapping[str, Any], timing: Mapping[str, Any]) -> None:
-    """timing.json first, DONE last: a folder with DONE is complete."""
+    """timing.json first, DONE last: a folder with DONE is complete (and an ERROR of an earlier attempt goes)."""
     atomic_write_text(out / TIMING_FILE, json.dumps(timing, indent=1, allow_nan=False) + "\n")
     atomic_write_text(out / DONE_FILE, json.dumps(done, indent=1, allow_nan=False) + "\n")
+    (out / ERROR_FILE).unlink(missing_ok=True)
