@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-def locking_runner(kind, config, out_dir, *, data_root=None, frost_dir=None):
+def locking_runner(kind, config, out_dir, *, data=None):
     from tta_surgical.runfolder import folder_lock
 
     out_dir = Path(out_dir)

@@ -219,7 +219,7 @@ def test_resume_of_a_finished_run_leaves_it_untouched(baseline, tmp_path, data_r
     shutil.copytree(src, out)
     files = lambda: {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".lock"}  # noqa: E731
     before = files()
-    assert run(tiny_cfg(), out, data_root=data_root, resume=True) == json.loads(before["summary.json"])
+    assert run(tiny_cfg(), out, data=data_root, resume=True) == json.loads(before["summary.json"])
     assert files() == before
     argv = ["run", "--config", str(REPO / "configs" / "tent.yaml"), "--out", str(out), "--data-root", str(data_root),
             "--resume", "stream.domains=[gaussian_noise,brightness]", "stream.severities=[5]", "stream.n_examples=32",

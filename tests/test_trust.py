@@ -346,7 +346,7 @@ def reset_per_domain_collapse(tmp_path_factory, data_root):
     """Tent at lr=1000 on the reset-per-domain quick start stream, 2 domains of 500 images: it collapses within
     each domain (80-90% of every batch one class, zero entropy) and the class changes from domain to domain."""
     out = tmp_path_factory.mktemp("qs_collapse")
-    return out, run(quickstart_cfg("optim.lr=1000"), out, data_root=data_root)
+    return out, run(quickstart_cfg("optim.lr=1000"), out, data=data_root)
 
 
 def test_collapse_within_reset_domains_is_flagged_on_stderr_and_in_the_summary(reset_per_domain_collapse, capsys):
@@ -361,14 +361,14 @@ def test_collapse_within_reset_domains_is_flagged_on_stderr_and_in_the_summary(r
 
 
 def test_collapse_warning_goes_to_stderr(tmp_path, data_root, capsys):
-    run(quickstart_cfg("optim.lr=1000", "stream.domains=[fog]"), tmp_path / "w", data_root=data_root)
+    run(quickstart_cfg("optim.lr=1000", "stream.domains=[fog]"), tmp_path / "w", data=data_root)
     captured = capsys.readouterr()
     assert "warning: collapse suspected at batch 2 (fog)" in captured.err and "collapse" not in captured.out
     assert "over this domain's 2 batches (300 images)" in captured.err
 
 
 def test_sane_quickstart_runs_raise_no_collapse(tmp_path, data_root):
-    summary = run(quickstart_cfg(), tmp_path / "sane", data_root=data_root)
+    summary = run(quickstart_cfg(), tmp_path / "sane", data=data_root)
     assert summary["n_collapse_warnings"] == 0
     assert "| collapse warnings | none |" in (tmp_path / "sane" / "summary.md").read_text()
 
@@ -394,8 +394,8 @@ def test_replay_and_resume_give_the_runs_flags_on_reset_domains(reset_per_domain
 
     cfg = quickstart_cfg("optim.lr=1000")
     with pytest.raises(Crash):
-        run(cfg, tmp_path / "part", data_root=data_root, on_batch=crash)
-    resumed = run(cfg, tmp_path / "part", data_root=data_root, resume=True)
+        run(cfg, tmp_path / "part", data=data_root, on_batch=crash)
+    resumed = run(cfg, tmp_path / "part", data=data_root, resume=True)
     assert resumed["collapse_batches"] == summary["collapse_batches"] and resumed["errors"] == summary["errors"]
 
 
@@ -412,7 +412,7 @@ def test_stopped_run_says_so_and_resumes_only_when_asked(tmp_path, data_root, ca
 
     cfg = quickstart_cfg("optim.lr=1000", "runtime.on_collapse=stop")
     folder = tmp_path / "stop"
-    summary = run(cfg, folder, data_root=data_root)
+    summary = run(cfg, folder, data=data_root)
     assert summary["status"] == "stopped_on_collapse" and summary["stopped_on_collapse_at_batch"] == 2
     assert summary["n_batches"] == 3 and summary["n_batches_planned"] == 6
     assert summary["n_images"] == 500 and summary["n_images_planned"] == 1000
@@ -430,7 +430,7 @@ def test_stopped_run_says_so_and_resumes_only_when_asked(tmp_path, data_root, ca
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "stopped on collapse at batch 2" in out[0] and "--continue-after-stop" in out[0]
     assert _files(folder) == before
-    assert run(cfg, folder, data_root=data_root, resume=True) == summary and _files(folder) == before
+    assert run(cfg, folder, data=data_root, resume=True) == summary and _files(folder) == before
 
     # asked explicitly: it continues past the stop (and at lr=1000 stops again in the next domain)
     assert main([*args, "--resume", "--continue-after-stop"]) == 0

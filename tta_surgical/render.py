@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .tables import bold_best, fmt, markdown_table
+from .tables import MISSING, bold_best, fmt, markdown_table
 
 # Printed under every error table: the two stream-level errors are computed differently and can differ.
 ERROR_NOTE = (
