@@ -110,8 +110,8 @@ def run_cell(
     Always `resume=True`: a fresh folder starts from scratch, a folder left by a dead attempt continues from
     its last checkpoint (the config must be the same, which the cell id guarantees).
     """
-    if kind == "run":
-        return engine.run(from_dict(Config, config), out_dir, data=data, resume=True)  # via the module: wrappable
+    if kind == "run":  # `engine.run` is looked up when called, so a wrapper set on the module takes effect
+        return engine.run(from_dict(Config, config), out_dir, data=data, resume=True)
     if kind == "finetune":
         cfg = from_dict(FinetuneConfig, config)
         return run_finetune(cfg, out_dir, data=data, resume=True)

@@ -37,13 +37,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.context import DataContext, DataLike
+from ..fileio import atomic_write_text
 from ..runfolder import folder_lock
 from .cell import (
     BUSY_WAIT_S,
     DONE_FILE,
     LOG_FILE,
     CellBusyError,
-    atomic_write_text,
     data_task,
     execute_cell,
     read_done,
