@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
 
-from tta_surgical.collapse import CollapseMonitor, replay_collapses  # noqa: E402
 from tta_surgical.config import RuntimeConfig  # noqa: E402
+from tta_surgical.guards import CollapseMonitor, replay_collapses  # noqa: E402
 from tta_surgical.runfolder import peek_jsonl  # noqa: E402
 
 
