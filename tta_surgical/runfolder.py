@@ -377,7 +377,7 @@ class RunFolder:
 
     def save_checkpoint(self, state: dict[str, Any], writer: JsonlWriter | None = None) -> None:
         """Write `state.pt` atomically, after making the results lines it counts durable."""
-        import torch
+        import torch  # only the checkpoint needs torch: reading a run folder (jsonl, locks, config) stays light
 
         if writer is not None:
             writer.sync()
@@ -386,7 +386,7 @@ class RunFolder:
     def load_checkpoint(self, required: Iterable[str] = ()) -> dict[str, Any] | None:
         """The checkpoint in `state.pt` (None when there is none), read with `weights_only=True` so nothing in it
         runs; a file that cannot be read, or is not a dict holding the `required` keys, is a `DamagedFileError`."""
-        import torch
+        import torch  # only the checkpoint needs torch: reading a run folder (jsonl, locks, config) stays light
 
         path = self.path / self.STATE
         if not path.is_file():
