@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..config import MethodSettings, method_config
+from ..config import MethodSettings, RuntimeConfig, method_config
 from ..methods import METHODS
 
 INFERENCE = "inference"
@@ -117,8 +117,6 @@ def parse_method(text: str) -> MethodSpec:
 def _guard_every(label: str, text: str) -> int:
     """The check interval of a `@guard[<k>]` label: k, or the run default (`runtime.guard_every`)."""
     if not text:
-        from ..runtime import RuntimeConfig
-
         return int(RuntimeConfig().guard_every)
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"bench method {label!r}: write {GUARD_SUFFIX} or {GUARD_SUFFIX}<k> with k >= 1 batches")

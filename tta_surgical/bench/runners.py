@@ -8,13 +8,14 @@ optimiser kernels the bench asks for.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..config import PRECISIONS, OptimConfig
-from ..methods import MethodContext, build_method
+from ..config import PRECISIONS, OptimConfig, method_config
+from ..methods import MethodContext, batchnorm_layers, build_method
 from .labels import MethodSpec
 from .reference import PlainTent
 
@@ -105,11 +106,6 @@ def build_runner(
 def _reference(model: nn.Module, autocast_dtype: torch.dtype | None) -> Any:
     """The guard's reference as the engine builds it for `runtime.guard_reference=auto`: `norm` on a frozen copy of
     the source model (`source` where it has no BatchNorm)."""
-    import copy
-
-    from ..methods import batchnorm_layers, build_method
-    from ..methods.settings import method_config
-
     kind = "norm" if batchnorm_layers(model) else "source"
     return build_method(copy.deepcopy(model), method_config(kind), autocast_dtype=autocast_dtype)
 
