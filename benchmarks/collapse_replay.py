@@ -2,7 +2,7 @@
 
     python benchmarks/collapse_replay.py --window 1000 runs/soak/cells/*/results.jsonl
 
-The collapse monitor is a pure function of the results lines (`tta_surgical.collapse`), so replaying each
+The collapse monitor is a pure function of the results lines (`tta_surgical.guards.collapse`), so replaying each
 results.jsonl through a monitor with the given settings gives the batches a run with runtime.on_collapse=warn
 would have flagged. Prints the flagged runs and a count; --json writes them.
 """

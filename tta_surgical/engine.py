@@ -45,7 +45,7 @@ from .guards import (
     describe_alarm,
     reference_stats,
 )
-from .methods import MethodContext, build_method
+from .methods import METHODS, MethodContext, build_method
 from .methods.bn import batchnorm_layers, uses_batch_statistics
 from .methods.settings import method_config
 from .metrics import (
@@ -145,10 +145,14 @@ def build(cfg: Config, *, data: DataLike = None, source: Any = None) -> Built:
 
 def reference_kind(cfg: Config, model: torch.nn.Module) -> str | None:
     """The guard's reference for `cfg` on `model`: `norm` or `source` (`runtime.guard_reference`, auto = norm where
-    the model has BatchNorm layers), or None: no guard (`on_collapse` off), none asked for, or the method is that
-    reference with its default settings (it would predict exactly what the method predicts)."""
+    the model has BatchNorm layers), or None: no guard (`on_collapse` off), none asked for, a method that keeps no
+    adapted state (source, norm, LAME: nothing can drift, nothing to reset), or the method is that reference with
+    its default settings (it would predict exactly what the method predicts)."""
     rt = cfg.runtime
     if rt.on_collapse == "off" or rt.guard_reference == "none":
+        return None
+    method = METHODS.get(cfg.method.name)
+    if not (method.adapts or method.updates_norm_statistics):
         return None
     has_bn, batches = bool(batchnorm_layers(model)), cfg.stream.batch_size >= 2
     kind = rt.guard_reference

@@ -71,7 +71,7 @@ class RuntimeConfig:
     # Drift against a frozen reference (`guards.drift`): every `guard_every`-th batch the reference predicts it too;
     # a window of `guard_window` images of such checked batches (at least 3 of them) whose share of overruled
     # confident reference predictions reaches `guard_flip` is confident or uncertain drift (benchmarks/RESULTS.md
-    # section 10d says how these defaults were chosen).
+    # section 16 measures these defaults).
     guard_reference: str = "auto"
     guard_every: int = 2
     guard_window: int = 600

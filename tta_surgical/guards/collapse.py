@@ -28,7 +28,7 @@ is judged collapsed when all three hold:
 A reset (the stream's policy or a collapse reset: `reset` on the results line) empties both and re-takes the
 reference from the next batch; after a flag both start afresh, so one collapse is reported once. The monitor's
 state is a function of the results lines alone, so replaying them on resume rebuilds it exactly. A flag names the
-batches it judged (`first_batch`, `last_batch`), for the after-the-fact false-alarm count (`guards.judge`).
+batches it judged (`first_batch`, `last_batch`), for the after-the-fact false-alarm count (`guards.Ledger.judge`).
 """
 
 from __future__ import annotations

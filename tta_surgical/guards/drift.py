@@ -15,7 +15,7 @@ BatchNorm. On a checked batch the engine runs the reference too and writes to th
 - `ref_agree`: the share of the batch on which both predict the same class (reported, not judged: an adapted model
   that is much better than the reference must disagree with it);
 - `ref_correct`: how many of the reference's predictions were right. Labels: used *after* the run to count false
-  alarms (`guards.monitor.judge_alarm`), never by a detector.
+  alarms (`guards.Ledger.judge`), never by a detector.
 
 `DriftMonitor` judges the last `window_images` images of checked batches since the start or the last reset (at
 least `min_checks` of them), once that many are there. A window whose mean flip share (image-weighted) reaches
