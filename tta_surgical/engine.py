@@ -146,8 +146,7 @@ def build(cfg: Config, *, data: DataLike = None, source: Any = None) -> Built:
 def reference_kind(cfg: Config, model: torch.nn.Module) -> str | None:
     """The guard's reference for `cfg` on `model`: `norm` or `source` (`runtime.guard_reference`, auto = norm where
     the model has BatchNorm layers), or None: no guard (`on_collapse` off), none asked for, a method that keeps no
-    adapted state (source, norm, LAME: nothing can drift, nothing to reset), or the method is that reference with
-    its default settings (it would predict exactly what the method predicts)."""
+    adapted state (source, norm, LAME: nothing can drift, nothing to reset)."""
     rt = cfg.runtime
     if rt.on_collapse == "off" or rt.guard_reference == "none":
         return None
@@ -164,7 +163,7 @@ def reference_kind(cfg: Config, model: torch.nn.Module) -> str | None:
             f"runtime.guard_reference=norm normalises the reference with the test batch's BatchNorm statistics, but "
             f"{why}; use runtime.guard_reference=auto or source"
         )
-    return None if cfg.method == method_config(kind) else kind
+    return kind
 
 
 def _check_batch_size(cfg: Config, model: torch.nn.Module) -> None:
