@@ -8,9 +8,10 @@ against a frozen reference that judges the same batch: the source model with tes
 BatchNorm. On a checked batch the engine runs the reference too and writes to the results line (`reference_stats`):
 
 - `ref_flip`: the share of the batch where the reference's top probability is at least `CONFIDENT` (0.9) and the
-  adapted model predicts another class. Healthy adaptation changes the predictions the reference is unsure of
-  (Tent, 4 rounds of the soak: at most 4% of a 1,000-image window, while it is 3 points better than `norm`);
-  drift overrules confident ones (surgical entropy on all layers: 17-28% in 90% of its windows; RoTTA 6-62%);
+  adapted model predicts another class. Healthy adaptation changes the predictions the reference is unsure of;
+  drift overrules the ones it is sure of. The mean over 600-image windows, 2 rounds of the soak's stream left
+  alone (benchmarks/RESULTS.md section 16): surgical entropy on all layers median 0.19 (up to 0.28), RoTTA median
+  0.17 (up to 0.58); Tent and ETA, which improve over the rounds, at most 0.022 and 0.020;
 - `ref_entropy`: the reference's mean prediction entropy, next to the adapted model's `pred_entropy`;
 - `ref_agree`: the share of the batch on which both predict the same class (reported, not judged: an adapted model
   that is much better than the reference must disagree with it);
@@ -22,8 +23,9 @@ least `min_checks` of them), once that many are there. A window whose mean flip 
 `flip` is drift; the entropy ratio, adapted over reference, says which kind:
 
 - at most 1: **confident drift** (the adapted model is surer than the reference while overruling it: surgical
-  entropy on all layers, 0.15-0.87 over its windows);
-- above 1: **uncertain drift** (it is less sure than the reference and still overrules it: RoTTA, 0.9-3.6).
+  entropy on all layers, 0.22-0.86 over its windows; all 23 of its alarms);
+- above 1: **uncertain drift** (it is less sure than the reference and still overrules it: RoTTA, 0.89-2.90 over
+  its windows; 20 of its 21 alarms).
 
 The two kinds share the window and its flip evidence (one episode is one alarm, of the kind its entropy ratio
 says); after a flag or a reset the window starts afresh. Like the collapse detector it
