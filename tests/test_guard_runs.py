@@ -116,13 +116,15 @@ def test_replay_and_resume_give_the_live_alarms(drifting_warn, tmp_path, data_ro
     assert resumed["guard_alarms"] == summary["guard_alarms"] and resumed["errors"] == summary["errors"]
 
 
-def test_checks_every_kth_batch_and_no_reference_without_adapted_state(tmp_path, data_root):
+def test_checks_every_kth_batch_and_picks_the_reference_per_method(tmp_path, data_root):
     summary = run(cfg_for("tent", "runtime.guard_every=2"), tmp_path / "every2", data=data_root)
     checked = [r["batch_index"] for r in lines(tmp_path / "every2") if "ref_flip" in r]
     assert checked == [0, 2, 4, 6, 8] and summary["n_guard_checks"] == 5
     for config in ("source", "norm", "lame"):  # nothing adapts, nothing to reset: the one-class detector only
         s = run(cfg_for(config, "stream.n_examples=100"), tmp_path / config, data=data_root)
         assert s["guard_reference"] is None and not any("ref_flip" in r for r in lines(tmp_path / config))
+    on_source = run(cfg_for("surgical_block1", "method.bn_stats=source", n=100), tmp_path / "src", data=data_root)
+    assert on_source["guard_reference"] == "source"  # the reference normalises as the method does
     off = run(cfg_for("tent", "runtime.on_collapse=off", n=100), tmp_path / "off", data=data_root)
     assert off["guard_reference"] is None and not any("ref_flip" in r for r in lines(tmp_path / "off"))
 

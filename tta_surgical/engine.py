@@ -145,8 +145,9 @@ def build(cfg: Config, *, data: DataLike = None, source: Any = None) -> Built:
 
 def reference_kind(cfg: Config, model: torch.nn.Module) -> str | None:
     """The guard's reference for `cfg` on `model`: `norm` or `source` (`runtime.guard_reference`, auto = norm where
-    the model has BatchNorm layers), or None: no guard (`on_collapse` off), none asked for, a method that keeps no
-    adapted state (source, norm, LAME: nothing can drift, nothing to reset)."""
+    the model has BatchNorm layers and the method normalises with test-batch statistics), or None: no guard
+    (`on_collapse` off), none asked for, a method that keeps no adapted state (source, norm, LAME: nothing can
+    drift, nothing to reset)."""
     rt = cfg.runtime
     if rt.on_collapse == "off" or rt.guard_reference == "none":
         return None
@@ -155,8 +156,9 @@ def reference_kind(cfg: Config, model: torch.nn.Module) -> str | None:
         return None
     has_bn, batches = bool(batchnorm_layers(model)), cfg.stream.batch_size >= 2
     kind = rt.guard_reference
-    if kind == "auto":
-        kind = "norm" if has_bn and batches else "source"
+    if kind == "auto":  # normalise as the method does: a method on source statistics is judged against the source
+        source_stats = getattr(cfg.method, "bn_stats", "batch") == "source"
+        kind = "norm" if has_bn and batches and not source_stats else "source"
     elif kind == "norm" and not (has_bn and batches):
         why = "this model has no BatchNorm layer" if not has_bn else "one image per batch gives no batch statistics"
         raise ValueError(

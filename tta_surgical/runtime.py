@@ -32,8 +32,9 @@ __all__ = [
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
-# The guard's frozen reference: auto = norm where the model has BatchNorm layers, else source; none = no reference
-# (only the one-class collapse detector watches).
+# The guard's frozen reference: auto = norm where the model has BatchNorm layers and the method normalises with
+# test-batch statistics (not `method.bn_stats: source`), else source; none = no reference (only the one-class
+# collapse detector watches).
 GUARD_REFERENCES = ("auto", "norm", "source", "none")
 # torch.compile modes; reduce-overhead adds CUDA graphs (fixed-shape batches on a GPU; no effect on the CPU).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
