@@ -35,7 +35,6 @@ from ._version import __version__
 from .config import Config
 from .data.context import DataContext, DataLike
 from .guards import (
-    DETECTORS,
     Alarm,
     CollapseMonitor,
     DriftMonitor,
@@ -43,6 +42,7 @@ from .guards import (
     Ledger,
     batch_prediction_stats,
     describe_alarm,
+    guard_summary,
     reference_stats,
 )
 from .methods import METHODS, MethodContext, build_method
@@ -522,7 +522,7 @@ class _Loop:
     def _on_alarm(self, alarm: Alarm, rec: dict[str, Any], bar: Any) -> None:
         """Say it on stderr (a progress bar shares stderr: write through it), then act on the policy."""
         action = {"warn": "", "reset": "; resetting the method", "stop": "; stopping the run"}[self.policy]
-        what = describe_alarm(alarm, self.built.reference.cfg.name if self.built.reference is not None else None)
+        what = describe_alarm(alarm, _reference_name(self.built))
         msg = f"warning: {what[0]} suspected at batch {alarm.batch} ({rec['domain']}): {what[1]}"
         msg += f"{action} (runtime.on_collapse={self.policy})"
         if bar is not None:
@@ -579,7 +579,7 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "n_collapse_warnings": len(tally.collapses),
         "collapse_batches": list(tally.collapses),
         "on_collapse": cfg.runtime.on_collapse,
-        **guard_summary(tally, built.reference, cfg.runtime.on_collapse),
+        **guard_summary(tally.alarms, tally.ledger, _reference_name(built), cfg.runtime.on_collapse),
         "stopped_on_collapse_at_batch": loop.stopped_at,
         "status": COMPLETE if loop.stopped_at is None else STOPPED,
         "n_images": tally.errors.n_images,
@@ -602,42 +602,8 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
     return json_safe(summary)
 
 
-# The alarms listed one by one in summary.json (the counts cover all of them).
-MAX_LISTED_ALARMS = 1000
-
-
-def guard_summary(tally: _Tally, reference: Any, policy: str) -> dict[str, Any]:
-    """The guard's part of summary.json: its reference, the alarms per detector (each judged after the fact: false
-    when the adapted model was not worse than the reference over the checked batches it judged), and both models'
-    error over all checked batches."""
-    if policy == "off":
-        return {"guard_reference": None, "n_guard_alarms": 0}
-    ledger = tally.ledger
-    judged = [{**_alarm_row(a), **ledger.judge(a)} for a in tally.alarms]
-    n = sum(ledger.images)
-    checked = None
-    if n:
-        checked = {
-            "adapted": 100.0 * (1.0 - sum(ledger.correct) / n),
-            "reference": 100.0 * (1.0 - sum(ledger.ref_correct) / n),
-            "images": n,
-        }
-    return {
-        "guard_reference": reference.cfg.name if reference is not None else None,
-        "n_guard_checks": len(ledger.batches),
-        "guard_checked_errors": checked,
-        "n_guard_alarms": len(judged),
-        "guard_alarms_by_detector": {d: sum(a["detector"] == d for a in judged) for d in DETECTORS},
-        "false_alarms_by_detector": {
-            d: sum(a["detector"] == d and a["false_alarm"] is True for a in judged) for d in DETECTORS
-        },
-        "unjudged_alarms": sum(a["false_alarm"] is None for a in judged),
-        "guard_alarms": judged[:MAX_LISTED_ALARMS],
-    }
-
-
-def _alarm_row(alarm: Alarm) -> dict[str, Any]:
-    return {"batch": alarm.batch, "detector": alarm.detector, "first": alarm.first_batch, "last": alarm.last_batch}
+def _reference_name(built: Built) -> str | None:
+    return built.reference.cfg.name if built.reference is not None else None
 
 
 def _item_keys(batch: Any, spec: Any, multi: bool) -> list[str] | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .collapse import MIN_SEGMENT_BATCHES, CollapseMonitor, batch_prediction_stats, replay_collapses
 from .drift import CONFIDENT, DRIFT_KINDS, DriftMonitor, reference_stats
-from .monitor import DETECTORS, POLICIES, Alarm, Guard, Ledger, describe_alarm, replay_alarms
+from .monitor import DETECTORS, POLICIES, Alarm, Guard, Ledger, describe_alarm, guard_summary, replay_alarms
 
 __all__ = [
     "CONFIDENT",
@@ -28,6 +28,7 @@ __all__ = [
     "Ledger",
     "batch_prediction_stats",
     "describe_alarm",
+    "guard_summary",
     "reference_stats",
     "replay_alarms",
     "replay_collapses",

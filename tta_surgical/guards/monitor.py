@@ -25,7 +25,7 @@ from typing import Any
 from .collapse import CollapseMonitor
 from .drift import DRIFT_KINDS, DriftMonitor
 
-__all__ = ["DETECTORS", "POLICIES", "Alarm", "Guard", "Ledger", "describe_alarm", "replay_alarms"]
+__all__ = ["DETECTORS", "POLICIES", "Alarm", "Guard", "Ledger", "describe_alarm", "guard_summary", "replay_alarms"]
 
 POLICIES = ("warn", "reset", "stop", "off")
 DETECTORS = ("collapse", *DRIFT_KINDS)
@@ -127,3 +127,40 @@ def describe_alarm(alarm: Alarm, reference: str | None = None) -> tuple[str, str
         f"reference ({reference or 'frozen'}) was confident, and is {sure} than it (prediction entropy "
         f"{f.get('mean_entropy', 0.0):.3f} vs {f.get('reference_entropy', 0.0):.3f})"
     )
+
+
+# The alarms listed one by one in summary.json (the counts cover all of them).
+MAX_LISTED_ALARMS = 1000
+
+
+def guard_summary(alarms: list[Alarm], ledger: Ledger, reference: str | None, policy: str) -> dict[str, Any]:
+    """The guard's part of summary.json: its reference (a name, or None), the alarms per detector (each judged after
+    the fact: false when the adapted model was not worse than the reference over the checked batches it judged), and
+    both models' error over all checked batches."""
+    if policy == "off":
+        return {"guard_reference": None, "n_guard_alarms": 0}
+    judged = [{**_alarm_row(a), **ledger.judge(a)} for a in alarms]
+    n = sum(ledger.images)
+    checked = None
+    if n:
+        checked = {
+            "adapted": 100.0 * (1.0 - sum(ledger.correct) / n),
+            "reference": 100.0 * (1.0 - sum(ledger.ref_correct) / n),
+            "images": n,
+        }
+    return {
+        "guard_reference": reference,
+        "n_guard_checks": len(ledger.batches),
+        "guard_checked_errors": checked,
+        "n_guard_alarms": len(judged),
+        "guard_alarms_by_detector": {d: sum(a["detector"] == d for a in judged) for d in DETECTORS},
+        "false_alarms_by_detector": {
+            d: sum(a["detector"] == d and a["false_alarm"] is True for a in judged) for d in DETECTORS
+        },
+        "unjudged_alarms": sum(a["false_alarm"] is None for a in judged),
+        "guard_alarms": judged[:MAX_LISTED_ALARMS],
+    }
+
+
+def _alarm_row(alarm: Alarm) -> dict[str, Any]:
+    return {"batch": alarm.batch, "detector": alarm.detector, "first": alarm.first_batch, "last": alarm.last_batch}
