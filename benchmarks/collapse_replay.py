@@ -2,7 +2,7 @@
 
     python benchmarks/collapse_replay.py --window 1000 runs/soak/cells/*/results.jsonl
 
-The collapse monitor is a pure function of the results lines (`tta_surgical.collapse`), so replaying each
+The collapse monitor is a pure function of the results lines (`tta_surgical.guards.collapse`), so replaying each
 results.jsonl through a monitor with the given settings gives the batches a run with runtime.on_collapse=warn
 would have flagged. Prints the flagged runs and a count; --json writes them.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
 
-from tta_surgical.collapse import CollapseMonitor, replay_collapses  # noqa: E402
 from tta_surgical.config import RuntimeConfig  # noqa: E402
+from tta_surgical.guards import CollapseMonitor, replay_collapses  # noqa: E402
 from tta_surgical.runfolder import peek_jsonl  # noqa: E402
 
 

@@ -26,8 +26,10 @@ from tta_surgical.bench import (
     quick_spec,
     run_bench,
 )
+from tta_surgical.bench.runners import GuardedRunner, build_runner
 from tta_surgical.data.context import DataContext
 from tta_surgical.metrics import json_safe
+from tta_surgical.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -515,3 +517,25 @@ def test_corruption_speed_writes_rows_summary_and_provenance(tmp_path):
     assert all(r["ours_32_img_s"] > 0 and r["numpy_224_img_s"] is None for r in res["rows"])
     assert (res["meta"]["batch32"], res["meta"]["repeats"]) == (100, 1) and res["meta"]["machine"]["device_name"]
     assert res["summary"]["mean_ours_32_img_s_benchmark15"] > 0 and res["summary"]["mean_ratio_224"] is None
+
+
+def test_guard_label_adds_the_reference_forward_every_kth_step(monkeypatch):
+    """`<label>@guard[<k>]`: the method's step plus the guard's frozen `norm` reference every k-th step (the cost of
+    `runtime.on_collapse` with a reference); a pseudo-method or k < 1 is refused."""
+    g = parse_method("surgical:block1@guard3")
+    assert g.guard_every == 3 and g.cfg.blocks == ("block1",)
+    assert parse_method("tent@guard").guard_every == 2  # runtime.guard_every's default
+    for bad in ("inference@guard", "tent@guard0", "tent@guardx"):
+        with pytest.raises(ValueError, match="@guard"):
+            parse_method(bad)
+    model, _ = create_model("resnet20", pretrained=False, allow_random=True)
+    x = torch.randn(8, 3, 32, 32)
+    runner = build_runner(model, g, None, like=x)
+    assert isinstance(runner, GuardedRunner) and runner.reference.cfg.name == "norm"
+    calls = []
+    real = runner.reference.step
+    monkeypatch.setattr(runner.reference, "step", lambda inp: calls.append(1) or real(inp))
+    for _ in range(7):
+        runner.step(x)
+    assert len(calls) == 3  # steps 0, 3, 6
+    assert runner.method.n_steps == 7 and runner.reference.model is not runner.model

@@ -110,14 +110,16 @@ def test_output_files_and_summary_contract(baseline):
     assert set(summary["latency_ms"]) >= {"p50", "p95", "p99"}
     assert summary["latency_ms"]["p50"] <= summary["latency_ms"]["p95"] <= summary["latency_ms"]["p99"]
     assert summary["images_per_s"] > 0
-    # Where the loop time went: the parts add up to it, and the steps are the per-batch latencies.
+    # Where the loop time went: the parts add up to it, and the steps with the guard's reference forwards (on every
+    # second batch) are the per-batch latencies.
     timing = summary["timing_this_session"]
-    assert set(timing) == {"data_s", "step_s", "checkpoint_s", "other_s"} and min(timing.values()) >= 0
+    assert set(timing) == {"data_s", "step_s", "guard_s", "checkpoint_s", "other_s"} and min(timing.values()) >= 0
+    assert timing["guard_s"] > 0 and summary["guard_reference"] == "norm"
     assert sum(timing.values()) == pytest.approx(summary["wall_s_this_session"], abs=1e-5)
     assert timing["data_s"] > 0 and timing["checkpoint_s"] > 0  # corruption generation; 2 checkpoints written
 
     lines = read_lines(out)
-    assert timing["step_s"] == pytest.approx(sum(r["latency_ms"] for r in lines) / 1000, rel=1e-4)
+    assert timing["step_s"] + timing["guard_s"] == pytest.approx(sum(r["latency_ms"] for r in lines) / 1000, rel=1e-4)
     assert [r["batch_index"] for r in lines] == [0, 1, 2, 3]
     assert all(LINE_KEYS <= set(r) for r in lines)
     assert [r["domain"] for r in lines] == ["gaussian_noise"] * 2 + ["brightness"] * 2

@@ -26,7 +26,7 @@ STUDIES = f"{ROOT}.studies"
 LOWER = tuple(
     f"{ROOT}.{name}"
     for name in (
-        "config", "finetune", "methods", "models", "corruptions", "data", "streams",
+        "config", "finetune", "methods", "models", "corruptions", "data", "streams", "guards",
         "registry", "fileio", "tables", "metrics", "runtime", "provenance", "hub", "render", "autotune",
     )
 )  # fmt: skip

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from _extras import require
 
 from benchmarks.studies.grid import grid_rows
+from benchmarks.studies.guard_report import flip_profile, guard_markdown, guard_rows
 from benchmarks.studies.soak import plot_soak, soak_markdown, soak_rows
 from benchmarks.studies.sweep_cells import finished_cells
 
@@ -61,3 +63,30 @@ def test_finished_cells_in_plan_order_and_grid_rows(tmp_path):
         ("eta", "continual", "default"),
     ]
     assert [r["label"] for r in soak_rows(out)] == ["tent reset=per_domain blocks=['block1', 'block2']", "eta"]
+
+
+def test_guard_report_rows_and_flip_profile(tmp_path):
+    """benchmarks/guard_report.py: the window profile of `ref_flip` is cut at resets and image-weighted; the table
+    puts each run's last round against norm's."""
+    def rec(i, flip, reset=False):
+        return {"batch_index": i, "count": 200, "reset": reset, "pred_entropy": 0.1, "ref_entropy": 0.2,
+                "ref_flip": flip}  # fmt: skip
+
+    lines = [rec(0, 0.3), rec(1, 0.0), rec(2, 0.0), rec(3, 0.3), rec(4, 0.3, reset=True), rec(5, 0.0), rec(6, 0.3)]
+    prof = flip_profile(lines, window=600)
+    # windows 0-2 (0.1), 1-3 (0.1); the reset at 4 cuts: 4-6 (0.2)
+    assert prof["windows"] == 3 and prof["max_flip"] == pytest.approx(0.2) and prof["min_ratio"] == 0.5
+    assert flip_profile(lines[:2])["windows"] == 0
+    for name, rounds, alarms in (("norm", [30.0], {}), ("sall_reset", [31.0], {"confident_drift": 2})):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "summary.json").write_text(json.dumps({
+            "online_error": rounds[-1], "online_errors_by_round": rounds, "n_resets": 2,
+            "guard_alarms_by_detector": alarms, "false_alarms_by_detector": {"confident_drift": 1} if alarms else {},
+            "timing_this_session": {"step_s": 10.0, "guard_s": 1.5},
+        }))  # fmt: skip
+        (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rows = guard_rows([tmp_path / "norm", tmp_path / "sall_reset"])
+    assert rows[1]["guard_share"] == pytest.approx(0.15) and rows[1]["alarms"]["confident_drift"] == 2
+    table = guard_markdown(rows)
+    assert "| sall_reset | 31.00 | +1.00 | 2 | 0 / 2 / 0 | 1 | 0.150 | 3 | 0.100 / 0.200 | 0.50-0.50 |" in table

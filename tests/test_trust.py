@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tta_surgical.collapse import CollapseMonitor
 from tta_surgical.config import ConfigError, RuntimeConfig, load_config
 from tta_surgical.engine import RESULTS_FILE, run
+from tta_surgical.guards import CollapseMonitor
 from tta_surgical.runfolder import FolderInUseError, JsonlWriter, RunFolder, folder_lock, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def test_env_has_no_lock_leftovers(tmp_path):
 
 def test_prediction_stats_report_a_confident_batch_as_zero_entropy():
     """One-hot logits have entropy -0.0 in float arithmetic; the results line and the warning say 0.0."""
-    from tta_surgical.collapse import batch_prediction_stats
+    from tta_surgical.guards import batch_prediction_stats
 
     logits = torch.full((4, 3), -1e4)
     logits[:, 1] = 1e4
@@ -245,7 +245,7 @@ def test_prediction_stats_report_a_confident_batch_as_zero_entropy():
 
 def test_replaying_results_lines_gives_the_runs_collapse_batches(tmp_path, data_root):
     """replay_collapses over a finished run's results lines = the collapse_batches its summary reports."""
-    from tta_surgical.collapse import replay_collapses
+    from tta_surgical.guards import replay_collapses
 
     cfg = cfg_for("tent", "optim.lr=1000", "stream.n_examples=600", "runtime.on_collapse=warn")
     summary = run(cfg, tmp_path / "r", data=data_root)
@@ -376,7 +376,7 @@ def test_sane_quickstart_runs_raise_no_collapse(tmp_path, data_root):
 def test_replay_and_resume_give_the_runs_flags_on_reset_domains(reset_per_domain_collapse, tmp_path, data_root):
     """Pure function of the lines: replayed (also from lines without `segment_end`, as older runs wrote them) and
     rebuilt on resume, the flags are the run's."""
-    from tta_surgical.collapse import replay_collapses
+    from tta_surgical.guards import replay_collapses
 
     out, summary = reset_per_domain_collapse
     rt = quickstart_cfg().runtime

@@ -17,6 +17,7 @@ Files in `out_dir`: `config.yaml` (the resolved config), `results.jsonl`, `state
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import sys
@@ -31,11 +32,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .collapse import CollapseMonitor, batch_prediction_stats
 from .config import Config
 from .data.context import DataContext, DataLike
-from .methods import MethodContext, build_method
-from .methods.bn import uses_batch_statistics
+from .guards import (
+    Alarm,
+    CollapseMonitor,
+    DriftMonitor,
+    Guard,
+    Ledger,
+    batch_prediction_stats,
+    describe_alarm,
+    guard_summary,
+    reference_stats,
+)
+from .methods import METHODS, MethodContext, build_method
+from .methods.bn import batchnorm_layers, uses_batch_statistics
+from .methods.settings import method_config
 from .metrics import (
     BatchTimer,
     ErrorMeter,
@@ -95,6 +107,8 @@ class Built:
     stream: Any
     device: torch.device
     multi_severity: bool
+    # The guard's frozen reference (a `norm` or `source` method on a copy of the source model), or None.
+    reference: Any = None
 
 
 def build(cfg: Config, *, data: DataLike = None, source: Any = None) -> Built:
@@ -111,6 +125,8 @@ def build(cfg: Config, *, data: DataLike = None, source: Any = None) -> Built:
     model = model.to(device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ref_kind = reference_kind(cfg, model)
+    ref_model = copy.deepcopy(model) if ref_kind is not None else None  # before the method configures the model
     kind = source_class(cfg.stream.source)
     context = MethodContext(seed=int(rt.seed), source_images=kind.source_samples(data), source_note=kind.samples_note)
     # The method autocasts its own forwards (bf16) and keeps its loss and BN statistics in fp32.
@@ -121,7 +137,35 @@ def build(cfg: Config, *, data: DataLike = None, source: Any = None) -> Built:
         # In-place compile keeps parameter names (block maps match on them) and the state_dict keys.
         model.compile(mode=rt.compile_mode)
     stream = build_stream(cfg.stream, data=data, device=device, source=source)
-    return Built(model, info, method, stream, device, _multi_severity(stream, cfg.stream))
+    reference = None
+    if ref_kind is not None:  # the guard's reference: never compiled, never adapted
+        reference = build_method(ref_model, method_config(ref_kind), autocast_dtype=autocast)
+    return Built(model, info, method, stream, device, _multi_severity(stream, cfg.stream), reference)
+
+
+def reference_kind(cfg: Config, model: torch.nn.Module) -> str | None:
+    """The guard's reference for `cfg` on `model`: `norm` or `source` (`runtime.guard_reference`, auto = norm where
+    the model has BatchNorm layers and the method normalises with test-batch statistics), or None: no guard
+    (`on_collapse` off), none asked for, a method that keeps no adapted state (source, norm, LAME: nothing can
+    drift, nothing to reset)."""
+    rt = cfg.runtime
+    if rt.on_collapse == "off" or rt.guard_reference == "none":
+        return None
+    method = METHODS.get(cfg.method.name)
+    if not (method.adapts or method.updates_norm_statistics):
+        return None
+    has_bn, batches = bool(batchnorm_layers(model)), cfg.stream.batch_size >= 2
+    kind = rt.guard_reference
+    if kind == "auto":  # normalise as the method does: a method on source statistics is judged against the source
+        source_stats = getattr(cfg.method, "bn_stats", "batch") == "source"
+        kind = "norm" if has_bn and batches and not source_stats else "source"
+    elif kind == "norm" and not (has_bn and batches):
+        why = "this model has no BatchNorm layer" if not has_bn else "one image per batch gives no batch statistics"
+        raise ValueError(
+            f"runtime.guard_reference=norm normalises the reference with the test batch's BatchNorm statistics, but "
+            f"{why}; use runtime.guard_reference=auto or source"
+        )
+    return kind
 
 
 def _check_batch_size(cfg: Config, model: torch.nn.Module) -> None:
@@ -142,33 +186,43 @@ def _check_batch_size(cfg: Config, model: torch.nn.Module) -> None:
 class _Tally:
     """Everything the summary is computed from; rebuilt exactly by replaying the results lines on resume."""
 
-    monitor: CollapseMonitor
+    guard: Guard
     errors: ErrorMeter = field(default_factory=ErrorMeter)
     latency: LatencyMeter = field(default_factory=LatencyMeter)
+    ledger: Ledger = field(default_factory=Ledger)
     nonfinite: int = 0
-    collapses: list[int] = field(default_factory=list)
+    alarms: list[Alarm] = field(default_factory=list)
     n_lines: int = 0
     pending_reset: bool = False
 
-    def account(self, rec: dict[str, Any], policy: str) -> bool:
-        """Add one results line; True when it flags a collapse (then, with policy reset, the next batch resets)."""
+    @property
+    def collapses(self) -> list[int]:
+        """The batches of the one-class collapse alarms."""
+        return [a.batch for a in self.alarms if a.detector == "collapse"]
+
+    def account(self, rec: dict[str, Any], policy: str) -> list[Alarm]:
+        """Add one results line; the alarms it raises (then, with policy reset, the next batch resets)."""
         self.n_lines += 1
         self.nonfinite += not rec.get("finite", True)
         by = rec.get("by_domain")
         for k, (c, n) in (by or {rec["domain"]: (rec["correct"], rec["count"])}).items():
             self.errors.update(k, int(c), int(n))
         self.latency.update(float(rec["latency_ms"]), int(rec["count"]), warmup=bool(rec.get("warmup", False)))
+        self.ledger.add(rec)
         self.pending_reset = False
-        if policy == "off" or not self.monitor.observe(rec):
-            return False
-        self.collapses.append(int(rec["batch_index"]))
-        self.pending_reset = policy == "reset"
-        return True
+        if policy == "off":
+            return []
+        alarms = self.guard.observe(rec)
+        self.alarms += alarms
+        self.pending_reset = bool(alarms) and policy == "reset"
+        return alarms
 
 
-def _monitor(cfg: Config) -> CollapseMonitor:
+def _guard(cfg: Config, reference: Any) -> Guard:
     rt = cfg.runtime
-    return CollapseMonitor(rt.collapse_window, rt.collapse_share, rt.collapse_entropy_ratio)
+    collapse = CollapseMonitor(rt.collapse_window, rt.collapse_share, rt.collapse_entropy_ratio)
+    drift = DriftMonitor(rt.guard_window, flip=rt.guard_flip) if reference is not None else None
+    return Guard(collapse, drift)
 
 
 def _round(batch: Any, spec: Any) -> int | None:
@@ -346,7 +400,8 @@ class _Loop:
     ) -> None:
         self.cfg, self.folder, self.built = cfg, folder, built
         self.policy = cfg.runtime.on_collapse
-        self.tally = _Tally(_monitor(cfg))
+        self.tally = _Tally(_guard(cfg, built.reference))
+        self.guard_every = int(cfg.runtime.guard_every)
         self.start = 0
         self.peak_before = 0.0
         self.resumed = False
@@ -359,7 +414,8 @@ class _Loop:
         self.segment_ends = _segment_ends(plan, cfg.stream, built.multi_severity)
         # Where this session's loop time goes: waiting for the next batch (reading or generating it; on a GPU only
         # the host side of generation), the adaptation steps (device-synchronised), and checkpoint writes.
-        self.timing = {"data_s": 0.0, "step_s": 0.0, "checkpoint_s": 0.0}
+        # The guard's reference forwards on checked batches are timed apart (guard_s) and counted in the latency.
+        self.timing = {"data_s": 0.0, "step_s": 0.0, "guard_s": 0.0, "checkpoint_s": 0.0}
         self.stopped_at: int | None = None
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
@@ -417,9 +473,12 @@ class _Loop:
                     self.save_checkpoint(batch.batch_index, writer)
                 prev = segment
                 rec = self._step(batch, first=batch.batch_index == self.start)
+                alarms = self.tally.account(rec, self.policy)
+                if alarms:  # on the line too (informative: a replay recomputes them from the signals)
+                    rec["alarms"] = [a.detector for a in alarms]
                 writer.write(rec)
-                if self.tally.account(rec, self.policy):
-                    self._on_collapse(rec, bar)
+                for alarm in alarms:
+                    self._on_alarm(alarm, rec, bar)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(err=f"{self.tally.errors.online_error():.1f}%", refresh=False)
@@ -444,7 +503,15 @@ class _Loop:
         with BatchTimer(built.device) as timer:
             logits = built.method.step(x)
         self.timing["step_s"] += float(timer.ms) / 1000.0
-        rec = _record(batch, logits, built.method, timer.ms, self.cfg.stream, built.multi_severity)
+        ref_logits, guard_ms = None, 0.0
+        if built.reference is not None and int(batch.batch_index) % self.guard_every == 0:
+            with BatchTimer(built.device) as guard_timer:
+                ref_logits = built.reference.step(x)
+            guard_ms = float(guard_timer.ms)
+            self.timing["guard_s"] += guard_ms / 1000.0
+        rec = _record(batch, logits, built.method, timer.ms + guard_ms, self.cfg.stream, built.multi_severity)
+        if ref_logits is not None:
+            rec.update(json_safe(reference_stats(logits, ref_logits, batch.y)))
         rec["reset"] = bool(batch.reset_before or self.tally.pending_reset)
         rec["segment_end"] = self.segment_ends[int(batch.batch_index)]
         rec["warmup"] = first
@@ -452,30 +519,18 @@ class _Loop:
             rec["pred"] = logits.argmax(dim=1).tolist()
         return rec
 
-    def _on_collapse(self, rec: dict[str, Any], bar: Any) -> None:
+    def _on_alarm(self, alarm: Alarm, rec: dict[str, Any], bar: Any) -> None:
         """Say it on stderr (a progress bar shares stderr: write through it), then act on the policy."""
-        rec_index = int(rec["batch_index"])
         action = {"warn": "", "reset": "; resetting the method", "stop": "; stopping the run"}[self.policy]
-        msg = f"warning: collapse suspected at batch {rec_index} ({rec['domain']}): {_evidence(self.tally.monitor)}"
+        what = describe_alarm(alarm, _reference_name(self.built))
+        msg = f"warning: {what[0]} suspected at batch {alarm.batch} ({rec['domain']}): {what[1]}"
         msg += f"{action} (runtime.on_collapse={self.policy})"
         if bar is not None:
             bar.write(msg, file=sys.stderr)
         else:
             print(msg, file=sys.stderr, flush=True)
         if self.policy == "stop":
-            self.stopped_at = rec_index
-
-
-def _evidence(monitor: CollapseMonitor) -> str:
-    """What the monitor's last flag rested on, in words."""
-    f = monitor.last_flag or {}
-    scope = "the last" if f.get("over") == "window" else "this domain's"
-    return (
-        f"over {scope} {f.get('batches')} batches ({f.get('images')} images) class {f.get('top_class')} leads in "
-        f"{f.get('batches_with_top_class')} of them and the leading class takes {f.get('mean_share', 0.0):.0%} of "
-        f"the predictions, prediction entropy {f.get('mean_entropy', 0.0):.3f} (first batch after the start or "
-        f"last reset: {f.get('reference_entropy', 0.0):.3f})"
-    )
+            self.stopped_at = alarm.batch
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
@@ -524,6 +579,7 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "n_collapse_warnings": len(tally.collapses),
         "collapse_batches": list(tally.collapses),
         "on_collapse": cfg.runtime.on_collapse,
+        **guard_summary(tally.alarms, tally.ledger, _reference_name(built), cfg.runtime.on_collapse),
         "stopped_on_collapse_at_batch": loop.stopped_at,
         "status": COMPLETE if loop.stopped_at is None else STOPPED,
         "n_images": tally.errors.n_images,
@@ -544,6 +600,10 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "versions": {"tta_surgical": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     return json_safe(summary)
+
+
+def _reference_name(built: Built) -> str | None:
+    return built.reference.cfg.name if built.reference is not None else None
 
 
 def _item_keys(batch: Any, spec: Any, multi: bool) -> list[str] | None:

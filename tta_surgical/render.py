@@ -36,12 +36,19 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
             f"\n\n**Stopped on collapse at batch {summary['stopped_on_collapse_at_batch']} (runtime.on_collapse=stop): "
             f"{_batches_run(summary)} batches ran; the errors cover those only.**"
         )
-    elif summary.get("n_collapse_warnings"):
-        n = int(summary["n_collapse_warnings"])
-        title += (
-            f"\n\n**Warning: collapse suspected {n} time{'s' if n > 1 else ''} ({_flagged_batches(summary)}; "
-            f"runtime.on_collapse={summary.get('on_collapse')}): see results.jsonl.**"
-        )
+    else:
+        if summary.get("n_collapse_warnings"):
+            n = int(summary["n_collapse_warnings"])
+            title += (
+                f"\n\n**Warning: collapse suspected {n} time{'s' if n > 1 else ''} ({_flagged_batches(summary)}; "
+                f"runtime.on_collapse={summary.get('on_collapse')}): see results.jsonl.**"
+            )
+        drift = _drift_alarms(summary)
+        if drift:
+            title += (
+                f"\n\n**Warning: drift from the reference ({summary.get('guard_reference')}) suspected: {drift} "
+                f"(runtime.on_collapse={summary.get('on_collapse')}): see results.jsonl.**"
+            )
     rows = [[d, fmt(e)] for d, e in summary.get("errors", {}).items()]
     rows.append(["**mean**", f"**{fmt(summary.get('mean_error'))}**"])
     errors = markdown_table(["domain", "error %"], rows)
@@ -55,6 +62,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         [f"peak memory MiB ({summary.get('peak_memory_kind', '?')})", fmt(summary.get("peak_memory_mb"), 1)],
         ["skipped updates", fmt(summary.get("n_skipped_updates"))],
         ["collapse warnings", _collapses(summary)],
+        *_guard_rows(summary),
         ["batches", _batches_run(summary)],
         ["images", fmt(summary.get("n_images"))],
         ["device", fmt(summary.get("device"))],
@@ -75,6 +83,47 @@ def _collapses(summary: Mapping[str, Any]) -> str:
         return "not monitored (runtime.on_collapse=off)"
     n = len(summary.get("collapse_batches") or [])
     return f"{n} ({_flagged_batches(summary)})" if n else "none"
+
+
+def _drift_alarms(summary: Mapping[str, Any]) -> str:
+    """The drift alarms in words ("confident drift 3 (batches 5, 9, 14), uncertain drift 0"), or "" when none."""
+    by = summary.get("guard_alarms_by_detector") or {}
+    if not any(by.get(k) for k in ("confident_drift", "uncertain_drift")):
+        return ""
+    parts = []
+    for kind in ("confident_drift", "uncertain_drift"):
+        batches = [a["batch"] for a in summary.get("guard_alarms") or [] if a.get("detector") == kind]
+        listed = ", ".join(str(b) for b in batches[:10]) + (", ..." if len(batches) > 10 else "")
+        parts.append(f"{kind.replace('_', ' ')} {by.get(kind, 0)}" + (f" (batches {listed})" if batches else ""))
+    return ", ".join(parts)
+
+
+def _guard_rows(summary: Mapping[str, Any]) -> list[list[str]]:
+    """The guard's rows of the summary table: its reference and checks, drift alarms, false alarms."""
+    reference = summary.get("guard_reference")
+    if not reference:
+        return []
+    checked = summary.get("guard_checked_errors") or {}
+    rows = [
+        [
+            "guard reference",
+            f"{reference}, {fmt(summary.get('n_guard_checks'))} checked batches: error {fmt(checked.get('adapted'))}% "
+            f"adapted vs {fmt(checked.get('reference'))}% reference",
+        ],
+        ["drift alarms", _drift_alarms(summary) or "none"],
+    ]
+    n = int(summary.get("n_guard_alarms") or 0)
+    if n:
+        false = sum((summary.get("false_alarms_by_detector") or {}).values())
+        unjudged = int(summary.get("unjudged_alarms") or 0)
+        rows.append(
+            [
+                "false alarms (after the fact, with labels)",
+                f"{false} of {n} (the adapted model was not worse than the reference on the checked batches the "
+                f"alarm judged)" + (f"; {unjudged} not judged (no checked batch)" if unjudged else ""),
+            ]
+        )
+    return rows
 
 
 def _batches_run(summary: Mapping[str, Any]) -> str:

@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .collapse import POLICIES as ON_COLLAPSE
+from .guards import POLICIES as ON_COLLAPSE
 from .schema import ConfigError, check_choice
 
 __all__ = [
     "COMPILE_MODES",
     "DEVICES",
+    "GUARD_REFERENCES",
     "ON_COLLAPSE",
     "PRECISIONS",
     "RuntimeConfig",
@@ -31,6 +32,10 @@ __all__ = [
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+# The guard's frozen reference: auto = norm where the model has BatchNorm layers and the method normalises with
+# test-batch statistics (not `method.bn_stats: source`), else source; none = no reference (only the one-class
+# collapse detector watches).
+GUARD_REFERENCES = ("auto", "norm", "source", "none")
 # torch.compile modes; reduce-overhead adds CUDA graphs (fixed-shape batches on a GPU; no effect on the CPU).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -51,18 +56,27 @@ class RuntimeConfig:
     num_workers: int | None = None
     seed: int = 0
     progress: bool = True
-    # Collapse detection (`tta_surgical.collapse`): what to do when predictions concentrate on one class while the
-    # prediction entropy falls (warn: a warning on stderr and a count in summary.json / summary.md; reset: also
-    # restore the method's source state before the next batch; stop: end the run there, status stopped_on_collapse;
-    # off: no monitoring), over a window of `collapse_window` images and over each domain at its end, with the share
+    # The guard (`tta_surgical.guards`): what to do when a detector fires (warn: a warning on stderr and a count in
+    # summary.json / summary.md; reset: also restore the method's source state before the next batch; stop: end the
+    # run there, status stopped_on_collapse; off: no monitoring and no reference). The policy acts on every detector:
+    # one-class collapse, confident drift and uncertain drift.
+    on_collapse: str = "warn"
+    # One-class collapse: over a window of `collapse_window` images and over each domain at its end, with the share
     # and entropy-ratio thresholds of the module. 1,000 images = 5 default batches: a window longer than the run
     # never fills (2,000 missed Tent at lr=1000 on a 1,500-image continual stream), and replaying 516 measured runs'
     # results lines at 1,000 flagged exactly the runs 2,000 flagged (benchmarks/RESULTS.md section 10a; measured
     # before domains were also judged on their own, section 10c).
-    on_collapse: str = "warn"
     collapse_window: int = 1000
     collapse_share: float = 0.6
     collapse_entropy_ratio: float = 0.5
+    # Drift against a frozen reference (`guards.drift`): every `guard_every`-th batch the reference predicts it too;
+    # a window of `guard_window` images of such checked batches (at least 3 of them) whose share of overruled
+    # confident reference predictions reaches `guard_flip` is confident or uncertain drift (benchmarks/RESULTS.md
+    # section 16 measures these defaults).
+    guard_reference: str = "auto"
+    guard_every: int = 2
+    guard_window: int = 600
+    guard_flip: float = 0.1
 
     def __post_init__(self) -> None:
         check_choice("runtime", "on_collapse", self.on_collapse, ON_COLLAPSE)
@@ -72,6 +86,13 @@ class RuntimeConfig:
             raise ConfigError(f"runtime.collapse_share must lie in (0, 1], got {self.collapse_share}")
         if not 0.0 < self.collapse_entropy_ratio <= 1.0:
             raise ConfigError(f"runtime.collapse_entropy_ratio must lie in (0, 1], got {self.collapse_entropy_ratio}")
+        check_choice("runtime", "guard_reference", self.guard_reference, GUARD_REFERENCES)
+        if self.guard_every < 1:
+            raise ConfigError(f"runtime.guard_every must be >= 1 batch (1 = check every batch), got {self.guard_every}")
+        if self.guard_window < 1:
+            raise ConfigError(f"runtime.guard_window must be >= 1 image, got {self.guard_window}")
+        if not 0.0 < self.guard_flip <= 1.0:
+            raise ConfigError(f"runtime.guard_flip must lie in (0, 1] (a share of the batch), got {self.guard_flip}")
         check_choice("runtime", "device", self.device, DEVICES)
         check_choice("runtime", "precision", self.precision, PRECISIONS)
         check_choice("runtime", "compile_mode", self.compile_mode, COMPILE_MODES)

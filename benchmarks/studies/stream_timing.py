@@ -17,7 +17,8 @@ Every method (a bench label, `tta_surgical.bench.labels`, that the engine runs; 
 through `tta_surgical.engine.run` on the identical stream (same seed, same plan fingerprint). Per method:
 - stream_s: the engine's own wall time of its batch loop and final checkpoint (`summary.wall_s_this_session`),
   split by the engine (`summary.timing_this_session`) into
-  - step_s: the adaptation steps (sum of the device-synchronised per-batch `BatchTimer` latencies),
+  - step_s: the adaptation steps (sum of the device-synchronised per-batch `BatchTimer` latencies; with the run
+    guard's reference forwards, `timing_this_session.guard_s`, which the per-batch latencies include),
   - data_s: waiting for the next batch (reading / decoding / corruption generation, including the DataLoader
     workers' start-up before the first batch; on a GPU only the host side of queued kernels),
   - checkpoint_s: the checkpoints written at domain boundaries and at the end (with fsync),
@@ -340,7 +341,8 @@ def time_method(
     lines = [json.loads(line) for line in text.splitlines() if line.strip()]
     stream_s = float(summary["wall_s_this_session"])
     timing = summary["timing_this_session"]  # the engine's own breakdown of stream_s
-    step_s, checkpoint_s, data_s = float(timing["step_s"]), float(timing["checkpoint_s"]), float(timing["data_s"])
+    step_s = float(timing["step_s"]) + float(timing.get("guard_s", 0.0))  # the latencies hold the guard's forwards
+    checkpoint_s, data_s = float(timing["checkpoint_s"]), float(timing["data_s"])
     images = sum(int(r["count"]) for r in lines)
     copied = ("online_error", "mean_error", "errors", "latency_ms", "peak_memory_mb", "peak_memory_kind")
     copied += ("adapted_tensors", "adapted_numel", "model_pretrained", "stream_fingerprint", "device")

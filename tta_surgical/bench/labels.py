@@ -10,7 +10,11 @@ A label is one of
 - one of the bench's own pseudo-methods: `inference` (the plain model forward under `inference_mode`, the
   baseline of every `ratio_to_inference`), `reference_tent` (`PlainTent`, Tent written as a plain loop; the
   package's `tent` is compared with it), `autorgn` (surgical entropy minimisation of every block with online
-  auto-RGN per-tensor learning rates).
+  auto-RGN per-tensor learning rates);
+- any label of a registered method followed by `@guard` (or `@guard<k>`): that method with the run guard's reference
+  forward (`norm` on a frozen copy of the source model, `source` where the model has no BatchNorm) after every k-th
+  step (default `runtime.guard_every`), the cost of `runtime.on_collapse` with a reference, e.g. `tent@guard`,
+  `surgical:block1@guard4`.
 
 `method_settings` is the one function that turns a label into a method config; the pseudo-methods' definitions
 (`REFERENCE_TWIN`, `SURGICAL`) are the only method names written here.
@@ -22,7 +26,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..config import MethodSettings, method_config
+from ..config import MethodSettings, RuntimeConfig, method_config
 from ..methods import METHODS
 
 INFERENCE = "inference"
@@ -33,6 +37,7 @@ AUTORGN = "autorgn"
 REFERENCE_TWIN = "tent"
 SURGICAL = "surgical"
 BLOCK_SEPARATOR = ":"
+GUARD_SUFFIX = "@guard"
 BLOCK_JOINER = "+"
 SURGICAL_BLOCK1 = f"{SURGICAL}{BLOCK_SEPARATOR}block1"  # the paper's headline: every parameter of the first stage
 
@@ -44,6 +49,7 @@ class MethodSpec:
     label: str
     kind: str
     cfg: MethodSettings | None = None
+    guard_every: int = 0  # > 0: the guard's reference forward after every guard_every-th step (`@guard`)
 
     @property
     def adapts(self) -> bool:
@@ -84,6 +90,12 @@ def valid_labels() -> str:
 def parse_method(text: str) -> MethodSpec:
     """Parse a label (see the module docstring); an unknown or invalid one raises `ValueError` saying what is valid."""
     label = text.strip()
+    base, at, every = label.partition(GUARD_SUFFIX)
+    if at:
+        ms = parse_method(base)
+        if ms.kind != "method":
+            raise ValueError(f"bench method {label!r}: {GUARD_SUFFIX} goes after a registered method, e.g. tent@guard")
+        return MethodSpec(label, ms.kind, ms.cfg, _guard_every(label, every))
     if label == INFERENCE:
         return MethodSpec(label, "inference")
     if label == REFERENCE:
@@ -100,6 +112,15 @@ def parse_method(text: str) -> MethodSpec:
         return MethodSpec(label, "method", method_settings(name, blocks, weighting=weighting))
     except ValueError as err:  # the config's own check of the method's settings
         raise ValueError(f"bench method {label!r}: {err}") from None
+
+
+def _guard_every(label: str, text: str) -> int:
+    """The check interval of a `@guard[<k>]` label: k, or the run default (`runtime.guard_every`)."""
+    if not text:
+        return int(RuntimeConfig().guard_every)
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"bench method {label!r}: write {GUARD_SUFFIX} or {GUARD_SUFFIX}<k> with k >= 1 batches")
+    return int(text)
 
 
 def _blocks(label: str, name: str, text: str) -> tuple[str, ...]:

@@ -8,17 +8,18 @@ optimiser kernels the bench asks for.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..config import PRECISIONS, OptimConfig
-from ..methods import MethodContext, build_method
+from ..config import PRECISIONS, OptimConfig, method_config
+from ..methods import MethodContext, batchnorm_layers, build_method
 from .labels import MethodSpec
 from .reference import PlainTent
 
-__all__ = ["InferenceRunner", "adapted_tensors", "autocast", "autocast_dtype", "build_runner"]
+__all__ = ["GuardedRunner", "InferenceRunner", "adapted_tensors", "autocast", "autocast_dtype", "build_runner"]
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -50,6 +51,34 @@ class InferenceRunner:
             return self.model(x)
 
 
+class GuardedRunner:
+    """A method's step with the run guard's reference forward after every `every`-th step, as the engine does on
+    its checked batches (`runtime.on_collapse` with a reference): the guard's cost in a bench cell."""
+
+    def __init__(self, method: Any, reference: Any, every: int) -> None:
+        self.method, self.reference, self.every = method, reference, every
+        self.model = method.model
+        self.calls = 0
+
+    def step(self, x: Tensor) -> Tensor:
+        logits = self.method.step(x)
+        if self.calls % self.every == 0:
+            self.reference.step(x)
+        self.calls += 1
+        return logits
+
+    def params(self) -> Any:
+        return self.method.params()
+
+    def reset(self) -> None:
+        self.method.reset()
+        self.calls = 0
+
+    @property
+    def n_skipped(self) -> int:
+        return int(self.method.n_skipped)
+
+
 def build_runner(
     model: nn.Module,
     ms: MethodSpec,
@@ -69,7 +98,16 @@ def build_runner(
 
     context = MethodContext(source_images=_random_source(like)) if like is not None else None
     optim = OptimConfig(implementation=optim_implementation)
-    return build_method(model, ms.cfg, optim, autocast_dtype=autocast_dtype, context=context)
+    reference = _reference(model, autocast_dtype) if ms.guard_every else None  # copied before `model` is configured
+    method = build_method(model, ms.cfg, optim, autocast_dtype=autocast_dtype, context=context)
+    return method if reference is None else GuardedRunner(method, reference, ms.guard_every)
+
+
+def _reference(model: nn.Module, autocast_dtype: torch.dtype | None) -> Any:
+    """The guard's reference as the engine builds it for `runtime.guard_reference=auto`: `norm` on a frozen copy of
+    the source model (`source` where it has no BatchNorm)."""
+    kind = "norm" if batchnorm_layers(model) else "source"
+    return build_method(copy.deepcopy(model), method_config(kind), autocast_dtype=autocast_dtype)
 
 
 def _random_source(like: Tensor) -> Any:

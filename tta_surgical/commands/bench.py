@@ -44,7 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="method labels: a registered method name (its default settings), <method>:<block>[+<block>] for a "
         "method that adapts (every parameter of those blocks, e.g. surgical:block1), autorgn, reference_tent (the "
-        "plain Tent loop), inference (always measured: the ratio baseline); default: every registered method, "
+        "plain Tent loop), inference (always measured: the ratio baseline), any method label + @guard[<k>] (with "
+        "the run guard's reference forward every k-th step, default runtime.guard_every, e.g. surgical@guard); "
+        "default: every registered method, "
         "surgical:block1, autorgn and reference_tent",
     )
     parser.add_argument("--batch-sizes", nargs="+", metavar="N", default=None, help="batch sizes (default 16 64 200)")

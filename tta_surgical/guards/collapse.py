@@ -1,4 +1,4 @@
-"""Collapse detection for online runs: predictions concentrating on one class while confidence rises.
+"""One-class collapse: predictions concentrating on one class while confidence rises (one detector of `guards`).
 
 The failure mode of entropy minimisation over long streams (Tent at a large learning rate, or any method over
 many rounds of a continual stream) is a model that predicts the same class for everything, ever more
@@ -27,7 +27,8 @@ is judged collapsed when all three hold:
 
 A reset (the stream's policy or a collapse reset: `reset` on the results line) empties both and re-takes the
 reference from the next batch; after a flag both start afresh, so one collapse is reported once. The monitor's
-state is a function of the results lines alone, so replaying them on resume rebuilds it exactly.
+state is a function of the results lines alone, so replaying them on resume rebuilds it exactly. A flag names the
+batches it judged (`first_batch`, `last_batch`), for the after-the-fact false-alarm count (`guards.Ledger.judge`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from torch import Tensor
 
 __all__ = ["MIN_SEGMENT_BATCHES", "CollapseMonitor", "batch_prediction_stats", "replay_collapses"]
 
-POLICIES = ("warn", "reset", "stop", "off")
 SAME_CLASS_FRACTION = 0.8
 # A segment judged on fewer batches would rest on one batch's statistics: too noisy to call a collapse.
 MIN_SEGMENT_BATCHES = 2
@@ -70,12 +70,13 @@ def batch_prediction_stats(logits: Tensor, y: Tensor) -> tuple[int, float, int, 
 
 @dataclass
 class _Batches:
-    """Consecutive batches' (entropy, top class, top share, images), at most `cap` images (but `keep` batches)."""
+    """Consecutive batches' (entropy, top class, top share, images, batch index), at most `cap` images (but `keep`
+    batches)."""
 
     items: deque = field(default_factory=deque)
     images: int = 0
 
-    def add(self, item: tuple[float, int, float, int], cap: int, keep: int) -> None:
+    def add(self, item: tuple[float, int, float, int, int], cap: int, keep: int) -> None:
         self.items.append(item)
         self.images += item[3]
         while len(self.items) > keep and self.images - self.items[0][3] >= cap:
@@ -90,9 +91,9 @@ class _Batches:
         if not self.items:
             return None
         total = self.images
-        mean_share = sum(s * n for _, _, s, n in self.items) / total
-        mean_entropy = sum(e * n for e, _, _, n in self.items) / total
-        top, modal = Counter(t for _, t, _, _ in self.items).most_common(1)[0]
+        mean_share = sum(s * n for _, _, s, n, _ in self.items) / total
+        mean_entropy = sum(e * n for e, _, _, n, _ in self.items) / total
+        top, modal = Counter(t for _, t, _, _, _ in self.items).most_common(1)[0]
         if (
             mean_share >= share
             and modal >= SAME_CLASS_FRACTION * len(self.items)
@@ -101,6 +102,8 @@ class _Batches:
             return {
                 "batches": len(self.items),
                 "images": total,
+                "first_batch": int(self.items[0][4]),
+                "last_batch": int(self.items[-1][4]),
                 "top_class": int(top),
                 "batches_with_top_class": int(modal),
                 "mean_share": mean_share,
@@ -138,7 +141,7 @@ class CollapseMonitor:
         self._segment_over = bool(record.get("segment_end"))
         entropy, top, share = record.get("pred_entropy"), record.get("top_class"), record.get("top_class_share")
         if entropy is not None and top is not None and share is not None:  # a non-finite batch adds nothing
-            item = (float(entropy), int(top), float(share), int(record.get("count", 1)))
+            item = (float(entropy), int(top), float(share), int(record.get("count", 1)), int(record["batch_index"]))
             is_reference = self.reference_entropy is None
             if is_reference:
                 self.reference_entropy = float(entropy)
