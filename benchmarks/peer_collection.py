@@ -1,0 +1,309 @@
+"""End to end against the authors' code: each method of the best-known TTA collection and our `tta-surgical run` over
+the identical continual CIFAR-10-C stream, runs alternated, images/s, online error and our time breakdown.
+
+    pip install yacs iopath einops        # the collection's config system and DeYO's patch shuffle (not ours)
+    tta-surgical make-cifar10c --out /tmp/c10c --limit 1000 --severities 5 --corruptions benchmark
+    python benchmarks/peer_collection.py --peer-root PATH/test-time-adaptation/classification --cifar10c /tmp/c10c \\
+        --methods tent,eta,eata,sar,deyo,roid --rounds 3 --out /tmp/peer-bench --json peer.json
+
+Per method and round, two processes run one after the other, each with `--threads` torch threads (default 1,
+`OMP_NUM_THREADS` and `MKL_NUM_THREADS` set for both): `benchmarks/peer_worker.py` (the collection's method class
+on our resnet20, driven by the collection's evaluation loop; see its docstring for what it stubs) and our CLI,
+`tta-surgical run --config configs/<method>.yaml` with a stream file that reads the same `.npy` folder
+(`stream.source=cifar10c`, continual, the first `--n-per-domain` images per corruption, batch `--batch-size`) with
+everything a user gets: results lines, collapse monitor, progress bar, checkpoints at domain boundaries, summary.
+Which side starts alternates from round to round (round 1 collection first, round 2 ours first, ...).
+
+Reported per method (medians over rounds; the spread is min-max of the per-round ratios):
+- images/s of the stream loop: ours = images / `summary.wall_s_this_session` (first batch fetched to final
+  checkpoint written), theirs = images / the evaluation loop (first batch converted to the accuracy read back);
+  `ratio` = ours / theirs, per round, from the pair of runs of that round;
+- images/s of the whole process (interpreter start, imports, model and method built, data opened, loop, files);
+- the step alone (the time inside `method.step` vs inside the collection's `model(x)`), and its ratio;
+- online error of both and the gap (ours - theirs, points);
+- our breakdown per batch (ms): `timing_this_session` of summary.json (data, step, checkpoint, and what the engine
+  spends on each results line: statistics, writing, monitor, progress bar; the rest is `other`).
+The JSON keeps every run. Both images were checked to be the same rows: our stream's plan must read rows 0..n-1 of
+every corruption in order, which is what the worker reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.peer_worker import PEER_METHODS  # noqa: E402
+
+BENCHMARK_DOMAINS = (
+    "gaussian_noise,shot_noise,impulse_noise,defocus_blur,glass_blur,motion_blur,zoom_blur,snow,frost,fog,"
+    "brightness,contrast,elastic_transform,pixelate,jpeg_compression"
+)
+
+
+def stream_yaml(cifar10c: Path, domains: list[str], n: int, batch_size: int) -> str:
+    """Our stream file: the collection's continual CIFAR-10-C setting on the given folder."""
+    return (
+        "stream:\n"
+        "  source: cifar10c\n"
+        f"  path: {cifar10c}\n"
+        f"  domains: [{', '.join(domains)}]\n"
+        "  severities: [5]\n"
+        "  order: sequential\n"
+        f"  n_examples: {n}\n"
+        f"  batch_size: {batch_size}\n"
+        "  seed: 0\n"
+        "  reset: never\n"
+    )
+
+
+def check_same_rows(stream_file: Path, data_root: str | None, n: int) -> None:
+    """Our plan must read rows 0..n-1 of each corruption in order (what the worker reads); raise if not."""
+    import numpy as np
+    import torch
+
+    from tta_surgical.config import load_config
+    from tta_surgical.streams import build_stream
+
+    cfg = load_config(str(REPO / "configs" / "tent.yaml"), stream=str(stream_file))
+    stream = build_stream(cfg.stream, data=data_root, device=torch.device("cpu"))
+    by_domain: dict[str, list[int]] = {}
+    for p in stream.plan:
+        by_domain.setdefault(p.domain, []).extend(np.asarray(p.indices).tolist())
+    for name, rows in by_domain.items():
+        if rows != list(range(n)):
+            raise SystemExit(f"error: our stream reads rows {rows[:5]}... of {name}, not 0..{n - 1}: not comparable")
+
+
+def _env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_peer(args: argparse.Namespace, method: str, out: Path, log: Path) -> dict[str, Any]:
+    cmd = [
+        sys.executable, str(REPO / "benchmarks" / "peer_worker.py"), "--peer-root", args.peer_root, "--method", method,
+        "--cifar10c", args.cifar10c, "--n-per-domain", str(args.n_per_domain), "--batch-size", str(args.batch_size),
+        "--domains", args.domains, "--threads", str(args.threads), "--out", str(out),
+    ]  # fmt: skip
+    if args.data_root:
+        cmd += ["--data-root", args.data_root]
+    t0, cpu0 = time.perf_counter(), _children_cpu()
+    with log.open("w") as fh:
+        subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT, env=_env(args.threads))
+    result = json.loads(out.read_text())
+    result["process_s"], result["process_cpu_s"] = time.perf_counter() - t0, _children_cpu() - cpu0
+    return result
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of the finished child processes so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_ours(
+    args: argparse.Namespace, method: str, stream_file: Path, out: Path, log: Path, src: Path | None = None
+) -> dict[str, Any]:
+    """`tta-surgical run` of this checkout, or (`src`) of another source tree of the package (the code before a
+    change: `git archive` of a commit), run the same way: `python -m tta_surgical.cli` with that tree first on the
+    path."""
+    root = src if src is not None else REPO
+    cmd = [
+        sys.executable, "-m", "tta_surgical.cli", "run", "--config", str(root / "configs" / f"{method}.yaml"),
+        "--stream", str(stream_file), "--out", str(out), "--overwrite", "--device", "cpu",
+    ]  # fmt: skip
+    if args.data_root:
+        cmd += ["--data-root", args.data_root]
+    env = _env(args.threads)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    t0, cpu0 = time.perf_counter(), _children_cpu()
+    with log.open("w") as fh:  # `-m` puts the working folder first on the path: run in the tree's own folder
+        subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=root)
+    process_s, process_cpu_s = time.perf_counter() - t0, _children_cpu() - cpu0
+    s = json.loads((out / "summary.json").read_text())
+    timing = dict(s["timing_this_session"])
+    return {
+        "online_error": s["online_error"],
+        "errors": s["errors"],
+        "n_images": s["n_images"],
+        "n_batches": s["n_batches"],
+        "loop_s": s["wall_s_this_session"],
+        "cpu_s": s.get("cpu_s_this_session"),
+        "peak_memory_mb": s["peak_memory_mb"],
+        "step_s": timing["step_s"],
+        "timing": timing,
+        "process_s": process_s,
+        "process_cpu_s": process_cpu_s,
+        "images_per_s": s["n_images"] / s["wall_s_this_session"],
+        "device": s["device"],
+    }
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def summarise(method: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds and the min-max spread of the per-round ratios."""
+    ratio = [r["ours"]["images_per_s"] / r["peer"]["images_per_s"] for r in rounds]
+    step_ratio = [r["peer"]["step_s"] / r["ours"]["step_s"] for r in rounds]
+    proc_ratio = [r["peer"]["process_s"] / r["ours"]["process_s"] for r in rounds]
+    cpu_ratio = [r["peer"]["cpu_s"] / r["ours"]["cpu_s"] for r in rounds if r["ours"].get("cpu_s")]
+    n_batches = rounds[0]["ours"]["n_batches"]
+    keys = sorted({k for r in rounds for k in r["ours"]["timing"]})
+    breakdown = {k: _median([1000.0 * r["ours"]["timing"].get(k, 0.0) / n_batches for r in rounds]) for k in keys}
+    return {
+        "method": method,
+        "rounds": len(rounds),
+        "n_images": rounds[0]["ours"]["n_images"],
+        "ours_images_per_s": _median([r["ours"]["images_per_s"] for r in rounds]),
+        "peer_images_per_s": _median([r["peer"]["images_per_s"] for r in rounds]),
+        "ratio": _median(ratio),
+        "ratio_min": min(ratio),
+        "ratio_max": max(ratio),
+        "step_ratio": _median(step_ratio),
+        "process_ratio": _median(proc_ratio),
+        "cpu_ratio": _median(cpu_ratio),
+        "cpu_ratio_min": min(cpu_ratio, default=float("nan")),
+        "cpu_ratio_max": max(cpu_ratio, default=float("nan")),
+        "ours_error": rounds[0]["ours"]["online_error"],
+        "peer_error": rounds[0]["peer"]["online_error"],
+        "error_gap": rounds[0]["ours"]["online_error"] - rounds[0]["peer"]["online_error"],
+        "ours_ms_per_batch": breakdown,
+        "peer_other_ms_per_batch": _median([1000.0 * r["peer"]["other_s"] / n_batches for r in rounds]),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: the comparison, then our breakdown per batch."""
+    head = (
+        "| method | rounds | images | ours img/s | theirs img/s | ratio (min-max) | CPU-time ratio (min-max) | "
+        "step ratio | process ratio | ours err % | theirs err % | gap pts |\n"
+        "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|\n"
+    )
+    lines = [
+        f"| {r['method']} | {r['rounds']} | {r['n_images']} | {r['ours_images_per_s']:.1f} | "
+        f"{r['peer_images_per_s']:.1f} | {r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
+        f"{r['cpu_ratio']:.2f} ({r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f}) | "
+        f"{r['step_ratio']:.2f} | {r['process_ratio']:.2f} | {r['ours_error']:.2f} | {r['peer_error']:.2f} | "
+        f"{r['error_gap']:+.2f} |"
+        for r in rows
+    ]
+    keys = sorted({k for r in rows for k in r["ours_ms_per_batch"]}, key=_order)
+    head2 = "| method | " + " | ".join(k.removesuffix("_s") for k in keys) + " | theirs outside model(x) |\n"
+    head2 += "|---|" + "---:|" * (len(keys) + 1) + "\n"
+    lines2 = [
+        f"| {r['method']} | "
+        + " | ".join(f"{r['ours_ms_per_batch'].get(k, 0.0):.2f}" for k in keys)
+        + f" | {r['peer_other_ms_per_batch']:.2f} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n\nOur time per batch (ms, median over rounds):\n\n" + head2 + "\n".join(lines2)
+
+
+def _order(key: str) -> tuple[int, str]:
+    first = ["data_s", "step_s", "record_s", "write_s", "monitor_s", "progress_s", "checkpoint_s", "other_s"]
+    return (first.index(key) if key in first else len(first), key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Our run vs the TTA collection's methods, end to end, alternated.")
+    parser.add_argument("--peer-root", required=True, help="the collection's classification/ folder")
+    parser.add_argument("--cifar10c", required=True, help="CIFAR-10-C folder read by both sides")
+    parser.add_argument("--data-root", default=os.environ.get("TTA_SURGICAL_DATA"), help="weights and CIFAR-10")
+    parser.add_argument("--methods", default="tent,eta,eata,sar,deyo,roid,cotta,rotta")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--n-per-domain", type=int, default=1000)
+    parser.add_argument("--domains", default=BENCHMARK_DOMAINS, help="comma-separated corruptions, in stream order")
+    parser.add_argument("--batch-size", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each run (one run at a time)")
+    parser.add_argument("--out", required=True, help="work folder: our run folders, worker results, logs")
+    parser.add_argument("--json", default=None, help="write every run and the summary here")
+    parser.add_argument(
+        "--baseline-src",
+        default=None,
+        help="also run our code from this source tree (e.g. `git archive` of the commit before a change) as a "
+        "third side of every round: the before/after comparison under the same conditions",
+    )
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in PEER_METHODS]
+    if bad:
+        raise SystemExit(f"error: no collection counterpart for {bad}; valid: {', '.join(sorted(PEER_METHODS))}")
+    args.cifar10c = str(Path(args.cifar10c).resolve())
+    work = Path(args.out).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    stream_file = work / "stream.yaml"
+    domains = args.domains.split(",")
+    stream_file.write_text(stream_yaml(Path(args.cifar10c), domains, args.n_per_domain, args.batch_size))
+    check_same_rows(stream_file, args.data_root, args.n_per_domain)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    base = Path(args.baseline_src).resolve() if args.baseline_src else None
+    order = ["peer", "ours"] + (["base"] if base is not None else [])
+    for k in range(args.rounds):
+        for m in methods:
+            sides = order[k % len(order) :] + order[: k % len(order)]  # who starts rotates from round to round
+            pair: dict[str, Any] = {"round": k + 1, "order": sides}
+            for side in sides:
+                tag = f"{m}-r{k + 1}"
+                if side == "peer":
+                    pair["peer"] = run_peer(args, m, work / f"peer-{tag}.json", work / f"peer-{tag}.log")
+                else:
+                    src = base if side == "base" else None
+                    pair[side] = run_ours(args, m, stream_file, work / f"{side}-{tag}", work / f"{side}-{tag}.log", src)
+            runs[m].append(pair)
+            print(f"round {k + 1} {m}: " + ", ".join(_brief(side, pair) for side in order), flush=True)
+    rows = [summarise(m, runs[m]) for m in methods]
+    print(table(rows))
+    base_rows = None
+    if base is not None:
+        base_rows = [summarise(m, [{**r, "ours": r["base"]} for r in runs[m]]) for m in methods]
+        print(f"\nThe same, our code at {base} (before):\n")
+        print(table(base_rows))
+    if args.json:
+        info = {
+            "command": " ".join(sys.argv),
+            "threads": args.threads,
+            "cpu": _cpu(),
+            "started_rounds": args.rounds,
+            "summary": rows,
+            "baseline_src": str(base) if base is not None else None,
+            "baseline_summary": base_rows,
+            "runs": runs,
+        }
+        Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
+    return 0
+
+
+def _brief(side: str, pair: dict[str, Any]) -> str:
+    r = pair[side]
+    text = f"{side} {r['images_per_s']:.1f} img/s ({r['online_error']:.2f}%)"
+    if side != "peer":
+        text += f" ratio {r['images_per_s'] / pair['peer']['images_per_s']:.2f}"
+    return text
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
