@@ -6,23 +6,28 @@ the identical continual CIFAR-10-C stream, runs alternated, images/s, online err
     python benchmarks/peer_collection.py --peer-root PATH/test-time-adaptation/classification --cifar10c /tmp/c10c \\
         --methods tent,eta,eata,sar,deyo,roid --rounds 3 --out /tmp/peer-bench --json peer.json
 
-Per method and round, two processes run one after the other, each with `--threads` torch threads (default 1,
-`OMP_NUM_THREADS` and `MKL_NUM_THREADS` set for both): `benchmarks/peer_worker.py` (the collection's method class
-on our resnet20, driven by the collection's evaluation loop; see its docstring for what it stubs) and our CLI,
-`tta-surgical run --config configs/<method>.yaml` with a stream file that reads the same `.npy` folder
-(`stream.source=cifar10c`, continual, the first `--n-per-domain` images per corruption, batch `--batch-size`) with
-everything a user gets: results lines, collapse monitor, progress bar, checkpoints at domain boundaries, summary.
-Which side starts alternates from round to round (round 1 collection first, round 2 ours first, ...).
+Per method and round, two processes run, each with `--threads` torch threads (default 1; `OMP_NUM_THREADS` and
+`MKL_NUM_THREADS` set for both): `benchmarks/peer_worker.py` (the collection's method class on our resnet20, driven
+by the collection's evaluation loop; see its docstring for what it stubs) and our CLI, `tta-surgical run --config
+configs/<method>.yaml` with a stream file that reads the same `.npy` folder (`stream.source=cifar10c`, continual, the
+first `--n-per-domain` images per corruption, batch `--batch-size`) with everything a user gets: results lines,
+collapse monitor, progress bar, checkpoints at domain boundaries, summary. `--baseline-src DIR` adds a third process,
+our code from another source tree (e.g. the commit before a change), for a before/after comparison under the same
+conditions. The sides of a round run one after the other, the first side rotating from round to round, or all at
+once (`--together`), which on a machine shared with other jobs gives them the same load.
 
 Reported per method (medians over rounds; the spread is min-max of the per-round ratios):
 - images/s of the stream loop: ours = images / `summary.wall_s_this_session` (first batch fetched to final
   checkpoint written), theirs = images / the evaluation loop (first batch converted to the accuracy read back);
-  `ratio` = ours / theirs, per round, from the pair of runs of that round;
-- images/s of the whole process (interpreter start, imports, model and method built, data opened, loop, files);
-- the step alone (the time inside `method.step` vs inside the collection's `model(x)`), and its ratio;
+  `ratio` = ours / theirs, per round, from the runs of that round;
+- the CPU-time ratio: the collection loop's CPU seconds over ours (`summary.cpu_s_this_session`; both the process's
+  user + system time over the loop, all threads): what each side's own work costs, whatever the machine's load;
+- the process ratio: the whole process's wall time, theirs over ours (interpreter start, imports, model and method
+  built, data opened, loop, files);
+- the step alone (the time inside `method.step` vs inside the collection's `model(x)`), theirs over ours;
 - online error of both and the gap (ours - theirs, points);
-- our breakdown per batch (ms): `timing_this_session` of summary.json (data, step, checkpoint, and what the engine
-  spends on each results line: statistics, writing, monitor, progress bar; the rest is `other`).
+- our breakdown per batch (ms): `timing_this_session` of summary.json (data, input, step, the results line's
+  statistics, writing it, meters and monitor, progress bar, checkpoint; the rest is `other`).
 The JSON keeps every run. Both images were checked to be the same rows: our stream's plan must read rows 0..n-1 of
 every corruption in order, which is what the worker reads.
 """
@@ -32,11 +37,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +97,19 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_peer(args: argparse.Namespace, method: str, out: Path, log: Path) -> dict[str, Any]:
+@dataclass
+class Job:
+    """One timed child process: its command, and how to read its result (given its wall and CPU seconds)."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    cwd: Path
+    log: Path
+    collect: Callable[[float, float], dict[str, Any]]
+
+
+def peer_job(args: argparse.Namespace, method: str, out: Path, log: Path) -> Job:
+    """The collection's method over the stream (`benchmarks/peer_worker.py`)."""
     cmd = [
         sys.executable, str(REPO / "benchmarks" / "peer_worker.py"), "--peer-root", args.peer_root, "--method", method,
         "--cifar10c", args.cifar10c, "--n-per-domain", str(args.n_per_domain), "--batch-size", str(args.batch_size),
@@ -99,26 +117,19 @@ def run_peer(args: argparse.Namespace, method: str, out: Path, log: Path) -> dic
     ]  # fmt: skip
     if args.data_root:
         cmd += ["--data-root", args.data_root]
-    t0, cpu0 = time.perf_counter(), _children_cpu()
-    with log.open("w") as fh:
-        subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT, env=_env(args.threads))
-    result = json.loads(out.read_text())
-    result["process_s"], result["process_cpu_s"] = time.perf_counter() - t0, _children_cpu() - cpu0
-    return result
+
+    def collect(wall: float, cpu: float) -> dict[str, Any]:
+        return {**json.loads(out.read_text()), "process_s": wall, "process_cpu_s": cpu}
+
+    return Job(cmd, _env(args.threads), REPO, log, collect)
 
 
-def _children_cpu() -> float:
-    """User + system CPU seconds of the finished child processes so far."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def run_ours(
+def ours_job(
     args: argparse.Namespace, method: str, stream_file: Path, out: Path, log: Path, src: Path | None = None
-) -> dict[str, Any]:
+) -> Job:
     """`tta-surgical run` of this checkout, or (`src`) of another source tree of the package (the code before a
     change: `git archive` of a commit), run the same way: `python -m tta_surgical.cli` with that tree first on the
-    path."""
+    path (and as the working folder, which `-m` puts first)."""
     root = src if src is not None else REPO
     cmd = [
         sys.executable, "-m", "tta_surgical.cli", "run", "--config", str(root / "configs" / f"{method}.yaml"),
@@ -128,27 +139,50 @@ def run_ours(
         cmd += ["--data-root", args.data_root]
     env = _env(args.threads)
     env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
-    t0, cpu0 = time.perf_counter(), _children_cpu()
-    with log.open("w") as fh:  # `-m` puts the working folder first on the path: run in the tree's own folder
-        subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=root)
-    process_s, process_cpu_s = time.perf_counter() - t0, _children_cpu() - cpu0
-    s = json.loads((out / "summary.json").read_text())
-    timing = dict(s["timing_this_session"])
-    return {
-        "online_error": s["online_error"],
-        "errors": s["errors"],
-        "n_images": s["n_images"],
-        "n_batches": s["n_batches"],
-        "loop_s": s["wall_s_this_session"],
-        "cpu_s": s.get("cpu_s_this_session"),
-        "peak_memory_mb": s["peak_memory_mb"],
-        "step_s": timing["step_s"],
-        "timing": timing,
-        "process_s": process_s,
-        "process_cpu_s": process_cpu_s,
-        "images_per_s": s["n_images"] / s["wall_s_this_session"],
-        "device": s["device"],
-    }
+
+    def collect(wall: float, cpu: float) -> dict[str, Any]:
+        s = json.loads((out / "summary.json").read_text())
+        timing = dict(s["timing_this_session"])
+        return {
+            "online_error": s["online_error"],
+            "errors": s["errors"],
+            "n_images": s["n_images"],
+            "n_batches": s["n_batches"],
+            "loop_s": s["wall_s_this_session"],
+            "cpu_s": s.get("cpu_s_this_session"),
+            "peak_memory_mb": s["peak_memory_mb"],
+            "step_s": timing["step_s"],
+            "timing": timing,
+            "process_s": wall,
+            "process_cpu_s": cpu,
+            "images_per_s": s["n_images"] / s["wall_s_this_session"],
+            "device": s["device"],
+        }
+
+    return Job(cmd, env, root, log, collect)
+
+
+def run_jobs(jobs: list[Job], together: bool) -> list[dict[str, Any]]:
+    """Run `jobs` one after the other, or all at once (`together`); each one's result with its own wall time and
+    CPU time (user + system, from `wait4`)."""
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    batches = [list(range(len(jobs)))] if together else [[i] for i in range(len(jobs))]
+    for batch in batches:
+        started = {}
+        for i in batch:
+            fh = jobs[i].log.open("w")
+            proc = subprocess.Popen(jobs[i].cmd, stdout=fh, stderr=subprocess.STDOUT, env=jobs[i].env, cwd=jobs[i].cwd)
+            started[proc.pid] = (i, time.perf_counter(), fh)
+        while started:
+            pid, status, usage = os.wait4(-1, 0)
+            if pid not in started:
+                continue
+            i, t0, fh = started.pop(pid)
+            fh.close()
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"error: {' '.join(jobs[i].cmd[:4])} ... failed; see {jobs[i].log}")
+            results[i] = jobs[i].collect(time.perf_counter() - t0, usage.ru_utime + usage.ru_stime)
+    return [r for r in results if r is not None]
 
 
 def _median(xs: list[float]) -> float:
@@ -232,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="work folder: our run folders, worker results, logs")
     parser.add_argument("--json", default=None, help="write every run and the summary here")
     parser.add_argument(
+        "--together",
+        action="store_true",
+        help="start the sides of a round at the same time instead of one after the other: on a machine shared with "
+        "other jobs both then meet the same load (each still has --threads threads)",
+    )
+    parser.add_argument(
         "--baseline-src",
         default=None,
         help="also run our code from this source tree (e.g. `git archive` of the commit before a change) as a "
@@ -252,17 +292,19 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     base = Path(args.baseline_src).resolve() if args.baseline_src else None
     order = ["peer", "ours"] + (["base"] if base is not None else [])
+    source = {"ours": None, "base": base}
     for k in range(args.rounds):
         for m in methods:
             sides = order[k % len(order) :] + order[: k % len(order)]  # who starts rotates from round to round
-            pair: dict[str, Any] = {"round": k + 1, "order": sides}
-            for side in sides:
-                tag = f"{m}-r{k + 1}"
-                if side == "peer":
-                    pair["peer"] = run_peer(args, m, work / f"peer-{tag}.json", work / f"peer-{tag}.log")
-                else:
-                    src = base if side == "base" else None
-                    pair[side] = run_ours(args, m, stream_file, work / f"{side}-{tag}", work / f"{side}-{tag}.log", src)
+            tag = f"{m}-r{k + 1}"
+            jobs = [
+                peer_job(args, m, work / f"peer-{tag}.json", work / f"peer-{tag}.log")
+                if side == "peer"
+                else ours_job(args, m, stream_file, work / f"{side}-{tag}", work / f"{side}-{tag}.log", source[side])
+                for side in sides
+            ]
+            pair: dict[str, Any] = {"round": k + 1, "order": sides, "together": args.together}
+            pair.update(zip(sides, run_jobs(jobs, args.together)))
             runs[m].append(pair)
             print(f"round {k + 1} {m}: " + ", ".join(_brief(side, pair) for side in order), flush=True)
     rows = [summarise(m, runs[m]) for m in methods]
