@@ -87,7 +87,7 @@ class _Stripes(Source):
     def load(self, plan, rows):
         return self._images(rows.cpu().numpy()).to(rows.device)
 
-    def stored_images(self, domain, severity, rows, *, seed=0, batch_size=1000, device="cpu"):
+    def stored_images(self, domain, severity, rows, *, seed=0, batch_size=1000, device="cpu", limit=None):
         return self._images(np.asarray(rows)) // (1 + severity * (domain != "none"))
 
 
@@ -131,25 +131,19 @@ def test_source_samples_come_from_the_source_class(data_root):
     assert source_class("imagenetc").source_samples(DataContext()) is None
 
 
-def test_cifar10_split_images_equal_make_cifar10c_output(data_root, tmp_path):
-    """The cifar10 source generates the supervised split exactly as make-cifar10c writes it, and the cifar10c
-    source reads those files back: both give the same bits."""
+@pytest.mark.parametrize("batch_size", [100, 1000])  # 1000 > limit: one partial generation batch, as make-cifar10c
+def test_cifar10_split_images_equal_make_cifar10c_output(data_root, tmp_path, batch_size):
+    """The cifar10 source generates the supervised split exactly as `make-cifar10c --limit 300` writes it (the same
+    generation batches over the first 300 images), and the cifar10c source reads those files back: same bits."""
     from tta_surgical.data.make_cifar10c import make_cifar10c
 
-    make_cifar10c(data_root, tmp_path / "c10c", corruptions=["fog"], severities=[3], limit=300, batch_size=100)
+    out = tmp_path / "c10c"
+    make_cifar10c(data_root, out, corruptions=["fog"], severities=[3], limit=300, batch_size=batch_size)
+    base = ["finetune.corruptions=[fog]", "finetune.severity=3"]
+    config = REPO / "configs" / "finetune_cifar10c.yaml"
+    generate = [*base, "finetune.limit=300", f"finetune.generation_batch_size={batch_size}"]
+    read = [*base, "finetune.source=cifar10c", f"finetune.path={out}"]
     rows = np.array([0, 7, 150, 299])
-    generated = TargetData(
-        load_finetune_config(REPO / "configs" / "finetune_cifar10c.yaml", [
-            "finetune.corruptions=[fog]", "finetune.severity=3", "finetune.limit=300",
-            "finetune.generation_batch_size=100",
-        ]).finetune,  # fmt: skip
-        data=data_root,
-    ).images("fog", rows)
-    read = TargetData(
-        load_finetune_config(REPO / "configs" / "finetune_cifar10c.yaml", [
-            "finetune.corruptions=[fog]", "finetune.severity=3", "finetune.source=cifar10c",
-            f"finetune.path={tmp_path / 'c10c'}",
-        ]).finetune,  # fmt: skip
-        data=data_root,
-    ).images("fog", rows)
-    assert torch.equal(generated, read)
+    generated = TargetData(load_finetune_config(config, generate).finetune, data=data_root).images("fog", rows)
+    stored = TargetData(load_finetune_config(config, read).finetune, data=data_root).images("fog", rows)
+    assert torch.equal(generated, stored)

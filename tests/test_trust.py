@@ -7,16 +7,18 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tta_surgical import runfolder
 from tta_surgical.collapse import CollapseMonitor
 from tta_surgical.config import ConfigError, RuntimeConfig, load_config
 from tta_surgical.engine import RESULTS_FILE, run
-from tta_surgical.runfolder import FolderInUseError, JsonlWriter, RunFolder, folder_lock, read_jsonl
+from tta_surgical.runfolder import FolderInUseError, RunFolder, folder_lock, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,10 +113,6 @@ def test_read_jsonl_drops_a_torn_last_line_and_keeps_n(tmp_path):
 def test_checkpoint_never_counts_lines_not_on_disk(tmp_path, data_root, monkeypatch):
     """Every state.pt write comes after an fsync of results.jsonl holding all the lines it counts, also when the disk
     work of a checkpoint runs on the checkpoint thread while the next batch is computed (domain boundaries)."""
-    import threading
-
-    from tta_surgical import runfolder
-
     events: list[tuple[str, int, bool]] = []
     counted: list[int] = []  # n_lines of the checkpoints handed over, in order (each waits for the one before)
     real_fsync, real_atomic, real_save = os.fsync, runfolder.atomic_write_bytes, RunFolder.save_checkpoint

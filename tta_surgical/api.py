@@ -20,6 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from .config import OptimConfig, from_dict, method_config, to_dict
+from .methods import COUNTERS, MethodContext, build_method
+from .methods.bn import uses_batch_statistics
+from .models import set_block_map
 
 __all__ = ["Adapted", "adapt"]
 
@@ -66,8 +69,6 @@ class Adapted:
 
     @property
     def counters(self) -> dict[str, int]:
-        from .methods import COUNTERS
-
         return {name: int(getattr(self.method, name)) for name in COUNTERS}
 
     @property
@@ -111,13 +112,9 @@ def adapt(
     source_images: `n -> (images, labels)` for methods that need source samples (EATA's Fisher information).
     settings: the method's own settings (e.g. `e_margin=0.4` for EATA); unknown ones list the valid keys.
     """
-    from .methods import MethodContext, build_method
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"adapt() needs a torch.nn.Module, got {type(model).__name__}")
     if block_map is not None:
-        from .models import set_block_map
-
         set_block_map(model, block_map)
     values = dict(settings)
     if blocks is not None:
@@ -147,8 +144,6 @@ class _Expected:
 
     @staticmethod
     def of(method: Any) -> _Expected:
-        from .methods.bn import uses_batch_statistics
-
         model = method.model
         conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         param = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ._version import __version__
 from .collapse import CollapseMonitor, prediction_stats
@@ -50,7 +51,7 @@ from .metrics import (
 )
 from .models import create_model_from_config
 from .render import summary_markdown
-from .runfolder import JsonlWriter, RunFolder, config_differences, plain_config
+from .runfolder import JsonlWriter, RunFolder, config_differences, plain_config, read_jsonl
 from .runtime import describe_device, pick_device, rng_state, seed_everything, set_rng_state
 from .streams import build_stream, source_class
 
@@ -373,8 +374,6 @@ class _Loop:
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Resume: the method, RNGs and position from the checkpoint; meters and monitor from the kept lines."""
-        from .runfolder import read_jsonl
-
         if checkpoint.get("stream_fingerprint") != self.fingerprint:
             raise ValueError(
                 f"cannot resume {self.folder.path}: the stream's batch plan differs from the checkpoint's (same "
@@ -517,10 +516,6 @@ def _evidence(monitor: CollapseMonitor) -> str:
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but progress must never break a run
         return None
     return tqdm(total=total, initial=initial, desc=desc, unit="batch")
 

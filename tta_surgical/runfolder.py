@@ -415,7 +415,7 @@ class RunFolder:
         batch need not wait for the disk; the next `save_checkpoint` or `wait_checkpoint` waits for it and raises its
         error. A crash meanwhile leaves the previous checkpoint and every line it counts intact.
         """
-        import torch
+        import torch  # only the checkpoint needs torch: reading a run folder (jsonl, locks, config) stays light
 
         self.wait_checkpoint()
         buffer = io.BytesIO()
@@ -448,7 +448,7 @@ class RunFolder:
     def load_checkpoint(self, required: Iterable[str] = ()) -> dict[str, Any] | None:
         """The checkpoint in `state.pt` (None when there is none), read with `weights_only=True` so nothing in it
         runs; a file that cannot be read, or is not a dict holding the `required` keys, is a `DamagedFileError`."""
-        import torch
+        import torch  # only the checkpoint needs torch: reading a run folder (jsonl, locks, config) stays light
 
         path = self.path / self.STATE
         if not path.is_file():

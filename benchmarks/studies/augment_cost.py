@@ -23,6 +23,7 @@ from tta_surgical.methods.augment import augmix_views, cotta_views
 from tta_surgical.methods.bn import set_bn_stats
 from tta_surgical.methods.memo import marginal_entropy
 from tta_surgical.models import create_model
+from tta_surgical.streams import StreamSpec, open_source
 
 __all__ = ["run_augment_cost", "table"]
 
@@ -125,9 +126,7 @@ class LoopMEMO:
 
 def load_inputs(data_root: str | None, n: int, device: torch.device) -> Tensor:
     if data_root is not None:
-        from tta_surgical.data.cifar import load_cifar10
-
-        images, _ = load_cifar10(data_root, "test")
+        images = open_source(StreamSpec(source="cifar10"), data_root).images  # the test set, uint8 NHWC
         x = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).float() / 255.0
     else:
         x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tta_surgical.metrics import BatchTimer
+from tta_surgical.streams import StreamSpec, open_source
 from tta_surgical.tables import fmt, markdown_table
 
 __all__ = ["ByomSpec", "byom_markdown", "run_byom"]
@@ -43,9 +44,9 @@ class ByomSpec:
 
 def _stream(spec: ByomSpec, data_root: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from tta_surgical import corrupt
-    from tta_surgical.data.cifar import find_cifar10, load_cifar10
 
-    images, labels = load_cifar10(find_cifar10(data_root))
+    source = open_source(StreamSpec(source="cifar10"), data_root)  # the CIFAR-10 test set, as a run reads it
+    images, labels = source.images, source.labels
     x = torch.from_numpy(images[: spec.n_per_corruption]).permute(0, 3, 1, 2).float().div_(255.0)
     y = torch.as_tensor(labels[: spec.n_per_corruption], dtype=torch.long)
     if spec.image_size != 32:

@@ -61,6 +61,7 @@ from tta_surgical.data.context import DataContext
 from tta_surgical.fileio import atomic_write_text
 from tta_surgical.metrics import json_safe
 from tta_surgical.provenance import provenance
+from tta_surgical.streams import StreamSpec, build_stream, open_source
 from tta_surgical.tables import fmt, markdown_table
 
 __all__ = [
@@ -239,15 +240,14 @@ def stage_cifar_images(data_root: str | None, folder: Path, n: int, size: int) -
     import torch.nn.functional as F
     from torchvision.io import encode_jpeg, write_file
 
-    from tta_surgical.data.cifar import find_cifar10, load_cifar10
-
     marker = folder / "staged.json"
     if marker.is_file():
         meta = json.loads(marker.read_text())
         if meta.get("size") == size and meta.get("n", 0) >= n and meta.get("quality") == STAGE_QUALITY:
             return folder, 0.0
     t0 = time.perf_counter()
-    images, labels = load_cifar10(find_cifar10(data_root))
+    source = open_source(StreamSpec(source="cifar10"), data_root)  # the CIFAR-10 test set, as a run reads it
+    images, labels = source.images, source.labels
     if n > len(images):
         raise ValueError(
             f"the CIFAR-10 test set has {len(images)} images, fewer than --n-per-corruption {n}; lower it or give "
@@ -304,8 +304,6 @@ def _sync(device: torch.device) -> None:
 
 def time_data_only(cfg: Config, data_root: str | None, frost_dir: Any, device: torch.device) -> dict[str, Any]:
     """Iterate the stream with no model (corruption generation, reading, copies only), device-synchronised."""
-    from tta_surgical.streams import build_stream
-
     _sync(device)
     t0 = time.perf_counter()
     stream = build_stream(cfg.stream, data=DataContext.resolve(data_root, frost_dir), device=device)

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import load_config
 from ..data.context import DataContext, DataLike
+from ..engine import RESULTS_FILE, run
+from ..models import create_model
+from ..runtime import pick_device
+from ..streams import build_stream
+from .labels import REFERENCE_TWIN
 
 __all__ = [
     "TOLERANCE_POINTS",
@@ -149,13 +155,6 @@ def compare_with_engine(
     Returns both online errors, their difference in points, whether it is within `TOLERANCE_POINTS`, and the
     largest per-batch difference in correct predictions.
     """
-    from ..config import load_config
-    from ..engine import RESULTS_FILE, run
-    from ..models import create_model
-    from ..runtime import pick_device
-    from ..streams import build_stream
-    from .labels import REFERENCE_TWIN
-
     overrides = [f"stream.n_examples={n_examples}", f"runtime.device={device}", "runtime.progress=false"]
     overrides += [f"stream.batch_size={batch_size}"] if batch_size else []
     overrides += [f"stream.domains=[{domains}]"] if domains else []

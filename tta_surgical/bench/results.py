@@ -15,6 +15,7 @@ import torch
 from ..fileio import atomic_write_text
 from ..metrics import json_safe
 from ..provenance import provenance
+from ..render import pyplot, save_figure
 from ..tables import fmt, markdown_table
 
 __all__ = [
@@ -93,8 +94,6 @@ def bench_markdown(result: Mapping[str, Any]) -> str:
 
 def plot_latency(result: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """One PNG per model: p50 latency (ms) vs batch size, one line per method (and precision); needs matplotlib."""
-    from ..render import pyplot, save_figure
-
     plt = pyplot()
     cells = [c for c in result.get("cells", []) if not c.get("error") and c.get("latency_ms")]
     paths = []

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write_text
 from ..hub import DATA_ENV
 from .options import data_context
 
@@ -202,7 +203,6 @@ def launch_of(args: argparse.Namespace) -> Any:
 
 def write_report(out: Path, tasks: dict[str, Any], plot: bool) -> int:
     """report.md / report.json (and report.png) of one or several tasks, with their verdict rows."""
-    from ..fileio import atomic_write_text
     from ..studies.render import plot_study, study_markdown, verdict_markdown
 
     rows = [r for t in tasks.values() for r in t["verdict"]]
@@ -226,7 +226,6 @@ def write_report(out: Path, tasks: dict[str, Any], plot: bool) -> int:
 
 def write_budgets(out: Path, budgets: dict[str, Any], plot: bool = True) -> int:
     """budgets.md / budgets.json / budgets.png."""
-    from ..fileio import atomic_write_text
     from ..studies.render import budgets_markdown, plot_budgets
 
     text = budgets_markdown(budgets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -91,8 +92,6 @@ def _dry_run(sweep, out: Path) -> int:
 
 def _mean_cell_seconds(out: Path) -> float | None:
     """The mean per-cell wall time recorded in OUT/timings.json by an earlier session, if any."""
-    import json
-
     try:
         value = json.loads((out / "timings.json").read_text(encoding="utf-8")).get("cell_wall_s_mean")
     except (OSError, ValueError):

@@ -182,8 +182,13 @@ class TargetData:
         sec = self.section
         idx = np.asarray(indices, dtype=np.int64)
         return self.source.stored_images(
-            corruption, sec.severity, idx, seed=sec.generation_seed, batch_size=sec.generation_batch_size,
+            corruption,
+            sec.severity,
+            idx,
+            seed=sec.generation_seed,
+            batch_size=sec.generation_batch_size,
             device=self.device,
+            limit=sec.limit,
         )
 
 

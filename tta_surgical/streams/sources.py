@@ -120,12 +120,14 @@ class Source:
         seed: int = 0,
         batch_size: int = 1000,
         device: str | torch.device = "cpu",
+        limit: int | None = None,
     ) -> Tensor:
         """uint8 (n, 3, H, W) CPU images of source rows `rows` of `domain` at `severity`, as the dataset's files
         store them: what the supervised split (`finetune`) trains and tests on. Sources that generate the
-        corrupted images (`cifar10`) do it as `make-cifar10c --seed SEED --device DEVICE` would, in batches of
-        `batch_size` (a generator's draws depend on its device); sources that read files ignore the three. A source
-        that cannot serve a split does not override this (`serves_split`)."""
+        corrupted images (`cifar10`) do it as `make-cifar10c --seed SEED --device DEVICE --limit LIMIT` would, in
+        batches of `batch_size` over the first `limit` rows (a generator's draws depend on its device and on its
+        batch's size); sources that read files ignore the four. A source that cannot serve a split does not
+        override this (`serves_split`)."""
         raise NotImplementedError(f"stream source {self.name!r} cannot serve a labeled split")
 
     @classmethod
@@ -185,7 +187,7 @@ class Cifar10Source(Source):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.on_device: Tensor | None = None
         self.frost_dir = frost_dir
-        self._generated: tuple[tuple[str, int, int, int, str], dict[int, Tensor]] | None = None
+        self._generated: tuple[tuple[str, int, int, int, str, int], dict[int, Tensor]] | None = None
 
     @classmethod
     def open(cls, spec: StreamSpec, data: DataContext) -> Source:
@@ -209,20 +211,22 @@ class Cifar10Source(Source):
         seed: int = 0,
         batch_size: int = 1000,
         device: str | torch.device = "cpu",
+        limit: int | None = None,
     ) -> Tensor:
         """The images `make-cifar10c --seed SEED` writes (same batches, generator seeds, preset, uint8 rounding):
         generated here, one corruption's batches cached (30 MB for all of CIFAR-10)."""
         if domain == CLEAN:
             return _nchw_on(self.images[rows], torch.device("cpu"))
         device = torch.device(device)
-        key = (domain, int(severity), int(seed), int(batch_size), str(device))
+        pool = self.images if limit is None else self.images[:limit]
+        key = (domain, int(severity), int(seed), int(batch_size), str(device), len(pool))
         if self._generated is None or self._generated[0] != key:
             self._generated = (key, {})
         done = self._generated[1]
         out = torch.empty((len(rows), 3, 32, 32), dtype=torch.uint8)
         for start in np.unique(rows // batch_size * batch_size).tolist():
             if start not in done:
-                clean = _nchw_on(self.images[start : start + batch_size], device).float().div_(255)
+                clean = _nchw_on(pool[start : start + batch_size], device).float().div_(255)
                 g = make_generator(batch_seed(seed, domain, severity, start), device)
                 x = corrupt(clean, domain, severity, g, preset="cifar", frost_dir=self.frost_dir)
                 done[start] = to_uint8(x).cpu()
@@ -298,6 +302,7 @@ class Cifar10CSource(Source):
         seed: int = 0,
         batch_size: int = 1000,
         device: str | torch.device = "cpu",
+        limit: int | None = None,
     ) -> Tensor:
         return _nchw_on(self._file(domain, severity)[rows], torch.device("cpu"))
 
@@ -411,6 +416,7 @@ class ImageNetCSource(_ImageFolderSource):
         seed: int = 0,
         batch_size: int = 1000,
         device: str | torch.device = "cpu",
+        limit: int | None = None,
     ) -> Tensor:
         index = imagenet.scan_imagenetc(self.root, domain, severity)
         if index.relpaths != self.index.relpaths:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..corruptions import corrupt, make_generator, to_uint8
 from ..data.context import DataContext, DataLike
 from .plan import BatchPlan, derive_seed, plan_fingerprint, plan_stream
 from .sources import Source, open_source
@@ -106,8 +107,6 @@ class Stream:
         return Batch(x, y, p.domain, p.severity, p.batch_index, p.reset_before, p.domain_index, p)
 
     def _corrupt(self, p: BatchPlan, x: Tensor) -> Tensor:
-        from ..corruptions import corrupt, make_generator, to_uint8
-
         groups = p.groups()
         out = x if len(groups) == 1 else torch.empty_like(x)
         for d, s, pos in groups:

@@ -10,6 +10,7 @@ checkpoints at every domain boundary; finetune skips its finished inner cells), 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -19,8 +20,13 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
+from .. import engine
+from ..config import Config, from_dict
 from ..data.context import DataContext
 from ..fileio import atomic_write_text
+from ..finetune import FinetuneConfig, run_finetune
 from ..runfolder import FolderInUseError, folder_lock
 
 __all__ = [
@@ -104,15 +110,9 @@ def run_cell(
     Always `resume=True`: a fresh folder starts from scratch, a folder left by a dead attempt continues from
     its last checkpoint (the config must be the same, which the cell id guarantees).
     """
-    from ..config import Config, from_dict
-
-    if kind == "run":
-        from ..engine import run
-
-        return run(from_dict(Config, config), out_dir, data=data, resume=True)
+    if kind == "run":  # `engine.run` is looked up when called, so a wrapper set on the module takes effect
+        return engine.run(from_dict(Config, config), out_dir, data=data, resume=True)
     if kind == "finetune":
-        from ..finetune import FinetuneConfig, run_finetune
-
         cfg = from_dict(FinetuneConfig, config)
         return run_finetune(cfg, out_dir, data=data, resume=True)
     raise ValueError(f"unknown sweep kind {kind!r}; expected run or finetune")
@@ -180,8 +180,6 @@ def runner_path(runner: Callable[..., Any]) -> str | None:
 
 
 def resolve_runner(spec: str) -> Callable[..., Any]:
-    import importlib
-
     module, _, name = spec.partition(":")
     obj: Any = importlib.import_module(module)
     for part in name.split("."):
@@ -203,7 +201,6 @@ def _threads(n: int | None) -> Iterator[None]:
     if not n:
         yield
         return
-    import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(n)

@@ -33,7 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
 from ..data.context import DataContext, DataLike
+from ..fileio import atomic_write_text
 from ..runfolder import folder_lock
 from .cell import (
     BUSY_WAIT_S,
@@ -43,6 +47,8 @@ from .cell import (
     data_task,
     execute_cell,
     read_done,
+    resolve_runner,
+    run_cell,
     runner_path,
     runner_spec,
     write_result,
@@ -90,8 +96,6 @@ def gpu_ids() -> list[str]:
     if visible is not None:
         return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
     try:
-        import torch
-
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:  # no torch CUDA build, no driver: no GPUs to hand out
         return []
@@ -124,8 +128,6 @@ def cell_tasks(
 
 def _write_plan(sweep: Sweep, out: Path) -> None:
     """OUT/plan.json: the expanded cells (index, id, axis values), for people and tools reading the folder."""
-    from .cell import atomic_write_text
-
     plan = {
         "name": sweep.name,
         "kind": sweep.kind,
@@ -232,10 +234,6 @@ def _start(sweep: Sweep, out: Path, resume: bool) -> tuple[SweepResult, list[Cel
 
 
 def _progress(total: int, initial: int, name: str, enabled: bool) -> Any:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress must never break a sweep
-        return None
     return tqdm(total=total, initial=initial, desc=name, unit="cell", disable=not enabled)
 
 
@@ -309,8 +307,6 @@ class _WorkerPool:
         out: Path,
         say: Callable[[str], None],
     ) -> None:
-        from .cell import run_cell
-
         runner = runner or run_cell
         self.spec, self.extra_path = runner_spec(runner), runner_path(runner)
         self.tasks, self.gpus, self.retries, self.say = tasks, gpus, retries, say
@@ -365,8 +361,6 @@ class _WorkerPool:
             return ""
 
     def slot_loop(self, slot: int) -> None:
-        from .cell import atomic_write_text
-
         proc: subprocess.Popen | None = None
         try:
             while (item := self.next_task()) is not None:
@@ -446,8 +440,6 @@ def _ray_execute(task: dict[str, Any], runner: Callable[..., Any] | dict[str, An
     worker can import only when the module is on its path).
     """
     if isinstance(runner, dict):
-        from .cell import resolve_runner
-
         if runner.get("path") and runner["path"] not in sys.path:
             sys.path.insert(0, runner["path"])
         runner = resolve_runner(runner["spec"])
