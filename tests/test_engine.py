@@ -116,6 +116,8 @@ def test_output_files_and_summary_contract(baseline):
     assert timing["record_s"] > 0 and timing["write_s"] > 0 and timing["monitor_s"] > 0  # every line is timed
     assert sum(timing.values()) == pytest.approx(summary["wall_s_this_session"], abs=1e-5)
     assert timing["data_s"] > 0 and timing["checkpoint_s"] > 0  # corruption generation; 2 checkpoints written
+    # CPU time: the steps' share is a part of the loop's (process_time ticks may be coarse: allow one tick).
+    assert 0 < summary["cpu_s_step_this_session"] <= summary["cpu_s_this_session"] + 0.02
 
     lines = read_lines(out)
     assert timing["step_s"] == pytest.approx(sum(r["latency_ms"] for r in lines) / 1000, rel=1e-4)

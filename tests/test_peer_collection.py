@@ -82,3 +82,19 @@ def test_summary_without_cpu_times_says_so():
     rounds[0]["ours"]["cpu_s"] = None  # code from before cpu_s_this_session existed
     row = summarise("eta", rounds)
     assert math.isnan(row["cpu_ratio"]) and row["ratio"] == pytest.approx(1.2)
+
+
+def test_cpu_breakdown_splits_each_sides_cpu_time_at_the_step():
+    rounds = [_round(1, 10.0, 12.0, 4.0, 5.0), _round(2, 10.0, 11.0, 4.2, 5.5), _round(3, 8.0, 12.0, 4.4, 5.0)]
+    for r, (ours_step, peer_step) in zip(rounds, [(3.9, 4.9), (4.0, 5.0), (4.1, 5.1)]):
+        r["ours"]["step_cpu_s"], r["peer"]["step_cpu_s"] = ours_step, peer_step
+    c = summarise("tent", rounds)["cpu_ms_per_batch"]  # 5 batches: ms per batch = 200 * seconds
+    assert c["ours_step"] == pytest.approx(800.0) and c["ours_outside"] == pytest.approx(40.0)
+    assert c["peer_step"] == pytest.approx(1000.0) and c["peer_outside"] == pytest.approx(20.0)
+    assert "| tent | 800.0 | 40.0 | 1000.0 | 20.0 | 1.25 |" in table([summarise("tent", rounds)])
+    rounds[0]["ours"]["step_cpu_s"] = None  # a round from code without the field is left out
+    assert summarise("tent", rounds)["cpu_ms_per_batch"]["ours_outside"] == pytest.approx(50.0)
+    for r in rounds:
+        r["ours"]["step_cpu_s"] = None
+    row = summarise("tent", rounds)
+    assert row["cpu_ms_per_batch"] is None and "inside the step" not in table([row])

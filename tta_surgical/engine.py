@@ -371,6 +371,7 @@ class _Loop:
         self.timing = dict.fromkeys(TIMING_KEYS, 0.0)
         self.stopped_at: int | None = None
         self.cpu_s = 0.0  # CPU time of this process (all its threads) over the loop: the wall time on a busy machine
+        self.cpu_step_s = 0.0  # the part of cpu_s spent inside `method.step`: the rest is the engine's own work
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Resume: the method, RNGs and position from the checkpoint; meters and monitor from the kept lines."""
@@ -469,8 +470,10 @@ class _Loop:
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self._lap("input_s", t)
+        cpu = time.process_time()
         with BatchTimer(built.device) as timer:
             logits = built.method.step(x)
+        self.cpu_step_s += time.process_time() - cpu
         self.timing["step_s"] += float(timer.ms) / 1000.0
         t = time.perf_counter()
         rec = _record(batch, logits, built.method, timer.ms, self.cfg.stream, built.multi_severity)
@@ -573,6 +576,7 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "precision": cfg.runtime.precision,
         "wall_s_this_session": wall_s,
         "cpu_s_this_session": round(loop.cpu_s, 6),
+        "cpu_s_step_this_session": round(loop.cpu_step_s, 6),
         "timing_this_session": {
             **{k: round(v, 6) for k, v in timing.items()},
             "other_s": round(max(wall_s - sum(timing.values()), 0.0), 6),

@@ -149,6 +149,7 @@ def ours_job(
             "n_batches": s["n_batches"],
             "loop_s": s["wall_s_this_session"],
             "cpu_s": s.get("cpu_s_this_session"),
+            "step_cpu_s": s.get("cpu_s_step_this_session"),
             "peak_memory_mb": s["peak_memory_mb"],
             "step_s": timing["step_s"],
             "timing": timing,
@@ -216,7 +217,22 @@ def summarise(method: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "error_gap": rounds[0]["ours"]["online_error"] - rounds[0]["peer"]["online_error"],
         "ours_ms_per_batch": breakdown,
         "peer_other_ms_per_batch": _median([1000.0 * r["peer"]["other_s"] / n_batches for r in rounds]),
+        "cpu_ms_per_batch": _cpu_breakdown(rounds, n_batches),
     }
+
+
+def _cpu_breakdown(rounds: list[dict[str, Any]], n_batches: int) -> dict[str, float] | None:
+    """CPU ms per batch inside and outside the step, ours and theirs (medians over rounds); None when a side did
+    not measure its step's CPU time (code from before `cpu_s_step_this_session`)."""
+    usable = [r for r in rounds if r["ours"].get("step_cpu_s") is not None and r["peer"].get("step_cpu_s") is not None]
+    if not usable:
+        return None
+    out = {}
+    for side in ("ours", "peer"):
+        step = [1000.0 * r[side]["step_cpu_s"] / n_batches for r in usable]
+        outside = [1000.0 * (r[side]["cpu_s"] - r[side]["step_cpu_s"]) / n_batches for r in usable]
+        out[f"{side}_step"], out[f"{side}_outside"] = _median(step), _median(outside)
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -243,7 +259,23 @@ def table(rows: list[dict[str, Any]]) -> str:
         + f" | {r['peer_other_ms_per_batch']:.2f} |"
         for r in rows
     ]
-    return head + "\n".join(lines) + "\n\nOur time per batch (ms, median over rounds):\n\n" + head2 + "\n".join(lines2)
+    text = head + "\n".join(lines) + "\n\nOur time per batch (ms, median over rounds):\n\n" + head2 + "\n".join(lines2)
+    cpu_rows = [r for r in rows if r.get("cpu_ms_per_batch")]
+    if cpu_rows:
+        text += (
+            "\n\nCPU time per batch (ms, median over rounds), inside the step and outside it:\n\n"
+            "| method | ours step | ours outside | theirs step | theirs outside | step ratio (CPU) |\n"
+            "|---|---:|---:|---:|---:|---:|\n"
+        )
+        text += "\n".join(_cpu_line(r["method"], r["cpu_ms_per_batch"]) for r in cpu_rows)
+    return text
+
+
+def _cpu_line(method: str, c: dict[str, float]) -> str:
+    return (
+        f"| {method} | {c['ours_step']:.1f} | {c['ours_outside']:.1f} | {c['peer_step']:.1f} | "
+        f"{c['peer_outside']:.1f} | {c['peer_step'] / c['ours_step']:.2f} |"
+    )
 
 
 def _order(key: str) -> tuple[int, str]:
