@@ -5,7 +5,7 @@ fresh pages from the kernel and hands them back on `free`, and it trims the top 
 twice that lies free there. A training step on the CPU allocates its activations and gradients (MBs each) and frees
 them all at its end, so every step pays one page fault per 4 KiB page it touches again: on resnet20 at batch 200 one
 Tent step took ~35,000 minor faults and ~80 ms of kernel time against ~450 ms of user time (benchmarks/RESULTS.md
-section 5c). Raising both thresholds once per process keeps freed blocks in the heap for the next step: ~1,000
+section 14). Raising both thresholds once per process keeps freed blocks in the heap for the next step: ~1,000
 faults and ~4 ms per step. Nothing a step computes changes (the same kernels run on the same values); the process
 keeps up to its high-water mark of memory mapped instead of returning it between steps.
 
