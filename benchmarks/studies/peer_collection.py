@@ -27,7 +27,9 @@ Reported per method (medians over rounds; the spread is min-max of the per-round
 - the step alone (the time inside `method.step` vs inside the collection's `model(x)`), theirs over ours;
 - online error of both and the gap (ours - theirs, points);
 - our breakdown per batch (ms): `timing_this_session` of summary.json (data, input, step, the results line's
-  statistics, writing it, meters and monitor, progress bar, checkpoint; the rest is `other`).
+  statistics, writing it, meters and monitor, progress bar, checkpoint; the rest is `other`);
+- CPU ms per batch inside the step and outside it, both sides (`summary.cpu_s_step_this_session`; the worker's
+  `step_cpu_s`): unlike the wall breakdown, not stretched by other jobs' load.
 The JSON keeps every run. Both images were checked to be the same rows: our stream's plan must read rows 0..n-1 of
 every corruption in order, which is what the worker reads.
 """
