@@ -7,16 +7,18 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from tta_surgical import runfolder
 from tta_surgical.config import ConfigError, RuntimeConfig, load_config
 from tta_surgical.engine import RESULTS_FILE, run
 from tta_surgical.guards import CollapseMonitor
-from tta_surgical.runfolder import FolderInUseError, JsonlWriter, RunFolder, folder_lock, read_jsonl
+from tta_surgical.runfolder import FolderInUseError, RunFolder, folder_lock, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,26 +109,40 @@ def test_read_jsonl_drops_a_torn_last_line_and_keeps_n(tmp_path):
     assert read_jsonl(tmp_path / "missing.jsonl") == []
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc")
 def test_checkpoint_never_counts_lines_not_on_disk(tmp_path, data_root, monkeypatch):
-    """Every state.pt write comes after an fsync of results.jsonl holding all the lines it counts."""
-    events: list[tuple[str, int]] = []
-    real_sync, real_save = JsonlWriter.sync, RunFolder.save_checkpoint
+    """Every state.pt write comes after an fsync of results.jsonl holding all the lines it counts, also when the disk
+    work of a checkpoint runs on the checkpoint thread while the next batch is computed (domain boundaries)."""
+    events: list[tuple[str, int, bool]] = []
+    counted: list[int] = []  # n_lines of the checkpoints handed over, in order (each waits for the one before)
+    real_fsync, real_atomic, real_save = os.fsync, runfolder.atomic_write_bytes, RunFolder.save_checkpoint
+    on_thread = lambda: threading.current_thread() is not threading.main_thread()  # noqa: E731
 
-    def sync(self):
-        real_sync(self)
-        events.append(("sync", len(self.path.read_text().splitlines())))
+    def fsync(fd):
+        real_fsync(fd)
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith(RESULTS_FILE):
+            events.append(("sync", len(Path(name).read_text().splitlines()), on_thread()))
 
-    def save(self, state, writer=None):
-        real_save(self, state, writer)
-        events.append(("checkpoint", int(state["n_lines"])))
+    def atomic(path, write):
+        out = real_atomic(path, write)
+        if Path(path).name == RunFolder.STATE:
+            events.append(("checkpoint", counted.pop(0), on_thread()))
+        return out
 
-    monkeypatch.setattr(JsonlWriter, "sync", sync)
+    def save(self, state, writer=None, **kwargs):
+        counted.append(int(state["n_lines"]))
+        real_save(self, state, writer, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(runfolder, "atomic_write_bytes", atomic)
     monkeypatch.setattr(RunFolder, "save_checkpoint", save)
     run(cfg_for("tent", "stream.n_examples=200"), tmp_path / "d", data=data_root)
     checkpoints = [i for i, e in enumerate(events) if e[0] == "checkpoint"]
-    assert len(checkpoints) == 2  # the domain boundary and the end
+    assert len(checkpoints) == 2 and not counted  # the domain boundary and the end
     for i in checkpoints:
         assert events[i - 1][0] == "sync" and events[i - 1][1] >= events[i][1]
+    assert [events[i][2] for i in checkpoints] == [True, False]  # the boundary's in the background, the end's not
 
 
 # ------------------------------------------------------------------------------------------------ collapse

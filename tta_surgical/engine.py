@@ -4,7 +4,9 @@
 batch of the stream, in order: apply the reset policy (the stream's `reset_before`, or a collapse reset), `logits =
 method.step(x)` (predict, then adapt; the prediction comes from the same forward as the update), account the
 batch and append one JSON line to `results.jsonl`. At every domain boundary (and at the end) the engine makes the
-results lines durable and writes a checkpoint `state.pt` atomically, so a crash loses at most the current domain:
+results lines durable and writes a checkpoint `state.pt` atomically (at a domain boundary the disk work overlaps the
+next batch: `RunFolder.save_checkpoint(background=True)`), so a crash loses at most the current domain (and the one
+before it, if it strikes in the fraction of a second before that domain's checkpoint is on disk):
 `run(..., resume=True)` restores method, optimiser, stream position and RNG states, drops the lines written after
 the checkpoint, replays the kept ones into the meters and the collapse monitor, and continues; an interrupted and
 resumed run ends with exactly the numbers of an uninterrupted one. `summarize` turns the meters into
@@ -40,11 +42,12 @@ from .guards import (
     DriftMonitor,
     Guard,
     Ledger,
-    batch_prediction_stats,
     describe_alarm,
     guard_summary,
     reference_stats,
 )
+from .guards.collapse import prediction_stats
+from .hostmem import reuse_freed_memory
 from .methods import METHODS, MethodContext, build_method
 from .methods.bn import batchnorm_layers, uses_batch_statistics
 from .methods.settings import method_config
@@ -91,6 +94,13 @@ COMPLETE, STOPPED = "complete", "stopped_on_collapse"
 STATE_VERSION = 2
 STATE_KEYS = ("version", "method", "next_batch", "n_lines", "rng")  # what `_Loop.restore` reads from state.pt
 AUTO_CHECKPOINT_EVERY = 50  # batches, for streams without domain boundaries
+# The loop's time, per part: waiting for the next batch (reading or generating it; on a GPU only the host side of
+# generation), moving it to the device in the model's memory format, the adaptation step (device-synchronised),
+# the guard's reference forward on checked batches, the results line's statistics (one host sync), writing it, the
+# meters and the guard's detectors, the progress bar, and the checkpoints; `other_s` in the summary is what none of them covers (resets, hooks, the loop itself).
+TIMING_KEYS = (
+    "data_s", "input_s", "step_s", "guard_s", "record_s", "write_s", "monitor_s", "progress_s", "checkpoint_s"
+)
 
 BatchHook = Callable[[int, dict[str, Any]], None]
 
@@ -244,7 +254,7 @@ def _segment_ends(plan: list[Any], spec: Any, multi: bool) -> list[bool]:
 
 def _record(batch: Any, logits: torch.Tensor, method: Any, ms: float, spec: Any, multi: bool) -> dict[str, Any]:
     """The results line of one batch: accuracy, the method's report, the collapse statistics, the latency."""
-    correct, entropy, top, share = batch_prediction_stats(logits, batch.y)
+    correct, entropy, top, share, finite = prediction_stats(logits, batch.y)  # one host sync for all of them
     last = method.last
     rec: dict[str, Any] = {
         "batch_index": int(batch.batch_index),
@@ -261,7 +271,7 @@ def _record(batch: Any, logits: torch.Tensor, method: Any, ms: float, spec: Any,
         "n_filtered": int(last.n_filtered),
         "method_reset": last.method_reset,
         "reset": bool(batch.reset_before),
-        "finite": bool(torch.isfinite(logits).all()),
+        "finite": finite,
     }
     keys = _item_keys(batch, spec, multi)
     if keys is not None:
@@ -309,6 +319,8 @@ def run(
         if ended is not None:
             return ended
         checkpoint = _open_folder(folder, cfg, resume, overwrite)
+        if cfg.runtime.host_memory == "reuse":
+            reuse_freed_memory()
         seed_everything(int(cfg.runtime.seed))
         built = build(cfg, data=data, source=source)
         if not built.stream.plan:
@@ -412,11 +424,12 @@ class _Loop:
         self.checkpoint_every = checkpoint_every
         self.fingerprint = built.stream.fingerprint()
         self.segment_ends = _segment_ends(plan, cfg.stream, built.multi_severity)
-        # Where this session's loop time goes: waiting for the next batch (reading or generating it; on a GPU only
-        # the host side of generation), the adaptation steps (device-synchronised), and checkpoint writes.
-        # The guard's reference forwards on checked batches are timed apart (guard_s) and counted in the latency.
-        self.timing = {"data_s": 0.0, "step_s": 0.0, "guard_s": 0.0, "checkpoint_s": 0.0}
+        # Where this session's loop time goes (summary `timing_this_session`; the rest is `other_s`). The guard's
+        # reference forwards on checked batches are timed apart (guard_s) and counted in the latency.
+        self.timing = dict.fromkeys(TIMING_KEYS, 0.0)
         self.stopped_at: int | None = None
+        self.cpu_s = 0.0  # CPU time of this process (all its threads) over the loop: the wall time on a busy machine
+        self.cpu_step_s = 0.0  # the part of cpu_s spent inside `method.step`: the rest is the engine's own work
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Resume: the method, RNGs and position from the checkpoint; meters and monitor from the kept lines."""
@@ -433,7 +446,9 @@ class _Loop:
             self.tally.account(rec, self.policy)
         self.resumed = True
 
-    def save_checkpoint(self, next_batch: int, writer: JsonlWriter) -> None:
+    def save_checkpoint(self, next_batch: int, writer: JsonlWriter, background: bool = False) -> None:
+        """Checkpoint the run before batch `next_batch`; `background`: the disk work overlaps the next batches
+        (`RunFolder.save_checkpoint`), `checkpoint_s` then counts only the state's serialisation."""
         t0 = time.perf_counter()
         peak, _ = peak_memory(self.built.device)
         state = {
@@ -445,7 +460,7 @@ class _Loop:
             "peak_memory_mb": max(peak, self.peak_before),
             "stream_fingerprint": self.fingerprint,
         }
-        self.folder.save_checkpoint(state, writer)  # the lines it counts are synced first
+        self.folder.save_checkpoint(state, writer, background=background)  # the lines it counts are synced first
         self.timing["checkpoint_s"] += time.perf_counter() - t0
 
     def _due(self, batch: Any, prev_segment: tuple[int, str] | None, segment: tuple[int, str]) -> bool:
@@ -460,48 +475,65 @@ class _Loop:
         built, rt = self.built, self.cfg.runtime
         stream = built.stream
         reset_peak_memory(built.device)
-        t_wall = time.perf_counter()
-        prev: tuple[int, str] | None = None
+        t_wall, t_cpu = time.perf_counter(), time.process_time()
         bar = _progress(len(stream), self.start, self.cfg.method.name, rt.progress)
+        try:
+            self._loop(stream, bar)
+        except BaseException:
+            self.folder.wait_checkpoint(raise_error=False)  # no disk work of this run may outlive its lock
+            raise
+        if bar is not None:
+            bar.close()
+        self.cpu_s = time.process_time() - t_cpu
+        return time.perf_counter() - t_wall
+
+    def _loop(self, stream: Any, bar: Any) -> None:
+        built, prev = self.built, None
         with JsonlWriter(self.folder.results) as writer:
-            t_ready = time.perf_counter()
+            t = time.perf_counter()
             for batch in stream.iter_from(self.start):
-                self.timing["data_s"] += time.perf_counter() - t_ready
+                t = self._lap("data_s", t)
                 key = domain_key(batch.domain, batch.severity, built.multi_severity, _round(batch, self.cfg.stream))
                 segment = (int(batch.domain_index), key)
                 if self._due(batch, prev, segment):
-                    self.save_checkpoint(batch.batch_index, writer)
+                    self.save_checkpoint(batch.batch_index, writer, background=True)
                 prev = segment
                 rec = self._step(batch, first=batch.batch_index == self.start)
+                t = time.perf_counter()
                 alarms = self.tally.account(rec, self.policy)
                 if alarms:  # on the line too (informative: a replay recomputes them from the signals)
                     rec["alarms"] = [a.detector for a in alarms]
+                t = self._lap("monitor_s", t)
                 writer.write(rec)
+                self._lap("write_s", t)
                 for alarm in alarms:
                     self._on_alarm(alarm, rec, bar)
                 if bar is not None:
+                    t = time.perf_counter()
                     bar.update(1)
                     bar.set_postfix(err=f"{self.tally.errors.online_error():.1f}%", refresh=False)
+                    self._lap("progress_s", t)
                 if self.on_batch is not None:
                     self.on_batch(int(batch.batch_index), rec)
                 if self.stopped_at is not None:
                     break
-                t_ready = time.perf_counter()
+                t = time.perf_counter()
             end = len(stream) if self.stopped_at is None else self.stopped_at + 1
-            self.save_checkpoint(end, writer)
-        if bar is not None:
-            bar.close()
-        return time.perf_counter() - t_wall
+            self.save_checkpoint(end, writer)  # waits for the one before; on disk when the run returns
 
     def _step(self, batch: Any, first: bool) -> dict[str, Any]:
         built, rt = self.built, self.cfg.runtime
         if batch.reset_before or self.tally.pending_reset:
             built.method.reset()
+        t = time.perf_counter()
         x = batch.x.to(built.device, non_blocking=True)
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        self._lap("input_s", t)
+        cpu = time.process_time()
         with BatchTimer(built.device) as timer:
             logits = built.method.step(x)
+        self.cpu_step_s += time.process_time() - cpu
         self.timing["step_s"] += float(timer.ms) / 1000.0
         ref_logits, guard_ms = None, 0.0
         if built.reference is not None and int(batch.batch_index) % self.guard_every == 0:
@@ -509,6 +541,7 @@ class _Loop:
                 ref_logits = built.reference.step(x)
             guard_ms = float(guard_timer.ms)
             self.timing["guard_s"] += guard_ms / 1000.0
+        t = time.perf_counter()
         rec = _record(batch, logits, built.method, timer.ms + guard_ms, self.cfg.stream, built.multi_severity)
         if ref_logits is not None:
             rec.update(json_safe(reference_stats(logits, ref_logits, batch.y)))
@@ -517,7 +550,14 @@ class _Loop:
         rec["warmup"] = first
         if self.record_predictions:
             rec["pred"] = logits.argmax(dim=1).tolist()
+        self._lap("record_s", t)
         return rec
+
+    def _lap(self, key: str, since: float) -> float:
+        """Add the time since `since` to `timing[key]`; returns now (the start of the next lap)."""
+        now = time.perf_counter()
+        self.timing[key] += now - since
+        return now
 
     def _on_alarm(self, alarm: Alarm, rec: dict[str, Any], bar: Any) -> None:
         """Say it on stderr (a progress bar shares stderr: write through it), then act on the policy."""
@@ -592,6 +632,8 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "device": describe_device(built.device),
         "precision": cfg.runtime.precision,
         "wall_s_this_session": wall_s,
+        "cpu_s_this_session": round(loop.cpu_s, 6),
+        "cpu_s_step_this_session": round(loop.cpu_step_s, 6),
         "timing_this_session": {
             **{k: round(v, 6) for k, v in timing.items()},
             "other_s": round(max(wall_s - sum(timing.values()), 0.0), 6),

@@ -15,12 +15,14 @@ Every command that writes a run folder (`run`, `compare`, `finetune`, `report`, 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import re
 import socket
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -55,6 +57,7 @@ RESUME_IGNORED = frozenset(
         "runtime.channels_last",
         "runtime.compile",
         "runtime.compile_mode",
+        "runtime.host_memory",
         "runtime.num_workers",
         "optim.implementation",
     }
@@ -270,6 +273,26 @@ def _offset_after(raw: bytes, n_records: int) -> int:
     return pos
 
 
+class _Pending:
+    """One piece of disk work running on its own thread; `wait` joins it and re-raises what it raised."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(work,), name="tta-surgical-checkpoint")
+        self.thread.start()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            self.error = err
+
+    def wait(self, raise_error: bool = True) -> None:
+        self.thread.join()
+        if self.error is not None and raise_error:
+            raise self.error
+
+
 class JsonlWriter:
     """Append-only JSON lines: each `write` is flushed to the OS at once; `sync` makes the lines durable."""
 
@@ -279,6 +302,12 @@ class JsonlWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record, allow_nan=False) + "\n")
+        self._f.flush()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def flush(self) -> None:
         self._f.flush()
 
     def sync(self) -> None:
@@ -328,6 +357,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike, what: str = "run") -> None:
         self.path = Path(path)
         self.what = what
+        self._pending: _Pending | None = None  # a checkpoint still being written (save_checkpoint background=True)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -375,13 +405,45 @@ class RunFolder:
         for name in names:
             (self.path / name).unlink(missing_ok=True)
 
-    def save_checkpoint(self, state: dict[str, Any], writer: JsonlWriter | None = None) -> None:
-        """Write `state.pt` atomically, after making the results lines it counts durable."""
+    def save_checkpoint(
+        self, state: dict[str, Any], writer: JsonlWriter | None = None, *, background: bool = False
+    ) -> None:
+        """Write `state.pt` atomically, after making the results lines it counts durable.
+
+        background: serialise `state` now (later changes to its tensors cannot reach the file) and leave the disk
+        work (fsync of the lines, then the atomic write of the checkpoint, in that order) to a thread, so the next
+        batch need not wait for the disk; the next `save_checkpoint` or `wait_checkpoint` waits for it and raises its
+        error. A crash meanwhile leaves the previous checkpoint and every line it counts intact.
+        """
         import torch  # only the checkpoint needs torch: reading a run folder (jsonl, locks, config) stays light
 
+        self.wait_checkpoint()
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+        lines_fd = None
         if writer is not None:
-            writer.sync()
-        atomic_write_bytes(self.path / self.STATE, lambda f: torch.save(state, f))
+            writer.flush()
+            lines_fd = os.dup(writer.fileno())  # the thread's own handle: the writer may close its own meanwhile
+
+        def make_durable() -> None:
+            if lines_fd is not None:
+                try:
+                    os.fsync(lines_fd)
+                finally:
+                    os.close(lines_fd)
+            atomic_write_bytes(self.path / self.STATE, lambda f: f.write(data))
+
+        if background:
+            self._pending = _Pending(make_durable)
+        else:
+            make_durable()
+
+    def wait_checkpoint(self, raise_error: bool = True) -> None:
+        """Wait for a checkpoint written in the background (`save_checkpoint(background=True)`); raise its error."""
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending is not None:
+            pending.wait(raise_error)
 
     def load_checkpoint(self, required: Iterable[str] = ()) -> dict[str, Any] | None:
         """The checkpoint in `state.pt` (None when there is none), read with `weights_only=True` so nothing in it

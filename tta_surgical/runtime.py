@@ -14,12 +14,14 @@ import numpy as np
 import torch
 
 from .guards import POLICIES as ON_COLLAPSE
+from .hostmem import HOST_MEMORY
 from .schema import ConfigError, check_choice
 
 __all__ = [
     "COMPILE_MODES",
     "DEVICES",
     "GUARD_REFERENCES",
+    "HOST_MEMORY",
     "ON_COLLAPSE",
     "PRECISIONS",
     "RuntimeConfig",
@@ -51,6 +53,9 @@ class RuntimeConfig:
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"
+    # reuse: keep the host memory a step frees for the next step instead of returning it to the OS (glibc's malloc
+    # thresholds, `tta_surgical.hostmem`; ~15% of a CPU step was page faults); system: leave the C library's policy.
+    host_memory: str = "reuse"
     # DataLoader worker processes that read and decode ImageNet-style files (null = min(8, CPUs); 0 = in this
     # process); CIFAR sources ignore it (their images are in memory).
     num_workers: int | None = None
@@ -96,6 +101,7 @@ class RuntimeConfig:
         check_choice("runtime", "device", self.device, DEVICES)
         check_choice("runtime", "precision", self.precision, PRECISIONS)
         check_choice("runtime", "compile_mode", self.compile_mode, COMPILE_MODES)
+        check_choice("runtime", "host_memory", self.host_memory, HOST_MEMORY)
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"runtime.num_workers must be >= 0 or null, got {self.num_workers!r}")
 

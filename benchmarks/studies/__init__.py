@@ -6,6 +6,8 @@
 - `sweep_wall`: a sweep's wall time with 1..N local workers;
 - `augment_cost`: the cost of CoTTA's and MEMO's test-time views, batched vs a loop over views;
 - `byom`: bring-your-own-model, `tta_surgical.adapt` over a torchvision / timm model;
+- `peer_collection`, `peer_worker`: our `tta-surgical run` against the methods of the best-known TTA collection
+  (imported from a checkout given on the command line), end to end on the same images, alternated or together;
 - `grid`, `soak`: tables and plots of a finished sweep folder (the methods grid, the long soak), read through
   `sweep_cells.finished_cells`.
 

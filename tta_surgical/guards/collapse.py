@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_SEGMENT_BATCHES", "CollapseMonitor", "batch_prediction_stats", "replay_collapses"]
+__all__ = ["MIN_SEGMENT_BATCHES", "CollapseMonitor", "batch_prediction_stats", "prediction_stats", "replay_collapses"]
 
 SAME_CLASS_FRACTION = 0.8
 # A segment judged on fewer batches would rest on one batch's statistics: too noisy to call a collapse.
@@ -50,7 +50,15 @@ MIN_SEGMENT_BATCHES = 2
 
 def batch_prediction_stats(logits: Tensor, y: Tensor) -> tuple[int, float, int, float]:
     """(correct, mean prediction entropy in nats, most frequent predicted class, its share) of one batch; one sync."""
-    logits = logits.detach().float()
+    return prediction_stats(logits, y)[:4]
+
+
+def prediction_stats(logits: Tensor, y: Tensor) -> tuple[int, float, int, float, bool]:
+    """`batch_prediction_stats` and whether every logit is finite, read from the device in one host sync (the
+    engine's results line needs all five; each separate read would wait for the device once more)."""
+    logits = logits.detach()
+    finite = torch.isfinite(logits).all()
+    logits = logits.float()
     logp = torch.log_softmax(logits, dim=1)
     pred = logits.argmax(dim=1)
     counts = torch.bincount(pred, minlength=logits.shape[1])
@@ -61,11 +69,12 @@ def batch_prediction_stats(logits: Tensor, y: Tensor) -> tuple[int, float, int, 
             -(logp.exp() * logp).sum(dim=1).mean(),
             top.float(),
             counts[top].float() / max(len(pred), 1),
+            finite.float(),
         ]
     ).tolist()
     # A fully confident batch sums to -0.0 or a tiny negative; report it as the 0 it is (max(-0.0, 0.0) is -0.0).
     entropy = float(values[1]) if values[1] > 0.0 else 0.0
-    return int(values[0]), entropy, int(values[2]), float(values[3])
+    return int(values[0]), entropy, int(values[2]), float(values[3]), values[4] == 1.0
 
 
 @dataclass

@@ -59,6 +59,7 @@ __all__ = [
     "MethodContext",
     "Objective",
     "StepInfo",
+    "all_finite",
     "UpdateResult",
     "build_method",
     "build_optimizer",
@@ -133,6 +134,18 @@ def grads_finite(loss: Tensor, grads: Sequence[Tensor]) -> bool:
     if grads:
         total = total + _grad_norm_sum(grads)
     return bool(torch.isfinite(total))
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every element of `x` is finite; one host sync.
+
+    The sum of a tensor is finite when all its elements are (a NaN or an Inf anywhere makes it NaN or Inf), so one
+    reduction without a temporary mask answers the common case; only a non-finite sum, which a finite tensor gives
+    when its sum overflows, asks the elementwise question. The answer is always the elementwise one.
+    """
+    if not x.is_floating_point() or bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def guarded_backward(
@@ -355,7 +368,7 @@ class Method:
         if not self.adapts:
             with torch.inference_mode():
                 logits = self.forward_and_adapt(x)
-        elif not bool(torch.isfinite(x).all()):
+        elif not all_finite(x):
             # A corrupt input must not reach any state (BN statistics, memory banks, teachers): predict only.
             self.n_skipped += 1
             self.last.skipped = True
