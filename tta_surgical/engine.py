@@ -41,8 +41,10 @@ from .metrics import (
     peak_memory,
     reset_peak_memory,
 )
+from .pacing import make_pacer
 from .runfolder import JsonlWriter, RunFolder, config_differences, plain_config
 from .runtime import describe_device, pick_device, rng_state, seed_everything, set_rng_state
+from .timeliness import TimeMeter, time_summary
 
 __all__ = [
     "CONFIG_FILE",
@@ -157,6 +159,7 @@ class _Tally:
     monitor: CollapseMonitor
     errors: ErrorMeter = field(default_factory=ErrorMeter)
     latency: LatencyMeter = field(default_factory=LatencyMeter)
+    time: TimeMeter = field(default_factory=TimeMeter)
     nonfinite: int = 0
     collapses: list[int] = field(default_factory=list)
     n_lines: int = 0
@@ -170,6 +173,7 @@ class _Tally:
         for k, (c, n) in (by or {rec["domain"]: (rec["correct"], rec["count"])}).items():
             self.errors.update(k, int(c), int(n))
         self.latency.update(float(rec["latency_ms"]), int(rec["count"]), warmup=bool(rec.get("warmup", False)))
+        self.time.update(rec)
         self.pending_reset = False
         if policy == "off" or not self.monitor.observe(rec):
             return False
@@ -318,6 +322,8 @@ class _Loop:
         # the host side of generation), the adaptation steps (device-synchronised), and checkpoint writes.
         self.timing = {"data_s": 0.0, "step_s": 0.0, "checkpoint_s": 0.0}
         self.stopped_at: int | None = None
+        # Time pressure (stream.arrival, update budgets, async adaptation): None = the classic loop, unchanged.
+        self.pacer = make_pacer(cfg, built)
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Resume: the method, RNGs and position from the checkpoint; meters and monitor from the kept lines."""
@@ -329,6 +335,8 @@ class _Loop:
                 "config, other data? check --data-root / stream.path); start a new run in another folder"
             )
         self.built.method.load_state_dict(checkpoint["method"])
+        if self.pacer is not None:
+            self.pacer.load_state_dict(checkpoint.get("pacer"))
         set_rng_state(checkpoint["rng"])
         self.start = int(checkpoint["next_batch"])
         self.peak_before = float(checkpoint.get("peak_memory_mb", 0.0))
@@ -348,6 +356,8 @@ class _Loop:
             "peak_memory_mb": max(peak, self.peak_before),
             "stream_fingerprint": self.fingerprint,
         }
+        if self.pacer is not None:
+            state["pacer"] = self.pacer.state_dict()
         self.folder.save_checkpoint(state, writer)  # the lines it counts are synced first
         self.timing["checkpoint_s"] += time.perf_counter() - t0
 
@@ -389,25 +399,34 @@ class _Loop:
                 t_ready = time.perf_counter()
             end = len(stream) if self.stopped_at is None else self.stopped_at + 1
             self.save_checkpoint(end, writer)
+        if self.pacer is not None:
+            self.pacer.close()
         if bar is not None:
             bar.close()
         return time.perf_counter() - t_wall
 
     def _step(self, batch: Any, first: bool) -> dict[str, Any]:
         built, rt = self.built, self.cfg.runtime
-        if batch.reset_before or self.tally.pending_reset:
+        reset = bool(batch.reset_before or self.tally.pending_reset)
+        if reset and self.pacer is None:
             built.method.reset()
         x = batch.x.to(built.device, non_blocking=True)
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with BatchTimer(built.device) as timer:
-            logits = built.method.step(x)
-        self.timing["step_s"] += float(timer.ms) / 1000.0
-        rec = _record(batch, logits, built.method, timer.ms, self.cfg.stream, built.multi_severity)
-        rec["reset"] = bool(batch.reset_before or self.tally.pending_reset)
+        if self.pacer is None:
+            with BatchTimer(built.device) as timer:
+                logits = built.method.step(x)
+            ms, timed, report = timer.ms, None, built.method
+        else:  # adapt or only predict, as the schedule says (the pacer applies the reset in its place)
+            logits, ms, timed, report = self.pacer.run(int(batch.batch_index), x, reset)
+        self.timing["step_s"] += float(ms) / 1000.0
+        rec = _record(batch, logits, report, ms, self.cfg.stream, built.multi_severity)
+        rec["reset"] = reset
         rec["warmup"] = first
         if self.record_predictions:
             rec["pred"] = logits.argmax(dim=1).tolist()
+        if timed is not None:
+            rec.update(timed)
         return rec
 
     def _on_collapse(self, rec: dict[str, Any], bar: Any) -> None:
@@ -487,9 +506,20 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
             "other_s": round(max(wall_s - sum(timing.values()), 0.0), 6),
         },
         "resumed_from_batch": loop.start if loop.resumed else None,
+        "protocol": _protocol(cfg),
+        **time_summary(tally.time, cfg.runtime, loop.pacer.summary() if loop.pacer is not None else None),
         "versions": {"tta_surgical": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     return json_safe(summary)
+
+
+def _protocol(cfg: Config) -> str:
+    """What the stream did while the method was busy: wait (as fast as possible: the classic protocol), realistic,
+    queue; async (or `realistic+async`) when predictions never wait for updates."""
+    arrival = cfg.stream.arrival
+    if not arrival.timed:
+        return "async" if cfg.runtime.async_adapt else "wait"
+    return f"{arrival.protocol}+async" if cfg.runtime.async_adapt else arrival.protocol
 
 
 def _item_keys(batch: Any, spec: Any, multi: bool) -> list[str] | None:
@@ -522,6 +552,7 @@ def describe_stream(spec: Any) -> str:
         f"{spec.source}, {len(spec.domains)} domains, severity {sev}, {spec.order}, reset {spec.reset}, "
         f"{spec.n_examples or 'all'} images/domain, batch {spec.batch_size}"
         + (f", {spec.rounds} rounds" if spec.rounds > 1 else "")
+        + (f", arrival {spec.arrival.describe()}" if spec.arrival.timed else "")
     )
 
 
