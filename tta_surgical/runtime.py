@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 import platform
 import random
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -115,10 +115,14 @@ class RuntimeConfig:
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ConfigError(f"runtime.{name} must be a positive number of milliseconds or null, got {value}")
         if self.update_every < 1:
-            raise ConfigError(f"runtime.update_every must be an integer >= 1 (1 = every batch), got {self.update_every}")
+            raise ConfigError(
+                f"runtime.update_every must be an integer >= 1 (1 = every batch), got {self.update_every}"
+            )
         ratios = self.cost_ratio.values() if isinstance(self.cost_ratio, Mapping) else [self.cost_ratio]
         if self.cost_ratio is not None and any(not (r > 0 and math.isfinite(r)) for r in ratios):
-            raise ConfigError(f"runtime.cost_ratio must hold positive finite numbers (plain forwards), got {self.cost_ratio}")
+            raise ConfigError(
+                f"runtime.cost_ratio must hold positive finite numbers (plain forwards), got {self.cost_ratio}"
+            )
         if self.cost_mode == "fixed" and self.cost_ratio is None:
             raise ConfigError(
                 "runtime.cost_mode=fixed needs runtime.cost_ratio: an update's cost in plain forwards of a batch, "

@@ -73,9 +73,9 @@ def check_time_config(stream: Any, rt: Any) -> None:
     arrival: ArrivalSpec = stream.arrival
     if rt.cost_mode == "fixed" and arrival.timed and not arrival.relative and rt.forward_ms is None:
         raise ConfigError(
-            "runtime.cost_mode=fixed with arrivals in seconds (stream.arrival.rate or a trace) needs runtime.forward_ms "
-            "(the plain forward's time per batch that the fixed cost ratios are in units of); or give the arrival as "
-            "stream.arrival.speed"
+            "runtime.cost_mode=fixed with arrivals in seconds (stream.arrival.rate or a trace) needs "
+            "runtime.forward_ms (the plain forward's time per batch that the fixed cost ratios are in units of); or "
+            "give the arrival as stream.arrival.speed"
         )
     if rt.async_adapt and arrival.timed and arrival.protocol == "queue":
         raise ConfigError(
