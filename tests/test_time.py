@@ -431,3 +431,16 @@ def test_scheduler_measured_costs_follow_the_measured_times():
         sched.done(slot, cost)
     # batch 3 (30 ms) adapts in 5 ms, batch 4 (40 ms) in 12 ms -> busy at 50 ms (batch 5)
     assert decisions == [True, False, False, True, True, False]
+
+
+def test_resume_keeps_the_measured_plain_forward_of_the_run(tmp_path):
+    """Fixed costs without runtime.forward_ms: the plain forward is measured once; a resumed session keeps the
+    checkpoint's value, so the whole run's times are on one clock (a fresh measurement would shift them)."""
+    extra = [o for o in realistic(0.5, 2.28) if "forward_ms" not in o]
+    folder = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        run(cfg(*extra), folder, source=source(), on_batch=_crash_at(11), checkpoint_every=5)
+    resumed = run(cfg(*extra), folder, source=source(), resume=True, checkpoint_every=5)
+    forward = resumed["time"]["forward_ms"]
+    arrivals = [r["t_ms"][0] for r in lines_of(folder)]
+    assert arrivals == [pytest.approx(round(2 * forward * i, 4), abs=2e-4) for i in range(N_BATCHES)]

@@ -199,11 +199,7 @@ class Pacer:
         if not state:
             return
         self.schedule.load_state_dict(state["schedule"])
-        self.schedule.forward_ms = float(state["schedule"].get("forward_ms", self.schedule.forward_ms))
-        if self.schedule.fixed:
-            from .streams.arrival import exact
-
-            self.schedule._fwd = exact(self.schedule.forward_ms)
+        self.schedule.set_forward_ms(float(state["schedule"]["forward_ms"]))
         pending = state.get("pending_x")
         self.pending_x = pending.to(self.device) if pending is not None else None
         if self.adapter is not None:
@@ -246,6 +242,9 @@ class AsyncAdapter:
         self._report = Report(None, int(method.n_skipped))
 
     def busy(self) -> bool:
+        """Whether an update is running; an update that failed raises its error here, at the next batch."""
+        if self.future is not None and self.future.done() and self.future.exception() is not None:
+            self.drain()
         return self.future is not None and not self.future.done()
 
     def predict(self, x: Tensor) -> Tensor:

@@ -151,15 +151,12 @@ class Scheduler:
         self.fixed = rt.cost_mode == "fixed"
         if self.fixed and step_units is None:
             raise ConfigError("runtime.cost_mode=fixed needs runtime.cost_ratio (an update's cost in plain forwards)")
-        self.rt, self.arrival, self.forward_ms = rt, arrival, float(forward_ms)
+        self.rt, self.arrival = rt, arrival
         self.protocol = arrival.protocol if arrival.timed else "afap"
         self.async_mode = bool(rt.async_adapt)
         self.step_units = step_units
-        self._fwd = exact(self.forward_ms) if self.fixed else None
         self.offsets = arrival_offsets(arrival, batch_sizes)
-        self.budget = self._in_clock(rt.latency_budget_ms)
-        self.rho = self._in_clock(rt.response_budget_ms) if rt.response_budget_ms is not None else self.one_forward
-        self.overhead_budget = self._in_clock(rt.overhead_budget_ms)
+        self.set_forward_ms(forward_ms)
         zero = Fraction(0) if self.fixed else 0.0
         # The state (all checkpointed): when the adapter (the method's update) is free, when the last batch finished,
         # the latency budget's running sums, the amortised overhead spent, the pending asynchronous update, the costs.
@@ -171,6 +168,15 @@ class Scheduler:
         self.n_adapted = 0
 
     # ------------------------------------------------------------------------------------------------ units
+    def set_forward_ms(self, forward_ms: float) -> None:
+        """The plain forward's time, and the budgets it puts on the clock (a resumed run restores its run's)."""
+        rt = self.rt
+        self.forward_ms = float(forward_ms)
+        self._fwd = exact(self.forward_ms) if self.fixed else None
+        self.budget = self._in_clock(rt.latency_budget_ms)
+        self.rho = self._in_clock(rt.response_budget_ms) if rt.response_budget_ms is not None else self.one_forward
+        self.overhead_budget = self._in_clock(rt.overhead_budget_ms)
+
     @property
     def one_forward(self) -> Time:
         return Fraction(1) if self.fixed else self.forward_ms

@@ -372,6 +372,8 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path, title: str = 
     markers = "osD^v<>PX*h"
     cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
     good = [p for p in points if p["cost_x_inference"] and p["online_error"] is not None]
+    if not good:
+        raise ValueError("no finished point has a cost and an error to plot (did the runs fail? see cells/*/ERROR)")
     for p in good:
         ax.scatter(
             p["cost_x_inference"],
