@@ -25,11 +25,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["bookkeeping_us_per_batch", "run_variant", "time_overhead"]
+__all__ = ["bookkeeping_us_per_batch", "interleaved_runs", "run_variant", "time_overhead"]
 
 
 def run_variant(
-    src: Path, out: Path, config: Path, stream: Path, overrides: Sequence[str], data_root: str | None, threads: int
+    src: Path,
+    out: Path,
+    config: Path,
+    stream: Path,
+    overrides: Sequence[str],
+    data_root: str | None,
+    threads: int,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """One `tta-surgical run` with the package from `src` (PYTHONPATH), in a fresh process; its summary."""
     env = dict(os.environ)
@@ -38,7 +45,8 @@ def run_variant(
     if data_root:
         env["TTA_SURGICAL_DATA"] = str(data_root)
     cmd = [sys.executable, "-m", "tta_surgical.cli", "run", "--config", str(config), "--stream", str(stream),
-           "--out", str(out), "--overwrite", *overrides, "runtime.progress=false", "runtime.device=cpu"]  # fmt: skip
+           "--out", str(out), "--overwrite", *overrides, "runtime.progress=false",
+           f"runtime.device={device}"]  # fmt: skip
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     total = time.perf_counter() - t0
@@ -54,7 +62,33 @@ def run_variant(
         "outside_steps_ms_per_batch": 1000.0 * (summary["wall_s_this_session"] - timing["step_s"]) / n,
         "online_error": summary["online_error"],
         "n_batches": n,
+        "summary": summary,
     }
+
+
+def interleaved_runs(
+    variants: Mapping[str, tuple[Path, Sequence[str]]],
+    *,
+    config: Path,
+    stream: Path,
+    overrides: Sequence[str],
+    rounds: int,
+    data_root: str | None,
+    threads: int = 1,
+    device: str = "cpu",
+) -> dict[str, list[dict[str, Any]]]:
+    """`rounds` x every variant (name -> (source tree, extra overrides)), round-robin (reversed every other round,
+    so no variant always runs first), each in a fresh process: variant -> its runs (`run_variant`)."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for name in order:
+                src, extra = variants[name]
+                out = Path(tmp) / name
+                over = [*overrides, *extra]
+                runs[name].append(run_variant(src, out, config, stream, over, data_root, threads, device))
+    return runs
 
 
 def time_overhead(
@@ -68,14 +102,10 @@ def time_overhead(
     threads: int = 1,
 ) -> dict[str, Any]:
     """`rounds` x every variant (name -> (source tree, extra overrides)), interleaved; per-variant mean and sd."""
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(rounds):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))  # no variant always first
-            for name in order:
-                src, extra = variants[name]
-                out = Path(tmp) / name
-                runs[name].append(run_variant(src, out, config, stream, [*overrides, *extra], data_root, threads))
+    runs = interleaved_runs(
+        variants, config=config, stream=stream, overrides=overrides, rounds=rounds, data_root=data_root,
+        threads=threads,
+    )  # fmt: skip
     stats = {}
     for name, items in runs.items():
         stats[name] = {
