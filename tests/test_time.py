@@ -233,15 +233,15 @@ def test_async_fixed_predicts_every_batch_with_the_last_finished_update(tmp_path
     assert outputs(lines) != outputs(sync)  # the two conventions differ on this stream
 
 
-def test_async_thread_serves_only_complete_weight_states():
-    """The real (thread) adapter: while updates run in the background, every prediction equals the prediction of
-    one complete published state (never a mix of two); the updates all happen."""
+def _serves_only_complete_states(device: str) -> None:
+    """While updates run in the background, every prediction equals the prediction of one complete published state
+    (never a mix of two: a torn read would match none); the updates all happen."""
     from tta_surgical.pacing import AsyncAdapter
 
-    built = build(cfg(), source=source())
+    built = build(cfg(f"runtime.device={device}"), source=source())
     method = built.method
     states: list[dict] = []
-    adapter = AsyncAdapter(method, torch.device("cpu"))
+    adapter = AsyncAdapter(method, built.device)
     publish = adapter.publish
 
     def recording_publish() -> None:
@@ -259,13 +259,25 @@ def test_async_thread_serves_only_complete_weight_states():
             served.append((x, adapter.predict(x)))
     adapter.shutdown()
     assert method.n_updates >= 2 and len(states) == method.n_updates + 1
-    probe = build(cfg(), source=source()).method
+    probe = build(cfg(f"runtime.device={device}"), source=source()).method
     for x, logits in served:
         matches = 0
         for state in states:
             probe.model.load_state_dict(state)
             matches += torch.equal(probe.predict(x), logits)
         assert matches >= 1
+
+
+def test_async_thread_serves_only_complete_weight_states():
+    _serves_only_complete_states("cpu")
+
+
+@pytest.mark.gpu
+def test_async_cuda_stream_serves_only_complete_weight_states():
+    """The same on a GPU, where the update runs on its own CUDA stream."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _serves_only_complete_states("cuda")
 
 
 def test_async_thread_run_is_consistent(tmp_path):
