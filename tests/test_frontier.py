@@ -78,5 +78,5 @@ def test_frontier_command_end_to_end(tmp_path, data_root, capsys):
             for q in result["points"]
         )
     text = (out / "frontier.md").read_text()
-    assert "Pareto" in text and "Online error % by budget" in text and "Gain over norm that survives" in text
+    assert "Pareto" in text and "Online error % (rank) by budget" in text and "Gain over norm that survives" in text
     assert len(list((out / "cells").iterdir())) == 5  # 9 points, 4 twins not run (norm twice, the 0.25x ones)

@@ -331,8 +331,16 @@ def _pivot(points: Sequence[Mapping[str, Any]], reference: str | None) -> str:
     budgets = list(dict.fromkeys(p["budget"] for p in points))
     keys = list(dict.fromkeys((p["method"], p["selection"]) for p in points))
     err = {(p["method"], p["selection"], p["budget"]): p["online_error"] for p in points}
-    rows = [[escape(m if s == "default" else f"{m}:{s}"), *(fmt(err.get((m, s, b))) for b in budgets)] for m, s in keys]
-    table = "### Online error % by budget\n\n" + markdown_table(["method", *budgets], rows)
+    rank = {}
+    for b in budgets:
+        ordered = sorted((e, k) for k in keys if (e := err.get((*k, b))) is not None)
+        rank.update({(*k, b): 1 + sum(x < e for x, _ in ordered) for e, k in ordered})
+    rows = [
+        [escape(m if s == "default" else f"{m}:{s}"),
+         *(f"{fmt(err.get((m, s, b)))} ({rank[(m, s, b)]})" if (m, s, b) in rank else MISSING for b in budgets)]
+        for m, s in keys
+    ]  # fmt: skip
+    table = "### Online error % (rank) by budget\n\n" + markdown_table(["method", *budgets], rows)
     ref = {b: err.get((reference, "default", b)) for b in budgets} if reference else {}
     if "wait" not in budgets or ref.get("wait") is None:
         return table
