@@ -8,7 +8,9 @@ results lines durable and writes a checkpoint `state.pt` atomically, so a crash 
 `run(..., resume=True)` restores method, optimiser, stream position and RNG states, drops the lines written after
 the checkpoint, replays the kept ones into the meters and the collapse monitor, and continues; an interrupted and
 resumed run ends with exactly the numbers of an uninterrupted one. `summarize` turns the meters into
-`summary.json` / `summary.md`.
+`summary.json` / `summary.md`. Under time pressure (`stream.arrival`, update budgets, asynchronous adaptation) the
+pacer (`tta_surgical.pacing`) runs each batch instead: the method's step, or only a prediction by the latest weights,
+as the schedule decides; without it the loop is exactly the classic one.
 
 Files in `out_dir`: `config.yaml` (the resolved config), `results.jsonl`, `state.pt`, `summary.json`,
 `summary.md`, `.lock` (the writer lock; see `runfolder`).
