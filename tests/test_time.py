@@ -456,3 +456,13 @@ def test_resume_keeps_the_measured_plain_forward_of_the_run(tmp_path):
     forward = resumed["time"]["forward_ms"]
     arrivals = [r["t_ms"][0] for r in lines_of(folder)]
     assert arrivals == [pytest.approx(round(2 * forward * i, 4), abs=2e-4) for i in range(N_BATCHES)]
+
+
+def test_summary_md_has_the_time_table_only_under_time_pressure(tmp_path):
+    go(tmp_path, *realistic(1, 2.28, "runtime.deadline_ms=15", "runtime.overhead_budget_ms=1000"), name="timed")
+    text = (tmp_path / "timed" / "summary.md").read_text()
+    for row in ("#### Time", "| protocol | realistic |", "adapted batches | 8 of 24", "deadline 15.00 ms",
+                "utility, discrete", "utility, continuous (rho 10.00 ms, T 20.00 ms)", "utility, amortised"):  # fmt: skip
+        assert row in text, row
+    go(tmp_path, name="classic")
+    assert "#### Time" not in (tmp_path / "classic" / "summary.md").read_text()
