@@ -37,12 +37,12 @@ from .schema import ConfigError
 
 __all__ = ["AsyncAdapter", "Pacer", "make_pacer", "measure_forward_ms"]
 
-FORWARD_WARMUP, FORWARD_REPEATS = 2, 5
+FORWARD_WARMUP, FORWARD_REPEATS = 1, 3  # 4 forwards once per run: the time a run under time pressure pays first
 
 
 def measure_forward_ms(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device) -> float:
     """Median time (ms) of a plain forward of a random batch of `shape`: a copy of `model` in eval mode, source
-    BatchNorm statistics, contiguous memory, inference_mode, device-synchronised; 2 warm-up forwards first."""
+    BatchNorm statistics, contiguous memory, inference_mode, device-synchronised; a warm-up forward first."""
     from .methods.bn import set_bn_stats
 
     plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
@@ -58,6 +58,18 @@ def measure_forward_ms(model: torch.nn.Module, shape: tuple[int, ...], device: t
                 times.append(float(timer.ms))
     del plain
     return statistics.median(times)
+
+
+def _predicts(cfg: Any) -> bool:
+    """Whether a run may predict a batch without its step (then the prediction path is warmed up first)."""
+    rt = cfg.runtime
+    return bool(
+        cfg.stream.arrival.timed
+        or rt.update_every > 1
+        or rt.latency_budget_ms is not None
+        or rt.overhead_budget_ms is not None
+        or rt.async_adapt
+    )
 
 
 def warm_up_predict(method: Any, shape: tuple[int, ...], device: torch.device) -> None:
@@ -111,7 +123,7 @@ class Pacer:
         self.pending_x: Tensor | None = None  # fixed asynchronous mode: the batch of the update in flight
         self.adapter = AsyncAdapter(self.method, self.device) if self.real_async else None
         self._t0: float | None = None  # measured asynchronous mode: the real clock's start
-        if rt.cost_mode == "measured":  # the first prediction's lazy set-up is not a cost of the stream
+        if rt.cost_mode == "measured" and _predicts(cfg):  # the first prediction's lazy set-up is no cost of the stream
             shape = (sizes[0], 3, cfg.stream.resolved_image_size, cfg.stream.resolved_image_size)
             warm_up_predict(self.adapter.serving if self.adapter is not None else self.method, shape, self.device)
         rho = rt.response_budget_ms if rt.response_budget_ms is not None else forward_ms
