@@ -33,6 +33,9 @@ def main() -> int:
     p.add_argument("--n-per-corruption", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads per process")
+    p.add_argument("--async-threads", type=int, default=None,
+                   help="torch threads of the asynchronous process (default --threads; its two Python threads each "
+                   "use them, so 1 gives it as many CPU threads as a synchronous run with 2)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides (both variants)")
     p.add_argument("--data-root", default=os.environ.get("TTA_SURGICAL_DATA"))
@@ -41,7 +44,8 @@ def main() -> int:
     variants = {"sync": (REPO, ["runtime.record_times=true"]), "async": (REPO, ["runtime.async_adapt=true"])}
     overrides = [f"stream.n_examples={args.n_per_corruption}", *args.set]
     runs = interleaved_runs(variants, config=args.config, stream=args.stream, overrides=overrides, rounds=args.rounds,
-                            data_root=args.data_root, threads=args.threads, device=args.device)  # fmt: skip
+                            data_root=args.data_root, threads=args.threads, device=args.device,
+                            threads_of={"async": args.async_threads or args.threads})  # fmt: skip
     table = {}
     for name, items in runs.items():
         rows = []
@@ -52,7 +56,9 @@ def main() -> int:
                          "adapted_share": s["adapted_share"], "response_p50_ms": t["response_ms"]["p50"],
                          "response_p95_ms": t["response_ms"]["p95"], "online_error": s["online_error"]})  # fmt: skip
         table[name] = {k: statistics.fmean(row[k] for row in rows) for k in rows[0]} | {"runs": rows}
-    result = {"settings": {"overrides": overrides, "threads": args.threads, "rounds": args.rounds}, "variants": table}
+    settings = {"overrides": overrides, "threads": args.threads, "async_threads": args.async_threads or args.threads,
+                "rounds": args.rounds}  # fmt: skip
+    result = {"settings": settings, "variants": table}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print("variant  images/s (wall)  adapted share  response p50 / p95 ms  online error %")

@@ -76,9 +76,11 @@ def interleaved_runs(
     data_root: str | None,
     threads: int = 1,
     device: str = "cpu",
+    threads_of: Mapping[str, int] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """`rounds` x every variant (name -> (source tree, extra overrides)), round-robin (reversed every other round,
-    so no variant always runs first), each in a fresh process: variant -> its runs (`run_variant`)."""
+    so no variant always runs first), each in a fresh process: variant -> its runs (`run_variant`). `threads_of`
+    gives some variants their own number of torch threads."""
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
@@ -87,7 +89,8 @@ def interleaved_runs(
                 src, extra = variants[name]
                 out = Path(tmp) / name
                 over = [*overrides, *extra]
-                runs[name].append(run_variant(src, out, config, stream, over, data_root, threads, device))
+                n_threads = (threads_of or {}).get(name, threads)
+                runs[name].append(run_variant(src, out, config, stream, over, data_root, n_threads, device))
     return runs
 
 
