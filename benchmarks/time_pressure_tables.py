@@ -2,7 +2,8 @@
 merged (e.g. the main grid and a separate CoTTA or MEMO frontier on the same stream), the error (rank) per budget and
 the gain over the reference that survives, recomputed over the union.
 
-    python benchmarks/time_pressure_tables.py runs/frontier_r20 runs/frontier_r20_memo --reference norm
+    python benchmarks/time_pressure_tables.py runs/frontier_r20 runs/frontier_r20_memo --reference norm \
+        --plot benchmarks/figures/frontier_resnet20_cpu.png
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tta_surgical.bench.frontier import frontier_markdown, pareto_front  # noqa: E402
+from tta_surgical.bench.frontier import frontier_markdown, pareto_front, plot_frontier  # noqa: E402
 
 
 def main() -> int:
@@ -23,6 +24,8 @@ def main() -> int:
     p.add_argument("folders", nargs="+", type=Path, help="frontier output folders (each holds frontier.json)")
     p.add_argument("--reference", default="norm")
     p.add_argument("--out", type=Path, default=None, help="also write the merged points here (JSON)")
+    p.add_argument("--plot", type=Path, default=None, help="also draw the merged frontier here (PNG)")
+    p.add_argument("--title", default="")
     args = p.parse_args()
     points = []
     for folder in args.folders:
@@ -33,6 +36,8 @@ def main() -> int:
     print(frontier_markdown(points, reference=args.reference))
     if args.out is not None:
         args.out.write_text(json.dumps({"points": points}, indent=1) + "\n")
+    if args.plot is not None:
+        print(f"plot: {plot_frontier(points, args.plot, args.title)}")
     return 0
 
 
