@@ -26,6 +26,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the merged points here (JSON)")
     p.add_argument("--plot", type=Path, default=None, help="also draw the merged frontier here (PNG)")
     p.add_argument("--title", default="")
+    p.add_argument("--ymin", type=float, default=None, help="lowest accuracy (%%) the plot shows")
     args = p.parse_args()
     points = []
     for folder in args.folders:
@@ -37,7 +38,7 @@ def main() -> int:
     if args.out is not None:
         args.out.write_text(json.dumps({"points": points}, indent=1) + "\n")
     if args.plot is not None:
-        print(f"plot: {plot_frontier(points, args.plot, args.title)}")
+        print(f"plot: {plot_frontier(points, args.plot, args.title, args.ymin)}")
     return 0
 
 

@@ -368,45 +368,49 @@ def _pivot(points: Sequence[Mapping[str, Any]], reference: str | None) -> str:
     return f"{table}\n\n{survival}\n\n{note}"
 
 
-def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
+def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path, title: str = "", ymin: float | None = None) -> Path:
     """Accuracy (100 - online error) against cost (x plain inference per image, log scale); one colour per method,
-    one marker per selection; the Pareto front as a step line through its points, labelled."""
+    one marker per selection; the Pareto front as a step line through its points, labelled. A point that shares its
+    run with an earlier one (`same_schedule_as`) is drawn once, as that run. `ymin`: the lowest accuracy shown
+    (points below it are named in a note instead, so one collapsed method does not flatten the rest)."""
     from ..report import pyplot, save_figure
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(10, 6.5))
     methods = list(dict.fromkeys(p["method"] for p in points))
     selections = list(dict.fromkeys(p["selection"] for p in points))
     markers = "osD^v<>PX*h"
     cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
-    good = [p for p in points if p["cost_x_inference"] and p["online_error"] is not None]
-    if not good:
+    runs = [p for p in points if p["cost_x_inference"] and p["online_error"] is not None and not p["same_schedule_as"]]
+    if not runs:
         raise ValueError("no finished point has a cost and an error to plot (did the runs fail? see cells/*/ERROR)")
-    for p in good:
+    shown = [p for p in runs if ymin is None or 100 - p["online_error"] >= ymin]
+    hidden = [p for p in runs if p not in shown]
+    for p in shown:
         ax.scatter(
-            p["cost_x_inference"],
-            100 - p["online_error"],
-            color=cmap(methods.index(p["method"]) % cmap.N),
-            marker=markers[selections.index(p["selection"]) % len(markers)],
-            s=40,
-            alpha=0.85,
-            edgecolors="black" if p["pareto"] else "none",
-        )
-    front = sorted((p for p in good if p["pareto"]), key=lambda p: p["cost_x_inference"])
-    if front:
-        ax.step(
-            [p["cost_x_inference"] for p in front], [100 - p["online_error"] for p in front], where="post",
-            color="black", linewidth=1, label="Pareto front",
+            p["cost_x_inference"], 100 - p["online_error"], color=cmap(methods.index(p["method"]) % cmap.N),
+            marker=markers[selections.index(p["selection"]) % len(markers)], s=46, alpha=0.9,
+            edgecolors="black" if p["pareto"] else "none", linewidths=1.2, zorder=3,
         )  # fmt: skip
+    front = sorted((p for p in shown if p["pareto"]), key=lambda p: p["cost_x_inference"])
+    if front:
+        ax.step([p["cost_x_inference"] for p in front], [100 - p["online_error"] for p in front], where="post",
+                color="black", linewidth=1, label="Pareto front", zorder=2)  # fmt: skip
         for p in front:
-            ax.annotate(p["label"], (p["cost_x_inference"], 100 - p["online_error"]), fontsize=7,
-                        xytext=(4, -8), textcoords="offset points")  # fmt: skip
+            ax.annotate(p["label"], (p["cost_x_inference"], 100 - p["online_error"]), fontsize=7, rotation=20,
+                        xytext=(5, 5), textcoords="offset points")  # fmt: skip
+    if hidden:
+        note = "below the plot: " + ", ".join(f"{p['label']} ({100 - p['online_error']:.1f}%)" for p in hidden)
+        ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, va="bottom")
     for m in methods:
         ax.scatter([], [], color=cmap(methods.index(m) % cmap.N), marker="o", label=m)
-    for s in selections:
-        ax.scatter([], [], color="grey", marker=markers[selections.index(s) % len(markers)], label=f"[{s}]")
+    for sel in selections:
+        ax.scatter([], [], facecolors="none", edgecolors="black", marker=markers[selections.index(sel) % len(markers)],
+                   label=f"[{sel}]")
     ax.set_xscale("log")
-    ax.set_xlabel("compute per image (x plain inference)")
+    if ymin is not None:
+        ax.set_ylim(bottom=ymin)
+    ax.set_xlabel("compute per image (x plain inference), log scale")
     ax.set_ylabel("accuracy (%) = 100 - online error")
     ax.set_title(title or "accuracy vs cost per image")
     ax.grid(True, which="both", alpha=0.3)
