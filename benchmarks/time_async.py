@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tta_surgical.bench.time_overhead import interleaved_runs  # noqa: E402
+from benchmarks.studies.time_overhead import interleaved_runs  # noqa: E402
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ it (`old`), this tree with it off (the default) and on (`runtime.record_times=tr
     python benchmarks/time_overhead.py --old-src /tmp/old --rounds 3 --n-per-corruption 200 \
         --out runs/time_overhead.json
 
-What is measured and how: `tta_surgical/bench/time_overhead.py`.
+What is measured and how: `benchmarks/studies/time_overhead.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tta_surgical.bench.time_overhead import bookkeeping_us_per_batch, time_overhead  # noqa: E402
+from benchmarks.studies.time_overhead import bookkeeping_us_per_batch, time_overhead  # noqa: E402
 
 
 def main() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tta_surgical.bench.frontier import frontier_markdown, pareto_front, plot_frontier  # noqa: E402
+from tta_surgical.studies.frontier import frontier_markdown, pareto_front, plot_frontier  # noqa: E402
 
 
 def main() -> int:

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from tta_surgical.bench.frontier import pareto_front, parse_budget, parse_selection, planned_adaptations
 from tta_surgical.cli import main
 from tta_surgical.config import load_config, to_dict
+from tta_surgical.studies.frontier import pareto_front, parse_budget, parse_selection, planned_adaptations
 
 
 def test_budgets_and_selections_are_overrides():

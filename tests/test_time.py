@@ -300,8 +300,8 @@ def test_as_fast_as_possible_lines_are_unchanged_and_the_clock_changes_no_number
     every line is identical, and the new fields say every batch was adapted with no wait."""
     off_sum, off = go(tmp_path, name="off")
     old_keys = {"batch_index", "domain", "severity", "correct", "count", "loss", "pred_entropy", "top_class",
-                "top_class_share", "latency_ms", "n_skipped", "n_filtered", "method_reset", "reset", "finite",
-                "warmup", "pred"}  # fmt: skip
+                "top_class_share", "latency_ms", "n_skipped", "n_filtered", "method_reset", "reset", "segment_end",
+                "finite", "warmup", "pred"}  # fmt: skip
     assert all(set(r) == old_keys for r in off) and off_sum["time"] is None
     assert off_sum["n_adapted_batches"] == N_BATCHES and off_sum["protocol"] == "wait"
     on_sum, on = go(tmp_path, "runtime.record_times=true", name="on")

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .methods.base import StepInfo
+from .methods.bn import set_bn_stats
 from .metrics import BatchTimer
 from .schedule import Scheduler, Slot, cost_ratio_for, time_machinery_on
 from .schema import ConfigError
@@ -43,8 +45,6 @@ FORWARD_WARMUP, FORWARD_REPEATS = 1, 3  # 4 forwards once per run: the time a ru
 def measure_forward_ms(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device) -> float:
     """Median time (ms) of a plain forward of a random batch of `shape`: a copy of `model` in eval mode, source
     BatchNorm statistics, contiguous memory, inference_mode, device-synchronised; a warm-up forward first."""
-    from .methods.bn import set_bn_stats
-
     plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     set_bn_stats(plain, "source")
     plain.eval().requires_grad_(False)
@@ -140,8 +140,6 @@ class Pacer:
             return self._run_real_async(index, x, reset)
         slot = self.schedule.plan(index)
         method = self.method
-        from .methods.base import StepInfo
-
         if slot.apply_pending and self.pending_x is not None:
             method.step(self.pending_x)  # the deferred update, finished before this batch arrived
             self.pending_x = None
@@ -305,8 +303,6 @@ class AsyncAdapter:
         with self.lock:
             report = self._report
             self._report = Report(None, report.n_skipped)
-        from .methods.base import StepInfo
-
         return Report(report.last if report.last is not None else StepInfo(), report.n_skipped)
 
     def drain(self) -> None:

@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -79,8 +79,18 @@ _HELD: dict[str, list[int]] = {}
 
 
 @contextmanager
-def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
-    """Hold the exclusive writer lock of `folder` (created if needed) for the duration of the block."""
+def folder_lock(
+    folder: str | os.PathLike,
+    what: str = "run",
+    *,
+    wait_s: float = 0.0,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Hold the exclusive writer lock of `folder` (created if needed) for the duration of the block.
+
+    wait_s: while another process holds it, retry for up to this many seconds (0: fail at once) before raising
+        `FolderInUseError`; `on_wait(holder)` is called once, when the wait begins, with a description of the holder.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = os.path.realpath(folder)
@@ -95,13 +105,14 @@ def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
         return
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _acquire(fd, wait_s, on_wait)
     except OSError:
         holder = _read_holder(fd)
         os.close(fd)
+        waited = f" (waited {wait_s:g} s)" if wait_s > 0 else ""
         raise FolderInUseError(
-            f"{folder} is in use by another tta-surgical process ({holder}); wait for it to finish, or choose "
-            "another --out"
+            f"{folder} is in use by another tta-surgical process ({holder}){waited}; wait for it to finish, or "
+            "choose another --out"
         ) from None
     info = {
         "pid": os.getpid(),
@@ -119,6 +130,23 @@ def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
         del _HELD[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _acquire(fd: int, wait_s: float, on_wait: Callable[[str], None] | None) -> None:
+    """flock `fd` exclusively, retrying every 0.2 s for up to `wait_s` seconds; raises OSError when still held."""
+    deadline = time.monotonic() + max(wait_s, 0.0)
+    announced = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            if not announced and on_wait is not None:
+                on_wait(_read_holder(fd))
+            announced = True
+            time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
 
 
 def _read_holder(fd: int) -> str:
@@ -349,7 +377,7 @@ class RunFolder:
 
     def save_checkpoint(self, state: dict[str, Any], writer: JsonlWriter | None = None) -> None:
         """Write `state.pt` atomically, after making the results lines it counts durable."""
-        import torch
+        import torch  # only the checkpoint needs torch: reading a run folder (jsonl, locks, config) stays light
 
         if writer is not None:
             writer.sync()
@@ -358,7 +386,7 @@ class RunFolder:
     def load_checkpoint(self, required: Iterable[str] = ()) -> dict[str, Any] | None:
         """The checkpoint in `state.pt` (None when there is none), read with `weights_only=True` so nothing in it
         runs; a file that cannot be read, or is not a dict holding the `required` keys, is a `DamagedFileError`."""
-        import torch
+        import torch  # only the checkpoint needs torch: reading a run folder (jsonl, locks, config) stays light
 
         path = self.path / self.STATE
         if not path.is_file():
@@ -394,6 +422,19 @@ class RunFolder:
             )
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+
+    def final_summary(self) -> dict[str, Any] | None:
+        """`summary.json` of a run that has ended (it is written last, at the end or at a collapse stop; a resumed
+        session removes it until it ends again), or None while the run has not ended."""
+        path = self.path / self.SUMMARY
+        if not path.is_file():
+            return None
+        try:
+            return self.read_summary()
+        except ValueError as err:
+            raise ValueError(
+                f"{path} is not valid JSON ({err}); restore it, or start the run over with --overwrite"
+            ) from None
 
     def finished_with(self, cfg: Any) -> dict[str, Any] | None:
         """The summary of a finished run made with exactly `cfg`, else None."""

@@ -59,12 +59,13 @@ class RuntimeConfig:
     seed: int = 0
     progress: bool = True
     # Collapse detection (`tta_surgical.collapse`): what to do when predictions concentrate on one class while the
-    # prediction entropy falls (warn: a warning and a count in summary.json; reset: also restore the method's
-    # source state before the next batch; stop: end the run there; off: no monitoring), over a window of
-    # `collapse_window` images, with the share and entropy-ratio thresholds of the module. 1,000 images = 5 default
-    # batches: a run shorter than the window is never judged (2,000 missed Tent at lr=1000 on a 1,500-image stream),
-    # and replaying 516 measured runs' results lines at 1,000 flags exactly the runs 2,000 flags (benchmarks/RESULTS.md
-    # section 10).
+    # prediction entropy falls (warn: a warning on stderr and a count in summary.json / summary.md; reset: also
+    # restore the method's source state before the next batch; stop: end the run there, status stopped_on_collapse;
+    # off: no monitoring), over a window of `collapse_window` images and over each domain at its end, with the share
+    # and entropy-ratio thresholds of the module. 1,000 images = 5 default batches: a window longer than the run
+    # never fills (2,000 missed Tent at lr=1000 on a 1,500-image continual stream), and replaying 516 measured runs'
+    # results lines at 1,000 flagged exactly the runs 2,000 flagged (benchmarks/RESULTS.md section 10a; measured
+    # before domains were also judged on their own, section 10c).
     on_collapse: str = "warn"
     collapse_window: int = 1000
     collapse_share: float = 0.6

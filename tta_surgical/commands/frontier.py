@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .options import add_data_root, add_frost_dir
+from ..fileio import atomic_write_text
+from .options import add_data_root, add_frost_dir, data_context
 
 HELP = "sweep methods x block selections x update budgets; accuracy vs cost per image with the Pareto front"
 DESCRIPTION = (
@@ -56,7 +57,8 @@ def _names(values: list[str] | None) -> list[str] | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..bench.frontier import (
+    from ..methods import METHODS
+    from ..studies.frontier import (
         DEFAULT_BUDGETS,
         DEFAULT_SELECTIONS,
         collect_points,
@@ -64,10 +66,9 @@ def main(args: argparse.Namespace) -> int:
         plan_frontier,
         plot_frontier,
     )
-    from ..fileio import atomic_write_text
-    from ..methods import METHODS
     from ..sweep import run_sweep
 
+    data = data_context(args)
     plan = plan_frontier(
         _names(args.methods) or list(METHODS),
         _names(args.blocks) or list(DEFAULT_SELECTIONS),
@@ -75,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
         base=Path(args.base) if args.base else None,
         stream=Path(args.stream) if args.stream else None,
         overrides=list(args.overrides or []),
-        data_root=args.data_root,
+        data=data,
         dedupe=not args.no_dedupe,
     )
     out = Path(args.out)
@@ -89,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     result = run_sweep(
         plan.sweep, out, launcher=args.launcher, max_parallel=args.max_parallel, address=args.address,
-        resume=args.resume, data_root=args.data_root, frost_dir=args.frost_dir,
+        resume=args.resume, data=data,
     )  # fmt: skip
     points = collect_points(plan, out)
     atomic_write_text(out / "frontier.json", json.dumps({"points": points, "skipped": plan.skipped}, indent=1) + "\n")

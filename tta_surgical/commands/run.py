@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .options import add_data_root, add_frost_dir
+from .options import add_data_root, add_frost_dir, data_context
 
 HELP = "adapt a model online over a stream (one config) and report error, latency and memory"
 DESCRIPTION = (
@@ -52,7 +52,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", metavar="DIR", default=None, help="output folder (default: runs/<config-stem>-<stream-stem>)"
     )
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (a finished run, or one stopped on collapse, is "
+        "left as it is)",
+    )
+    parser.add_argument(
+        "--continue-after-stop",
+        action="store_true",
+        help="with --resume: continue a run that runtime.on_collapse=stop ended, past the stop",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a finished or partial run in --out")
     add_common_options(parser)
 
@@ -73,21 +83,28 @@ def default_out(config: str | os.PathLike, stream: str | os.PathLike | None) -> 
 
 def main(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..engine import run
-    from ..report import summary_markdown
+    from ..engine import ended_note, run
+    from ..render import summary_markdown
 
+    if args.continue_after_stop and not args.resume:
+        raise ValueError("--continue-after-stop continues a stopped run: use it together with --resume")
     overrides = resolve_overrides(args)
     cfg = load_config(args.config, stream=args.stream, overrides=overrides)
     out = Path(args.out) if args.out else default_out(args.config, args.stream)
+    # A run that has ended stays as it is on --resume (the engine returns its summary untouched): one line says so.
+    note = ended_note(out, args.continue_after_stop) if args.resume else None
     summary = run(
         cfg,
         out,
-        data_root=args.data_root,
+        data=data_context(args),
         resume=args.resume,
-        frost_dir=args.frost_dir,
         overwrite=args.overwrite,
         on_start=None if args.stream else _announce_default_stream(args.config, overrides),
+        continue_after_stop=args.continue_after_stop,
     )
+    if note is not None:
+        print(note)
+        return 0
     print(summary_markdown(summary))
     print(f"results in {out}/ (summary.json, summary.md, results.jsonl)")
     return 0

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..corruptions import ALL_CORRUPTIONS, CORRUPTIONS, check_severity, corrupt, make_generator, to_uint8
 from ..fileio import atomic_write_text
 from .cifar import load_cifar10, sidecar_path

@@ -352,19 +352,20 @@ class Method:
     def step(self, x: Tensor) -> Tensor:
         """Logits for the batch `x` (and the method's update). Fills `last` with what happened."""
         self.last = StepInfo()
-        self.n_steps += 1
         if not self.adapts:
             with torch.inference_mode():
-                return self.forward_and_adapt(x)
-        if not bool(torch.isfinite(x).all()):
+                logits = self.forward_and_adapt(x)
+        elif not bool(torch.isfinite(x).all()):
             # A corrupt input must not reach any state (BN statistics, memory banks, teachers): predict only.
             self.n_skipped += 1
             self.last.skipped = True
-            return self.predict(x)
-        with torch.enable_grad():  # adapts even when the caller's loop runs under no_grad
-            logits = self.forward_and_adapt(x)
-        if self.last._losses:
-            self.last.loss = sum(self.last._losses) / len(self.last._losses)
+            logits = self.predict(x)
+        else:
+            with torch.enable_grad():  # adapts even when the caller's loop runs under no_grad
+                logits = self.forward_and_adapt(x)
+            if self.last._losses:
+                self.last.loss = sum(self.last._losses) / len(self.last._losses)
+        self.n_steps += 1  # counted once the step is done: a call that raised is no step
         return logits
 
     @torch.no_grad()

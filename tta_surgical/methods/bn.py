@@ -20,12 +20,21 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["batch_stats_per_group", "batchnorm_layers", "mixed_batch_norm", "set_bn_stats"]
+__all__ = ["batch_stats_per_group", "batchnorm_layers", "mixed_batch_norm", "set_bn_stats", "uses_batch_statistics"]
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
     """Every BatchNorm layer (1d/2d/3d/Sync) of `model`, in module order."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether a BatchNorm layer of `model` normalises with the current batch's statistics alone (training mode, no
+    tracking, no prior-mixed forward): then a batch of one image has no meaningful statistics (and torch refuses one
+    where a layer's maps are 1x1)."""
+    return any(
+        bn.training and not bn.track_running_stats and "forward" not in bn.__dict__ for bn in batchnorm_layers(model)
+    )
 
 
 def mixed_batch_norm(bn: _BatchNorm, x: Tensor, prior_strength: float, groups: int = 1) -> Tensor:

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.cifar import load_cifar10
 from ..schema import ConfigError
 from ._checks import check_finite_number, check_fraction
 from .base import Method, Objective, register_method
@@ -254,8 +255,6 @@ class EATA(ETA):
         """`fisher_samples` source images (float (N, 3, H, W) in [0, 1], CPU) in a seeded random order."""
         cfg, n = self.cfg, self.cfg.fisher_samples
         if cfg.source_data is not None:
-            from ..data.cifar import load_cifar10
-
             pool, _ = load_cifar10(cfg.source_data, split="train")  # uint8 (N, 32, 32, 3)
             pick = self._permutation(len(pool))[:n].numpy()
             return torch.from_numpy(pool[pick]).permute(0, 3, 1, 2).float().div_(255.0)

@@ -160,7 +160,9 @@ class ROID(Method):
         of that sub-batch)."""
         out = logits.new_zeros(logits.shape[0], dtype=torch.float32)
         index = keep.nonzero().squeeze(1) if keep is not None else torch.arange(x.shape[0], device=x.device)
-        if index.numel() == 0:  # host sync: the kept count decides the forward's shape
+        if index.numel() < 2:  # host sync: the kept count decides the forward's shape
+            # Nothing kept, or one image, whose own BatchNorm statistics are meaningless (and which torch refuses
+            # where a layer's maps are 1x1): no consistency term this batch.
             return out
         augmented = cotta_views(x.index_select(0, index), 1, self.rng, ROID_CIFAR)
         with self.autocast(x):

@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
+from torchvision.models import ResNet, VisionTransformer
 
 from .infer import infer_block_spec, infer_layout_rule
 from .partition import VIT_GROUPS, BlockSpec, check_partition, matches, partition
@@ -308,8 +309,6 @@ def _torchvision_vit_spec(model: nn.Module) -> BlockSpec:
 
 
 def _register_torchvision() -> None:
-    from torchvision.models import ResNet, VisionTransformer
-
     register_block_spec(ResNet, _torchvision_resnet_spec)
     register_block_spec(VisionTransformer, _torchvision_vit_spec)
 

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
+from torchvision.models import MobileNetV2, MobileNetV3
 
 from .partition import VIT_GROUPS, BlockSpec, check_partition
 
@@ -238,8 +239,6 @@ def _mobilenet_layout(model: nn.Module) -> _Layout:
 
 
 def _hints() -> list[tuple[type, Callable[[nn.Module], _Layout]]]:
-    from torchvision.models import MobileNetV2, MobileNetV3
-
     return [(MobileNetV2, _mobilenet_layout), (MobileNetV3, _mobilenet_layout)]
 
 

@@ -22,8 +22,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
+
+from tta_surgical.runtime import RuntimeConfig
+from tta_surgical.schedule import Scheduler
+from tta_surgical.streams.arrival import ArrivalSpec
+from tta_surgical.timeliness import TimeMeter
 
 __all__ = ["bookkeeping_us_per_batch", "interleaved_runs", "run_variant", "time_overhead"]
 
@@ -125,13 +131,6 @@ def bookkeeping_us_per_batch(n_batches: int = 20000) -> dict[str, float]:
     """Microseconds per batch of the machinery's own work on an as-fast-as-possible run with the clock on: the
     schedule's plan and done, the results line's time fields, and the time meter's update (no model involved);
     per cost mode (measured: float ms; fixed: exact fractions)."""
-    from fractions import Fraction
-
-    from ..runtime import RuntimeConfig
-    from ..schedule import Scheduler
-    from ..streams.arrival import ArrivalSpec
-    from ..timeliness import TimeMeter
-
     out = {}
     for mode, units in (("measured", None), ("fixed", Fraction(57, 25))):
         rt = RuntimeConfig(record_times=True, cost_mode=mode, cost_ratio=2.28 if units is not None else None)

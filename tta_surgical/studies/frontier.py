@@ -28,7 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, load_config, parse_override
+from ..config import ConfigError, from_dict, load_config, parse_override
+from ..data.context import DataLike
+from ..methods import METHODS
+from ..methods.settings import MethodSettings
+from ..models import create_model_from_config, resolve_blocks
+from ..render import pyplot, save_figure
+from ..runtime import RuntimeConfig
+from ..schedule import Scheduler, cost_ratio_for
+from ..streams import StreamSpec, open_source, plan_stream
+from ..streams.arrival import ArrivalSpec
+from ..sweep import cell_dir, check_cells, sweep_from_dict
 from ..tables import MISSING, escape, fmt, markdown_table
 
 __all__ = [
@@ -123,8 +133,6 @@ class FrontierPlan:
 
 
 def _adapts(method: str) -> bool:
-    from ..methods import METHODS
-
     return bool(METHODS.get(method).adapts)
 
 
@@ -136,15 +144,14 @@ def plan_frontier(
     base: Path | None = None,
     stream: Path | None = None,
     overrides: Iterable[str] = (),
-    data_root: str | None = None,
+    data: DataLike = None,
     dedupe: bool = True,
 ) -> FrontierPlan:
-    """Validate every point (each config through the real loader, block names against the model) and plan the sweep.
+    """Validate every point (each config through the real loader, block names against the model) and plan the sweep;
+    `data`: where the data lives (a `DataContext` or the data root), read to plan the batches of fixed-cost twins.
 
     Every cell records its clock (`runtime.record_times`), so the cost of `wait` points is known too.
     """
-    from ..sweep import check_cells, sweep_from_dict
-
     parsed = [(b, *parse_budget(b)) for b in budgets]
     cells: list[dict[str, Any]] = []
     labels: list[tuple[str, str, str]] = []
@@ -152,7 +159,7 @@ def plan_frontier(
     for method in methods:
         for selection in selections if _adapts(method) else ("default",):
             sel = parse_selection(selection)
-            if selection == "auto" and not _auto_available(method, base, stream, data_root):
+            if selection == "auto" and not _auto_available(method, base, stream):
                 skipped.append(f"{method}:auto (blocks auto is not available in this build; issue 21 adds it)")
                 continue
             for _, label, over in parsed:
@@ -163,14 +170,14 @@ def plan_frontier(
     if not cells:
         raise ValueError("the frontier has no point: give methods, selections and budgets")
     extra = [*overrides, "runtime.record_times=true"]
-    data: dict[str, Any] = {"name": "frontier", "kind": "run", "cells": cells}
+    spec: dict[str, Any] = {"name": "frontier", "kind": "run", "cells": cells}
     if base is not None:
-        data["base"] = str(base)
+        spec["base"] = str(base)
     if stream is not None:
-        data["stream"] = str(stream)
-    full = sweep_from_dict(data, extra_overrides=extra)
+        spec["stream"] = str(stream)
+    full = sweep_from_dict(spec, extra_overrides=extra)
     check_cells(full)
-    twins = _twins(full.cells, data_root) if dedupe else {}
+    twins = _twins(full.cells, data) if dedupe else {}
     entries = [
         Entry(m, s, b, cell.id, twins.get(cell.id)) for (m, s, b), cell in zip(labels, full.cells, strict=True)
     ]
@@ -179,12 +186,8 @@ def plan_frontier(
     return FrontierPlan(sweep, entries, skipped)
 
 
-def _auto_available(method: str, base: Path | None, stream: Path | None, data_root: str | None) -> bool:
+def _auto_available(method: str, base: Path | None, stream: Path | None) -> bool:
     """Whether `method.blocks=auto` builds (a selection policy of issue 21); never raises."""
-    import dataclasses
-
-    from ..models import create_model_from_config, resolve_blocks
-
     try:
         cfg = load_config(base, stream=stream, overrides=[f"method.name={method}", "method.blocks=auto"])
         model = create_model_from_config(dataclasses.replace(cfg.model, pretrained=False, allow_random=True))[0]
@@ -197,19 +200,12 @@ def _auto_available(method: str, base: Path | None, stream: Path | None, data_ro
 def planned_adaptations(config: Mapping[str, Any], batch_sizes: Sequence[int]) -> tuple[int, ...] | None:
     """The batches a fixed-cost run will adapt (its schedule does not depend on the data), or None when it cannot be
     known before the run (measured costs, or budgets in ms with the plain forward measured in the run)."""
-    from ..config import from_dict
-    from ..runtime import RuntimeConfig
-    from ..schedule import Scheduler, cost_ratio_for
-    from ..streams.arrival import ArrivalSpec
-
     rt = from_dict(RuntimeConfig, config["runtime"], "runtime")
     if rt.cost_mode != "fixed":
         return None
     in_ms = (rt.latency_budget_ms, rt.overhead_budget_ms, rt.response_budget_ms)
     if rt.forward_ms is None and any(v is not None for v in in_ms):
         return None
-    from ..methods.settings import MethodSettings
-
     method = from_dict(MethodSettings, config["method"], "method")
     arrival = from_dict(ArrivalSpec, config["stream"].get("arrival") or {}, "stream.arrival")
     forward = rt.forward_ms if rt.forward_ms is not None else 1.0
@@ -222,7 +218,7 @@ def planned_adaptations(config: Mapping[str, Any], batch_sizes: Sequence[int]) -
     return tuple(i for i, a in enumerate(adapted) if a)
 
 
-def _twins(cells: Sequence[Any], data_root: str | None) -> dict[str, str]:
+def _twins(cells: Sequence[Any], data: DataLike) -> dict[str, str]:
     """cell id -> the id of the first cell with the same config apart from time keys and the same schedule."""
     sizes_of: dict[str, list[int]] = {}
     first: dict[str, str] = {}
@@ -230,7 +226,7 @@ def _twins(cells: Sequence[Any], data_root: str | None) -> dict[str, str]:
     for cell in cells:
         stream_key = json.dumps({k: v for k, v in cell.config["stream"].items() if k != "arrival"}, sort_keys=True)
         if stream_key not in sizes_of:
-            sizes_of[stream_key] = _batch_sizes(cell.config["stream"], data_root)
+            sizes_of[stream_key] = _batch_sizes(cell.config["stream"], data)
         adapted = planned_adaptations(cell.config, sizes_of[stream_key])
         if adapted is None:
             continue
@@ -245,12 +241,9 @@ def _twins(cells: Sequence[Any], data_root: str | None) -> dict[str, str]:
     return twins
 
 
-def _batch_sizes(stream: Mapping[str, Any], data_root: str | None) -> list[int]:
-    from ..config import from_dict
-    from ..streams import StreamSpec, open_source, plan_stream
-
+def _batch_sizes(stream: Mapping[str, Any], data: DataLike) -> list[int]:
     spec = from_dict(StreamSpec, stream, "stream")
-    source = open_source(spec, data_root=data_root)
+    source = open_source(spec, data)
     labels = source.labels if spec.indices is None else source.labels[list(spec.indices)]
     return [len(p) for p in plan_stream(spec, labels)]
 
@@ -260,8 +253,6 @@ def _batch_sizes(stream: Mapping[str, Any], data_root: str | None) -> list[int]:
 
 def collect_points(plan: FrontierPlan, out: Path) -> list[dict[str, Any]]:
     """One record per point from its cell's summary (a twin reads its twin's): error, adapted share, cost."""
-    from ..sweep import cell_dir
-
     cells = {c.id: c for c in plan.sweep.cells}
     points = []
     for e in plan.entries:
@@ -373,8 +364,6 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path, title: str = 
     one marker per selection; the Pareto front as a step line through its points, labelled. A point that shares its
     run with an earlier one (`same_schedule_as`) is drawn once, as that run. `ymin`: the lowest accuracy shown
     (points below it are named in a note instead, so one collapsed method does not flatten the rest)."""
-    from ..report import pyplot, save_figure
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 6.5))
     methods = list(dict.fromkeys(p["method"] for p in points))
