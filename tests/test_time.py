@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.studies.time_overhead import bookkeeping_us_per_batch
 from tta_surgical.collapse import batch_prediction_stats
 from tta_surgical.config import ConfigError, load_config
 from tta_surgical.engine import RESULTS_FILE, STATE_FILE, build, run
@@ -472,3 +473,9 @@ def test_summary_md_has_the_time_table_only_under_time_pressure(tmp_path):
         assert row in text, row
     go(tmp_path, name="classic")
     assert "#### Time" not in (tmp_path / "classic" / "summary.md").read_text()
+
+
+def test_the_overhead_study_times_the_bookkeeping_in_both_cost_modes():
+    """benchmarks/studies/time_overhead.py (issue 22's overhead figure): the bookkeeping timer runs both clocks."""
+    us = bookkeeping_us_per_batch(n_batches=50)
+    assert set(us) == {"measured", "fixed"} and all(v > 0 for v in us.values())
