@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,7 +391,8 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path, title: str = 
                         xytext=(5, 5), textcoords="offset points")  # fmt: skip
     if hidden:
         note = "below the plot: " + ", ".join(f"{p['label']} ({100 - p['online_error']:.1f}%)" for p in hidden)
-        ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, va="bottom")
+        # wrapped to the axes' width: one long line would widen the figure and squeeze the plot
+        ax.text(0.01, 0.01, textwrap.fill(note, 110), transform=ax.transAxes, fontsize=7, va="bottom")
     for m in methods:
         ax.scatter([], [], color=cmap(methods.index(m) % cmap.N), marker="o", label=m)
     for sel in selections:
