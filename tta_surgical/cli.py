@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "tta_surgical.commands.sweep",
     "report": "tta_surgical.commands.report",
     "bench": "tta_surgical.commands.bench",
+    "frontier": "tta_surgical.commands.frontier",
     "make-cifar10c": "tta_surgical.commands.make_cifar10c",
     "methods": "tta_surgical.commands.methods",
     "blocks": "tta_surgical.commands.blocks",

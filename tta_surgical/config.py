@@ -22,6 +22,7 @@ from .methods.optim import OPTIM_IMPLEMENTATIONS, OPTIMIZERS, OptimConfig
 from .methods.settings import PARAM_KINDS, REGIMES, AdaptSettings, MethodSettings, method_config
 from .models.config import ModelConfig
 from .runtime import COMPILE_MODES, DEVICES, ON_COLLAPSE, PRECISIONS, RuntimeConfig
+from .schedule import check_time_config
 from .schema import (
     ConfigError,
     apply_overrides,
@@ -98,6 +99,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.optim is None:
             object.__setattr__(self, "optim", default_optim(self.method, self.stream.source))
+        check_time_config(self.stream, self.runtime)  # stream.arrival x runtime's time keys
 
     @classmethod
     def context_defaults(cls, data: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

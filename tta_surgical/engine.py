@@ -11,7 +11,10 @@ before it, if it strikes in the fraction of a second before that domain's checkp
 the checkpoint, replays the kept ones into the meters and the collapse monitor, and continues; an interrupted and
 resumed run ends with exactly the numbers of an uninterrupted one. `summarize` turns the meters into
 `summary.json` / `summary.md`, written when the run ends (at the end of the stream, or where the collapse policy
-`stop` stopped it); a run that has ended is left untouched by `resume` (unless `continue_after_stop`).
+`stop` stopped it); a run that has ended is left untouched by `resume` (unless `continue_after_stop`). Under time
+pressure (`stream.arrival`, update budgets, asynchronous adaptation) the pacer (`tta_surgical.pacing`) runs each batch
+instead: the method's step, or only a prediction by the latest weights, as the schedule decides; without it the loop is
+exactly the classic one.
 
 Files in `out_dir`: `config.yaml` (the resolved config), `results.jsonl`, `state.pt`, `summary.json`,
 `summary.md`, `.lock` (the writer lock; see `runfolder`).
@@ -62,10 +65,12 @@ from .metrics import (
     reset_peak_memory,
 )
 from .models import create_model_from_config
+from .pacing import make_pacer
 from .render import summary_markdown
 from .runfolder import JsonlWriter, RunFolder, config_differences, plain_config, read_jsonl
 from .runtime import describe_device, pick_device, rng_state, seed_everything, set_rng_state
 from .streams import build_stream, source_class
+from .timeliness import TimeMeter, time_summary
 
 __all__ = [
     "CONFIG_FILE",
@@ -97,7 +102,8 @@ AUTO_CHECKPOINT_EVERY = 50  # batches, for streams without domain boundaries
 # The loop's time, per part: waiting for the next batch (reading or generating it; on a GPU only the host side of
 # generation), moving it to the device in the model's memory format, the adaptation step (device-synchronised),
 # the guard's reference forward on checked batches, the results line's statistics (one host sync), writing it, the
-# meters and the guard's detectors, the progress bar, and the checkpoints; `other_s` in the summary is what none of them covers (resets, hooks, the loop itself).
+# meters and the guard's detectors, the progress bar, and the checkpoints; `other_s` in the summary is what none of
+# them covers (resets, hooks, the loop itself).
 TIMING_KEYS = (
     "data_s", "input_s", "step_s", "guard_s", "record_s", "write_s", "monitor_s", "progress_s", "checkpoint_s"
 )
@@ -200,6 +206,7 @@ class _Tally:
     errors: ErrorMeter = field(default_factory=ErrorMeter)
     latency: LatencyMeter = field(default_factory=LatencyMeter)
     ledger: Ledger = field(default_factory=Ledger)
+    time: TimeMeter = field(default_factory=TimeMeter)
     nonfinite: int = 0
     alarms: list[Alarm] = field(default_factory=list)
     n_lines: int = 0
@@ -219,6 +226,7 @@ class _Tally:
             self.errors.update(k, int(c), int(n))
         self.latency.update(float(rec["latency_ms"]), int(rec["count"]), warmup=bool(rec.get("warmup", False)))
         self.ledger.add(rec)
+        self.time.update(rec)
         self.pending_reset = False
         if policy == "off":
             return []
@@ -430,6 +438,8 @@ class _Loop:
         self.stopped_at: int | None = None
         self.cpu_s = 0.0  # CPU time of this process (all its threads) over the loop: the wall time on a busy machine
         self.cpu_step_s = 0.0  # the part of cpu_s spent inside `method.step`: the rest is the engine's own work
+        # Time pressure (stream.arrival, update budgets, async adaptation): None = the classic loop, unchanged.
+        self.pacer = make_pacer(cfg, built)
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Resume: the method, RNGs and position from the checkpoint; meters and monitor from the kept lines."""
@@ -439,6 +449,8 @@ class _Loop:
                 "config, other data? check --data-root / stream.path); start a new run in another folder"
             )
         self.built.method.load_state_dict(checkpoint["method"])
+        if self.pacer is not None:
+            self.pacer.load_state_dict(checkpoint.get("pacer"))
         set_rng_state(checkpoint["rng"])
         self.start = int(checkpoint["next_batch"])
         self.peak_before = float(checkpoint.get("peak_memory_mb", 0.0))
@@ -460,6 +472,8 @@ class _Loop:
             "peak_memory_mb": max(peak, self.peak_before),
             "stream_fingerprint": self.fingerprint,
         }
+        if self.pacer is not None:
+            state["pacer"] = self.pacer.state_dict()
         self.folder.save_checkpoint(state, writer, background=background)  # the lines it counts are synced first
         self.timing["checkpoint_s"] += time.perf_counter() - t0
 
@@ -482,6 +496,9 @@ class _Loop:
         except BaseException:
             self.folder.wait_checkpoint(raise_error=False)  # no disk work of this run may outlive its lock
             raise
+        finally:
+            if self.pacer is not None:  # an update still running in the background ends (or raises) here
+                self.pacer.close()
         if bar is not None:
             bar.close()
         self.cpu_s = time.process_time() - t_cpu
@@ -523,7 +540,8 @@ class _Loop:
 
     def _step(self, batch: Any, first: bool) -> dict[str, Any]:
         built, rt = self.built, self.cfg.runtime
-        if batch.reset_before or self.tally.pending_reset:
+        reset = bool(batch.reset_before or self.tally.pending_reset)
+        if reset and self.pacer is None:
             built.method.reset()
         t = time.perf_counter()
         x = batch.x.to(built.device, non_blocking=True)
@@ -531,10 +549,14 @@ class _Loop:
             x = x.contiguous(memory_format=torch.channels_last)
         self._lap("input_s", t)
         cpu = time.process_time()
-        with BatchTimer(built.device) as timer:
-            logits = built.method.step(x)
+        if self.pacer is None:
+            with BatchTimer(built.device) as timer:
+                logits = built.method.step(x)
+            ms, timed, report = timer.ms, None, built.method
+        else:  # adapt or only predict, as the schedule says (the pacer applies the reset in its place)
+            logits, ms, timed, report = self.pacer.run(int(batch.batch_index), x, reset)
         self.cpu_step_s += time.process_time() - cpu
-        self.timing["step_s"] += float(timer.ms) / 1000.0
+        self.timing["step_s"] += float(ms) / 1000.0
         ref_logits, guard_ms = None, 0.0
         if built.reference is not None and int(batch.batch_index) % self.guard_every == 0:
             with BatchTimer(built.device) as guard_timer:
@@ -542,14 +564,16 @@ class _Loop:
             guard_ms = float(guard_timer.ms)
             self.timing["guard_s"] += guard_ms / 1000.0
         t = time.perf_counter()
-        rec = _record(batch, logits, built.method, timer.ms + guard_ms, self.cfg.stream, built.multi_severity)
+        rec = _record(batch, logits, report, ms + guard_ms, self.cfg.stream, built.multi_severity)
         if ref_logits is not None:
             rec.update(json_safe(reference_stats(logits, ref_logits, batch.y)))
-        rec["reset"] = bool(batch.reset_before or self.tally.pending_reset)
+        rec["reset"] = reset
         rec["segment_end"] = self.segment_ends[int(batch.batch_index)]
         rec["warmup"] = first
         if self.record_predictions:
             rec["pred"] = logits.argmax(dim=1).tolist()
+        if timed is not None:
+            rec.update(timed)
         self._lap("record_s", t)
         return rec
 
@@ -639,6 +663,8 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
             "other_s": round(max(wall_s - sum(timing.values()), 0.0), 6),
         },
         "resumed_from_batch": loop.start if loop.resumed else None,
+        "protocol": _protocol(cfg),
+        **time_summary(tally.time, cfg.runtime, loop.pacer.summary() if loop.pacer is not None else None),
         "versions": {"tta_surgical": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
     return json_safe(summary)
@@ -646,6 +672,15 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
 
 def _reference_name(built: Built) -> str | None:
     return built.reference.cfg.name if built.reference is not None else None
+
+
+def _protocol(cfg: Config) -> str:
+    """What the stream did while the method was busy: wait (as fast as possible: the classic protocol), realistic,
+    queue; async (or `realistic+async`) when predictions never wait for updates."""
+    arrival = cfg.stream.arrival
+    if not arrival.timed:
+        return "async" if cfg.runtime.async_adapt else "wait"
+    return f"{arrival.protocol}+async" if cfg.runtime.async_adapt else arrival.protocol
 
 
 def _item_keys(batch: Any, spec: Any, multi: bool) -> list[str] | None:
@@ -678,6 +713,7 @@ def describe_stream(spec: Any) -> str:
         f"{spec.source}, {len(spec.domains)} domains, severity {sev}, {spec.order}, reset {spec.reset}, "
         f"{spec.n_examples or 'all'} images/domain, batch {spec.batch_size}"
         + (f", {spec.rounds} rounds" if spec.rounds > 1 else "")
+        + (f", arrival {spec.arrival.describe()}" if spec.arrival.timed else "")
     )
 
 

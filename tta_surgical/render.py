@@ -67,7 +67,52 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         ["images", fmt(summary.get("n_images"))],
         ["device", fmt(summary.get("device"))],
     ]
-    return "\n\n".join([title, errors, markdown_table(["metric", "value"], stats), ERROR_NOTE]) + "\n"
+    parts = [title, errors, markdown_table(["metric", "value"], stats), ERROR_NOTE]
+    if summary.get("time"):
+        parts.append(time_markdown(summary))
+    return "\n\n".join(parts) + "\n"
+
+
+def time_markdown(summary: Mapping[str, Any]) -> str:
+    """The end-of-run table of a run under time pressure: the protocol, what was adapted, how late predictions came,
+    the deadline and Tempora's utilities (README, "Time pressure")."""
+    t = summary["time"]
+    resp, wait, deadline = t.get("response_ms") or {}, t.get("queue_delay_ms") or {}, t.get("deadline")
+    util = t.get("utility") or {}
+    disc, cont, amort = util.get("discrete") or {}, util.get("continuous") or {}, util.get("amortised")
+    cost = t.get("update_cost_forwards")
+    rows = [
+        ["protocol", fmt(summary.get("protocol"))],
+        ["clock", f"{t.get('cost_mode')} costs" + (f", an update = {cost:g} plain forwards" if cost else "")
+         + f", plain forward {fmt(t.get('forward_ms'))} ms ({t.get('forward_ms_source')})"],
+        ["adapted batches", f"{summary.get('n_adapted_batches')} of {summary.get('n_batches')} "
+         f"({fmt(100 * (summary.get('adapted_share') or 0), 1)}%)"],
+        ["error % on adapted / predicted-only batches",
+         f"{fmt(t.get('error_adapted_batches'))} / {fmt(t.get('error_predicted_batches'))}"],
+        ["response ms p50 / p95 / max", " / ".join(fmt(resp.get(k)) for k in ("p50", "p95", "max"))],
+        ["queueing delay ms mean / max", f"{fmt(wait.get('mean'))} / {fmt(wait.get('max'))}"],
+        ["compute per image: ms, x plain inference",
+         f"{fmt(t.get('compute_ms_per_image'), 3)}, {fmt(t.get('compute_forwards_per_batch'))}"],
+    ]  # fmt: skip
+    if deadline:
+        misses = f"{deadline['misses']} ({fmt(100 * deadline['miss_share'], 1)}%)"
+        rows.append(
+            [f"deadline {fmt(deadline['deadline_ms'])} ms: misses, error % counting late as wrong",
+             f"{misses}, {fmt(deadline['error_within_deadline'])}"]
+        )  # fmt: skip
+    availability = fmt(disc.get("availability"), 3)
+    rows.append(["utility, discrete (availability)", f"{fmt(disc.get('utility'), 4)} ({availability})"])
+    if cont:
+        rows.append(
+            [f"utility, continuous (rho {fmt(cont['response_budget_ms'])} ms, T {fmt(cont['decay_threshold_ms'])} ms)",
+             f"{fmt(cont['utility'], 4)} (timeliness {fmt(cont['timeliness'], 3)})"]
+        )  # fmt: skip
+    if amort:
+        rows.append(
+            [f"utility, amortised (budget {fmt(amort['overhead_budget_ms'])} ms)",
+             f"{fmt(amort['utility'], 4)} ({amort['batches_cleared']} batches cleared)"]
+        )  # fmt: skip
+    return "#### Time\n\n" + markdown_table(["metric", "value"], rows)
 
 
 def _flagged_batches(summary: Mapping[str, Any], show: int = 10) -> str:

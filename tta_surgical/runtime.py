@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ from .schema import ConfigError, check_choice
 
 __all__ = [
     "COMPILE_MODES",
+    "COST_MODES",
     "DEVICES",
     "GUARD_REFERENCES",
     "HOST_MEMORY",
@@ -40,6 +43,10 @@ PRECISIONS = ("fp32", "bf16")
 GUARD_REFERENCES = ("auto", "norm", "source", "none")
 # torch.compile modes; reduce-overhead adds CUDA graphs (fixed-shape batches on a GPU; no effect on the CPU).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# How the clock of a run under time pressure is kept (tta_surgical.schedule): measured step times, or fixed ratios.
+COST_MODES = ("measured", "fixed")
+LATENCY_STATS = ("mean", "p95")
+_TIME_MS = ("forward_ms", "latency_budget_ms", "overhead_budget_ms", "response_budget_ms", "decay_threshold_ms")
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,28 @@ class RuntimeConfig:
     guard_window: int = 600
     guard_flip: float = 0.1
 
+    # Time pressure (tta_surgical.schedule; README "Time pressure"). The clock: `measured` step times, or `fixed`:
+    # an update costs `cost_ratio` plain forwards of a batch (a number, or a table by method label such as `tent` or
+    # `tent:block1`; exact and identical on any machine). `forward_ms`: the plain forward's time per batch (null =
+    # measured in the run). Update budgets: adapt on one batch in `update_every`; keep the mean (or p95) per-batch
+    # latency within `latency_budget_ms`; Tempora's amortised budget `overhead_budget_ms` (the summed overhead of
+    # updates beyond `response_budget_ms`, default one plain forward). `deadline_ms`, `response_budget_ms` and
+    # `decay_threshold_ms` (default 2x the response budget) define the time-contingent metrics. `async_adapt`:
+    # predict every batch at once with the last finished update's weights while the next update runs (a thread,
+    # on a GPU its own CUDA stream). `record_times`: keep the clock and its metrics even when nothing else asks.
+    cost_mode: str = "measured"
+    cost_ratio: float | dict[str, float] | None = None
+    forward_ms: float | None = None
+    update_every: int = 1
+    latency_budget_ms: float | None = None
+    latency_budget_stat: str = "mean"
+    overhead_budget_ms: float | None = None
+    response_budget_ms: float | None = None
+    decay_threshold_ms: float | None = None
+    deadline_ms: float | None = None
+    async_adapt: bool = False
+    record_times: bool = False
+
     def __post_init__(self) -> None:
         check_choice("runtime", "on_collapse", self.on_collapse, ON_COLLAPSE)
         if self.collapse_window < 1:
@@ -104,6 +133,37 @@ class RuntimeConfig:
         check_choice("runtime", "host_memory", self.host_memory, HOST_MEMORY)
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"runtime.num_workers must be >= 0 or null, got {self.num_workers!r}")
+        self._check_time()
+
+    def _check_time(self) -> None:
+        """The time-pressure keys: positive finite times, a cost table for fixed costs (and only for them)."""
+        check_choice("runtime", "cost_mode", self.cost_mode, COST_MODES)
+        check_choice("runtime", "latency_budget_stat", self.latency_budget_stat, LATENCY_STATS)
+        for name in (*_TIME_MS, "deadline_ms"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"runtime.{name} must be a positive number of milliseconds or null, got {value}")
+        if self.update_every < 1:
+            raise ConfigError(
+                f"runtime.update_every must be an integer >= 1 (1 = every batch), got {self.update_every}"
+            )
+        ratios = self.cost_ratio.values() if isinstance(self.cost_ratio, Mapping) else [self.cost_ratio]
+        if self.cost_ratio is not None and any(not (r > 0 and math.isfinite(r)) for r in ratios):
+            raise ConfigError(
+                f"runtime.cost_ratio must hold positive finite numbers (plain forwards), got {self.cost_ratio}"
+            )
+        if self.cost_mode == "fixed" and self.cost_ratio is None:
+            raise ConfigError(
+                "runtime.cost_mode=fixed needs runtime.cost_ratio: an update's cost in plain forwards of a batch, "
+                "e.g. 2.28, or a table by method such as {tent: 2.28, 'tent:block1': 2.46}"
+            )
+        if self.cost_mode == "measured" and self.cost_ratio is not None:
+            raise ConfigError("runtime.cost_ratio is used only with runtime.cost_mode=fixed; set both or neither")
+        rho, threshold = self.response_budget_ms, self.decay_threshold_ms
+        if rho is not None and threshold is not None and threshold <= rho:
+            raise ConfigError(
+                f"runtime.decay_threshold_ms ({threshold}) must exceed runtime.response_budget_ms ({rho})"
+            )
 
 
 def pick_device(name: str) -> torch.device:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
 
 from ..corruptions.base import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS
 from ..schema import ConfigError, check_fields, from_dict, load_yaml
+from .arrival import ArrivalSpec
 from .catalog import SOURCES, source_class
 
 __all__ = [
@@ -78,6 +79,10 @@ class StreamSpec:
         the same corruption noise in every round: the 10-round continual protocol (CoTTA, RMT) that exposes slow
         collapse. With rounds > 1, domains are keyed per round in results ("fog/r2") and the summary reports the
         error of each round (`errors_by_round`).
+    arrival: when the batches arrive (`streams.arrival.ArrivalSpec`): as fast as the method takes them (default),
+        at a constant speed or rate, or from a recorded trace, and what happens to a batch that finds the method
+        busy (realistic: predicted by the latest weights without an update; queue: it waits). It changes no batch
+        of the plan (the fingerprint stays), only which batches the engine adapts on.
     """
 
     source: str = "cifar10"
@@ -100,6 +105,7 @@ class StreamSpec:
     quantize: bool = True
     indices: tuple[int, ...] | None = None
     rounds: int = 1
+    arrival: ArrivalSpec = field(default_factory=ArrivalSpec)
 
     def __post_init__(self) -> None:
         # Imported here: the config module imports this one for its schema.

@@ -1,7 +1,10 @@
-"""Studies: experiments built on the library's tools, above `sweep` and `engine`; run by `tta-surgical report`.
+"""Studies: experiments built on the library's tools, above `sweep` and `engine`; run by `tta-surgical report` and
+`tta-surgical frontier`.
 
-Nothing in the library imports this package (`tests/test_layers.py` checks it); only `commands/` does. Today it
-holds one study, online (unlabeled) vs supervised surgical adaptation of one target task, block by block:
+Nothing in the library imports this package (`tests/test_layers.py` checks it); only `commands/` does. It holds
+the accuracy-cost frontier under time pressure (`frontier`, run by `tta-surgical frontier`: methods x block
+selections x update budgets as sweep cells, its module imported directly) and the study of online (unlabeled) vs
+supervised surgical adaptation of one target task, block by block:
 
 - `cells`: its settings (`OnlineSettings`, `Launch`) and `ShiftStudy`, the split, the online pool and the sweep
   cells of both sides, run (or reused) through `tta_surgical.sweep`;
