@@ -1,8 +1,8 @@
 """The engine's per-batch work outside the step, made cheaper without changing a result (issue 22, last item).
 
 - the input guard (`methods.base.all_finite`) answers exactly what `torch.isfinite(x).all()` answers;
-- the results line's statistics come from one host sync (`collapse.prediction_stats`) and equal the separate reads
-  they replace;
+- the results line's statistics come from one host sync (`guards.collapse.prediction_stats`) and equal the separate
+  reads they replace;
 - host memory reuse (`runtime.host_memory`, `tta_surgical.hostmem`) is applied by a run when asked and only then,
   changes no results line, and does not block resuming a run made with the other setting.
 """
@@ -14,10 +14,10 @@ import platform
 
 import pytest
 import torch
-from tta_surgical.collapse import batch_prediction_stats, prediction_stats
 
 from tta_surgical import engine, hostmem
 from tta_surgical.config import load_config
+from tta_surgical.guards.collapse import batch_prediction_stats, prediction_stats
 from tta_surgical.methods.base import all_finite
 from tta_surgical.runfolder import config_differences, plain_config
 from tta_surgical.schema import ConfigError

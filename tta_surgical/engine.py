@@ -97,7 +97,8 @@ AUTO_CHECKPOINT_EVERY = 50  # batches, for streams without domain boundaries
 # The loop's time, per part: waiting for the next batch (reading or generating it; on a GPU only the host side of
 # generation), moving it to the device in the model's memory format, the adaptation step (device-synchronised),
 # the guard's reference forward on checked batches, the results line's statistics (one host sync), writing it, the
-# meters and the guard's detectors, the progress bar, and the checkpoints; `other_s` in the summary is what none of them covers (resets, hooks, the loop itself).
+# meters and the guard's detectors, the progress bar, and the checkpoints; `other_s` in the summary is what none of
+# them covers (resets, hooks, the loop itself).
 TIMING_KEYS = (
     "data_s", "input_s", "step_s", "guard_s", "record_s", "write_s", "monitor_s", "progress_s", "checkpoint_s"
 )
