@@ -157,6 +157,7 @@ class _Tally:
     latency: LatencyMeter = field(default_factory=LatencyMeter)
     nonfinite: int = 0
     collapses: list[int] = field(default_factory=list)
+    selections: dict[str, int] = field(default_factory=dict)  # `blocks: auto`: "adapted, bn_stats" -> batches
     n_lines: int = 0
     pending_reset: bool = False
 
@@ -168,6 +169,9 @@ class _Tally:
         for k, (c, n) in (by or {rec["domain"]: (rec["correct"], rec["count"])}).items():
             self.errors.update(k, int(c), int(n))
         self.latency.update(float(rec["latency_ms"]), int(rec["count"]), warmup=bool(rec.get("warmup", False)))
+        if rec.get("adapted") is not None:
+            choice = f"{rec['adapted']}, {rec['bn_stats']}"
+            self.selections[choice] = self.selections.get(choice, 0) + 1
         self.pending_reset = False
         if policy == "off" or not self.monitor.observe(rec):
             return False
@@ -207,6 +211,8 @@ def _record(batch: Any, logits: torch.Tensor, method: Any, ms: float, spec: Any,
         "reset": bool(batch.reset_before),
         "finite": bool(torch.isfinite(logits).all()),
     }
+    if last.adapted is not None:  # `blocks: auto`: what this batch adapted, with which BatchNorm statistics
+        rec["adapted"], rec["bn_stats"] = last.adapted, last.bn_stats
     keys = _item_keys(batch, spec, multi)
     if keys is not None:
         ok = (logits.argmax(dim=1) == batch.y.to(logits.device)).tolist()
@@ -463,6 +469,7 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "n_resets": int(method.n_resets),
         "n_method_resets": int(method.n_method_resets),
         "method_resets_by_kind": dict(sorted(method.method_resets_by_kind.items())),
+        "selection_counts": dict(sorted(tally.selections.items())) if tally.selections else None,
         "n_nonfinite_batches": tally.nonfinite,
         "n_collapse_warnings": len(tally.collapses),
         "collapse_batches": list(tally.collapses),

@@ -43,10 +43,16 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         ["images / s", fmt(summary.get("images_per_s"), 1)],
         [f"peak memory MiB ({summary.get('peak_memory_kind', '?')})", fmt(summary.get("peak_memory_mb"), 1)],
         ["skipped updates", fmt(summary.get("n_skipped_updates"))],
+        *([["auto: batches per choice", _choices(summary["selection_counts"])]] if summary.get("selection_counts") else []),
         ["images", fmt(summary.get("n_images"))],
         ["device", fmt(summary.get("device"))],
     ]
     return "\n\n".join([title, errors, markdown_table(["metric", "value"], stats), ERROR_NOTE]) + "\n"
+
+
+def _choices(counts: Mapping[str, int]) -> str:
+    """`blocks: auto`'s choices, most frequent first: "block1-2, batch: 140; none, source: 10"."""
+    return "; ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def compare_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:

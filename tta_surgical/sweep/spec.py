@@ -370,7 +370,11 @@ def check_cells(sweep: Sweep, cells: Sequence[Cell] | None = None) -> None:
             model = models[key]
             if sweep.kind == "run":
                 method = cell.config["method"]
-                if "blocks" in method:  # an adapting method (its settings have blocks / kind)
+                if "blocks" in method and list(method["blocks"]) == ["auto"]:
+                    from ..methods.selection import candidate_blocks
+
+                    candidate_blocks(model)  # auto needs stages to choose from
+                elif "blocks" in method:  # an adapting method (its settings have blocks / kind)
                     names = resolve_blocks(model, method["blocks"])
                     if not select_params(model, names, method["kind"]):
                         raise ValueError(
