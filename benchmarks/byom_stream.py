@@ -4,7 +4,7 @@
     python benchmarks/byom_stream.py --models torchvision:mobilenet_v3_small timm:resnet18 --blocks block1
 
 Prints a table (median ms per batch, ratio adapt / inference in the same interleaved run) and writes byom.json /
-byom.md to --out. See `tta_surgical/bench/byom.py`.
+byom.md to --out. See `benchmarks/studies/byom.py`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
+sys.path.insert(0, str(REPO))  # this checkout: its package (installed or not) and benchmarks.studies
 
-from tta_surgical.bench.byom import ByomSpec, byom_markdown, run_byom, write  # noqa: E402
+from benchmarks.studies.byom import ByomSpec, byom_markdown, run_byom, write  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
 
 Images from a CIFAR-10-C folder (`--cifar10c`), or generated on the fly exactly as `make-cifar10c` writes them;
 `--reference DIR` adds a second folder (e.g. the official generator's output) and the difference per corruption,
-the fidelity check of the corruption engine. See `tta_surgical/bench/accuracy.py`.
+the fidelity check of the corruption engine. See `benchmarks/studies/accuracy.py`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
+sys.path.insert(0, str(REPO))  # this checkout: its package (installed or not) and benchmarks.studies
 
 import torch  # noqa: E402
 
-from tta_surgical.bench.accuracy import AccuracyOptions, run_cifar10c_accuracy  # noqa: E402
+from benchmarks.studies.accuracy import AccuracyOptions, run_cifar10c_accuracy  # noqa: E402
 from tta_surgical.bench.labels import split_args  # noqa: E402
 from tta_surgical.corruptions import BENCHMARK_CORRUPTIONS  # noqa: E402
 

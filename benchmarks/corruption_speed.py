@@ -4,7 +4,7 @@
 
 Our engine at 32x32 (batch 1,000) and 224x224 (batch 64), median of `--repeats` device-synchronised calls after a
 warm-up; `imagecorruptions` (when installed: `pip install tta-surgical[bench]`) one image at a time on
-`--ref-images` images. What is measured and summarised: `tta_surgical/bench/corruption_speed.py`.
+`--ref-images` images. What is measured and summarised: `benchmarks/studies/corruption_speed.py`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
+sys.path.insert(0, str(REPO))  # this checkout: its package (installed or not) and benchmarks.studies
 
 import torch  # noqa: E402
 
-from tta_surgical.bench.corruption_speed import SpeedOptions, run_corruption_speed  # noqa: E402
+from benchmarks.studies.corruption_speed import SpeedOptions, run_corruption_speed  # noqa: E402
 from tta_surgical.bench.labels import split_args  # noqa: E402
 
 

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
+sys.path.insert(0, str(REPO))  # this checkout: its package (installed or not) and benchmarks.studies
 
-from tta_surgical.bench.grid import grid_markdown, grid_rows  # noqa: E402
+from benchmarks.studies.grid import grid_markdown, grid_rows  # noqa: E402
 from tta_surgical.fileio import atomic_write_text  # noqa: E402
 
 

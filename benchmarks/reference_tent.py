@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
 
 # `reference_tent`, the oracle loop itself, stays importable from this script for callers that load it.
 from tta_surgical.bench.reference import TOLERANCE_POINTS, compare_with_engine, reference_tent  # noqa: E402, F401
-from tta_surgical.corruptions.textures import default_frost_dir  # noqa: E402
+from tta_surgical.data.context import DataContext  # noqa: E402
 from tta_surgical.fileio import atomic_write_text  # noqa: E402
 
 
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             batch_size=args.batch_size,
             domains=args.domains,
-            data_root=args.data_root,
-            frost_dir=default_frost_dir(args.frost_dir, args.data_root),
+            data=DataContext.resolve(args.data_root, args.frost_dir),
         )
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None

@@ -9,7 +9,7 @@
 Every method runs through the engine on the identical stream; per method the JSON and the table give the
 stream time split into adaptation steps, data, checkpoints and the rest, the total with setup, images/s, the
 error and the ratios to `source` (always run, first: the baseline). What the scenarios are and how each figure
-is measured: `tta_surgical/bench/streams.py`. Writes `<out>/<scenario>.json` and `.md`.
+is measured: `benchmarks/studies/stream_timing.py`. Writes `<out>/<scenario>.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
+sys.path.insert(0, str(REPO))  # this checkout: its package (installed or not) and benchmarks.studies
 
 import torch  # noqa: E402
 
-from tta_surgical.bench.labels import split_args  # noqa: E402
-from tta_surgical.bench.streams import (  # noqa: E402
+from benchmarks.studies.stream_timing import (  # noqa: E402
     SCENARIOS,
     STREAM_METHODS,
     StreamTimingOptions,
     plan_stream_timing,
     run_stream_timing,
 )
+from tta_surgical.bench.labels import split_args  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "out" / "stream_timing"
 

@@ -7,7 +7,7 @@
 
 Every setting runs the whole sweep from scratch (worker start-up included); the merged `sweep.jsonl` of every
 setting must be byte-identical (exit status 1 otherwise, or when a cell fails). See
-`tta_surgical/bench/sweep_wall.py`.
+`benchmarks/studies/sweep_wall.py`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the package of this checkout, installed or not
+sys.path.insert(0, str(REPO))  # this checkout: its package (installed or not) and benchmarks.studies
 
-from tta_surgical.bench.sweep_wall import time_sweep  # noqa: E402
+from benchmarks.studies.sweep_wall import time_sweep  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

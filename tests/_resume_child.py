@@ -51,7 +51,7 @@ def _run_case(case: dict[str, Any], mode: str, data_root: str) -> None:
     """The body of one forked process; never returns."""
     from pathlib import Path
 
-    import tta_surgical.methods as methods
+    import tta_surgical.engine as methods  # build_method as the engine calls it
     from tta_surgical.config import load_config
     from tta_surgical.engine import run
 
@@ -71,10 +71,10 @@ def _run_case(case: dict[str, Any], mode: str, data_root: str) -> None:
                 os._exit(KILLED)
 
         if mode == "crash":
-            run(cfg, out, data_root=data_root, on_batch=die_after, record_predictions=True)
+            run(cfg, out, data=data_root, on_batch=die_after, record_predictions=True)
             code = 3  # the run ended without reaching the batch it should have died after
         else:
-            run(cfg, out, data_root=data_root, resume=True, record_predictions=True)
+            run(cfg, out, data=data_root, resume=True, record_predictions=True)
             probe_path.write_text(str(calls[0]))
             code = 0
     except BaseException:  # report anything to the parent through the exit code and the traceback on stderr

@@ -108,7 +108,7 @@ def test_user_block_map_and_clear_errors():
     adapted = tta_surgical.adapt(resnet18())
     with pytest.raises(ValueError, match="batch"):
         adapted(torch.rand(0, 3, 32, 32))
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(TypeError, match="images as floats"):
         adapted(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
 
@@ -119,3 +119,80 @@ def test_readme_example_runs_as_written(capsys):
     exec(compile(match.group(1), "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "block1" in out and "n_updates" in out
+
+
+# ------------------------------------------------------------------------------------------------ bad input at the door
+
+BAD_BATCHES = {
+    "one channel": (lambda: torch.rand(4, 1, 32, 32), ValueError, r"\(B, 3, H, W\).*3 channels.*\(4, 1, 32, 32\)"),
+    "float64": (lambda: torch.rand(4, 3, 32, 32, dtype=torch.float64), TypeError, r"float32; got torch.float64"),
+    "uint8": (lambda: torch.zeros(4, 3, 32, 32, dtype=torch.uint8), TypeError, r"got torch.uint8 .*x.float\(\) / 255"),
+    "bf16 without bf16 precision": (lambda: torch.rand(4, 3, 32, 32).bfloat16(), TypeError, r"precision='bf16'"),
+    "3-D tensor": (lambda: torch.rand(3, 32, 32), ValueError, r"3-D tensor of shape \(3, 32, 32\)"),
+    "batch of one": (lambda: torch.rand(1, 3, 32, 32), ValueError, r"B >= 2 images"),
+    "not a tensor": (lambda: [[0.0]], TypeError, r"torch.Tensor of shape.*got a list"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_BATCHES))
+@pytest.mark.parametrize("method", ["tent", "norm", "source"])
+def test_bad_batches_fail_at_the_door_and_count_no_step(method, case):
+    """One clear error naming what is expected, raised by tta-surgical itself (not from inside torch), and no step
+    counted; a good batch afterwards works and counts one. `source` takes a batch of one (no batch statistics)."""
+    make, error, pattern = BAD_BATCHES[case]
+    adapted = tta_surgical.adapt(resnet18(), method)
+    if method == "source" and case == "batch of one":
+        adapted(make())
+        assert adapted.counters["n_steps"] == 1
+        return
+    for call in (adapted, adapted.predict):
+        with pytest.raises(error, match=pattern) as info:
+            call(make())
+        assert info.traceback[-1].path.name == "api.py"  # raised at the door
+    assert adapted.counters["n_steps"] == 0
+    adapted(images(0))
+    assert adapted.counters["n_steps"] == 1
+
+
+def test_batch_of_one_per_method_and_bf16_inputs():
+    """B >= 2 exactly where a method normalises with the test batch's BatchNorm statistics; bf16 images are taken
+    with precision="bf16"."""
+    needs_two = {"norm", "tent", "surgical", "eta", "eata", "sar", "deyo", "roid", "cotta"}
+    for name in METHODS:
+        settings = {**TINY.get(name, {}), **({"fisher_alpha": 0.0} if name == "eata" else {})}
+        adapted = tta_surgical.adapt(resnet18(), name, **settings)
+        if name in needs_two:
+            with pytest.raises(ValueError, match=f"method {name} normalises with the BatchNorm statistics"):
+                adapted(images(0, n=1))
+            assert adapted(images(0, n=2)).shape == (2, 10)  # 1x1 maps in layer4 at 32 px: two images suffice
+        else:
+            assert adapted(images(0, n=1)).shape == (1, 10)
+    bf16 = tta_surgical.adapt(resnet18(), "tent", precision="bf16")
+    assert bf16(images(0).bfloat16()).shape == (8, 10) and bf16(images(1)).shape == (8, 10)
+
+
+def test_failed_step_is_not_counted():
+    """An error raised inside the method (past the door's checks) is not a step either."""
+    adapted = tta_surgical.adapt(resnet18(), "tent")
+
+    def boom(x):
+        raise RuntimeError("inside the method")
+
+    adapted.method.forward_and_adapt = boom
+    with pytest.raises(RuntimeError, match="inside the method"):
+        adapted(images(0))
+    assert adapted.counters["n_steps"] == 0
+
+
+def test_norm_refuses_a_model_without_batchnorm(tmp_path):
+    """`norm` adapts BatchNorm statistics only: on a model without BatchNorm it would be `source` under another
+    name, so it is refused, in Python and on the command line alike."""
+    vit = torchvision.models.vit_b_16(num_classes=10, image_size=32).eval()
+    with pytest.raises(ValueError, match=r"has no BatchNorm layer \(its norm layers: LayerNorm x 25\).*method source"):
+        tta_surgical.adapt(vit, "norm")
+    tta_surgical.adapt(torchvision.models.vit_b_16(num_classes=10, image_size=32).eval(), "tent")  # tent: LN affines
+    from tta_surgical.cli import main
+
+    assert main(["run", "--config", str(REPO / "configs" / "norm.yaml"), "--out", str(tmp_path / "gn"),
+                 "model.name=resnet26_gn", "model.pretrained=false", "stream.n_examples=8"]) == 2  # fmt: skip
+    assert not (tmp_path / "gn" / "results.jsonl").exists()

@@ -307,7 +307,7 @@ def test_online_refresh_schedule_adam_state_and_reset(monkeypatch):
     real = autotune.rgn_weights_from_grads
 
     def spy(params, grads):
-        calls.append(method.n_steps - 1)  # batches before this one (n_steps counts the current batch)
+        calls.append(method.n_steps)  # batches before this one (n_steps counts finished steps)
         return real(params, grads)
 
     monkeypatch.setattr("tta_surgical.methods.entropy_min.rgn_weights_from_grads", spy)
@@ -388,6 +388,6 @@ def test_engine_runs_surgical_autorgn(tmp_path, data_root):
             "method.weighting_every=2",
         ],
     )
-    summary = run(cfg, tmp_path / "autorgn", data_root=data_root)
+    summary = run(cfg, tmp_path / "autorgn", data=data_root)
     assert summary["n_images"] == 48 and summary["n_skipped_updates"] == 0
     assert math.isfinite(summary["mean_error"]) and 0.0 <= summary["mean_error"] <= 100.0

@@ -36,7 +36,7 @@ def shifted_batches(data_root) -> list[torch.Tensor]:
 
 
 def test_bf16_tent_is_close_to_fp32_within_bf16_precision(shifted_batches, data_root):
-    source, _ = create_model("resnet20", data_root=data_root)
+    source, _ = create_model("resnet20", data=data_root)
     fp32 = build_method(copy.deepcopy(source), method_config("tent"), OptimConfig())
     bf16 = build_method(copy.deepcopy(source), method_config("tent"), OptimConfig(), autocast_dtype="bf16")
     agree = total = 0
@@ -77,8 +77,8 @@ def test_bf16_engine_run_on_cpu_predicts_like_fp32(tmp_path, data_root):
         lines = (tmp_path / folder / "results.jsonl").read_text().splitlines()
         return [p for line in lines for p in json.loads(line)["pred"]]
 
-    a = run(cfg(), tmp_path / "fp32", data_root=data_root, record_predictions=True)
-    b = run(cfg("runtime.precision=bf16"), tmp_path / "bf16", data_root=data_root, record_predictions=True)
+    a = run(cfg(), tmp_path / "fp32", data=data_root, record_predictions=True)
+    b = run(cfg("runtime.precision=bf16"), tmp_path / "bf16", data=data_root, record_predictions=True)
     assert (a["precision"], b["precision"]) == ("fp32", "bf16")
     pa, pb = preds("fp32"), preds("bf16")
     assert len(pa) == len(pb) == 80

@@ -23,7 +23,7 @@ from tta_surgical.models import (
     select_params,
     unit_map,
 )
-from tta_surgical.models.blocks import _partition
+from tta_surgical.models.partition import partition as _partition
 
 # family -> (number of stages, prefixes of the first stage, input prefixes, head prefixes)
 TORCHVISION = {

@@ -12,6 +12,7 @@ import pytest
 import torch
 from _tiny_finetune import TINY, tiny_cfg
 
+from tta_surgical import studies
 from tta_surgical.config import ConfigError
 from tta_surgical.finetune import (
     CLEAN,
@@ -27,7 +28,6 @@ from tta_surgical.finetune import (
     shift_level,
     split_indices,
 )
-from tta_surgical.finetune import compare as cmp
 from tta_surgical.streams import StreamSpec, build_stream, class_prior, class_prior_counts, select_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,19 +72,20 @@ def test_task_registry_and_config_choice():
         tiny_cfg("finetune.corruptions=[nope]")
 
 
-def test_flip_config_uses_the_corruption_configs_keys():
-    import yaml
+def test_flip_config_is_the_corruption_protocol_with_another_task():
+    import dataclasses
 
-    flip = yaml.safe_load((REPO / "configs" / "finetune_cifar_flip.yaml").read_text())
-    corr = yaml.safe_load((REPO / "configs" / "finetune_cifar10c.yaml").read_text())
-    assert set(flip["finetune"]) == set(corr["finetune"]) and set(flip) == set(corr)
+    flip = load_finetune_config(REPO / "configs" / "finetune_cifar_flip.yaml")
+    corr = load_finetune_config(REPO / "configs" / "finetune_cifar10c.yaml")
+    same_task = dataclasses.replace(flip.finetune, task=corr.finetune.task, corruptions=corr.finetune.corruptions)
+    assert same_task == corr.finetune and flip.model == corr.model and flip.runtime == corr.runtime
     cfg = load_finetune_config(REPO / "configs" / "finetune_cifar_flip.yaml", ["finetune.lrs=[1e-2]"])
     assert cfg.finetune.task == "cifar_flip" and cfg.finetune.corruptions == (CLEAN,) and cfg.finetune.lrs == (1e-2,)
 
 
 def test_target_data_flip_labels_clean_images_and_shared_split(data_root):
-    corr = TargetData(tiny_cfg("finetune.corruptions=[none,fog]").finetune, data_root=data_root)
-    flip = TargetData(tiny_cfg("finetune.task=cifar_flip", "finetune.corruptions=[none]").finetune, data_root=data_root)
+    corr = TargetData(tiny_cfg("finetune.corruptions=[none,fog]").finetune, data=data_root)
+    flip = TargetData(tiny_cfg("finetune.task=cifar_flip", "finetune.corruptions=[none]").finetune, data=data_root)
     assert np.array_equal(flip.source_labels, corr.labels)
     assert np.array_equal(flip.labels, 9 - corr.labels)
     a, b = corr.split(2, seed=3), flip.split(2, seed=3)  # the split is drawn on the source labels
@@ -127,8 +128,8 @@ def test_train_budget_trains_on_that_many_images(data_root, tmp_path, monkeypatc
 
     monkeypatch.setattr(core, "finetune_cell", spy)
     cfg = tiny_cfg("finetune.corruptions=[fog]", "finetune.options=[head]")
-    run_finetune(cfg, tmp_path / "full", data_root=data_root)
-    summary = run_finetune(tiny_cfg(*cfg_args(cfg), "finetune.train_budget=10"), tmp_path / "b", data_root=data_root)
+    run_finetune(cfg, tmp_path / "full", data=data_root)
+    summary = run_finetune(tiny_cfg(*cfg_args(cfg), "finetune.train_budget=10"), tmp_path / "b", data=data_root)
     assert [n for n, _ in seen] == [20, 10]
     assert torch.equal(seen[0][1], seen[1][1])  # the same test images whatever the budget
     assert summary["train_budget"] == 10
@@ -195,7 +196,7 @@ def test_clean_domain_streams_the_clean_images(data_root):
     from tta_surgical.data.cifar import load_cifar10
 
     spec = StreamSpec(domains=(CLEAN,), n_examples=40, batch_size=20, class_imbalance=3.0, label_shift="dirichlet")
-    stream = build_stream(spec, data_root=data_root)
+    stream = build_stream(spec, data=data_root)
     clean, labels = load_cifar10(data_root, "test")
     for b in stream:
         assert torch.equal(b.x, torch.from_numpy(clean[b.plan.indices]).permute(0, 3, 1, 2).float() / 255)
@@ -223,21 +224,21 @@ def _task(level_scores: dict[str, tuple[float, float]], level: str, rgn: str) ->
 
 def test_verdict_orderings_and_oracle_match():
     scores = {"input": (30, 70), "block1": (29, 75), "block2": (31, 72), "block3": (32, 68), "head": (35, 55)}
-    (row,) = cmp.verdict_rows(_task({**scores, "all": (30, 71)}, "input", "block1"))
+    (row,) = studies.verdict_rows(_task({**scores, "all": (30, 71)}, "input", "block1"))
     assert row["best_block_supervised"] == "block1" and row["best_block_online"] == "block1"
     assert row["best_block_online_test"] == "block1"
     assert row["rgn_matches_oracle_supervised"] and row["rgn_matches_oracle_online"]
     assert row["paper_ordering_supervised"] is True
-    (row,) = cmp.verdict_rows(_task({**scores, "all": (30, 76)}, "input", "block2"))
+    (row,) = studies.verdict_rows(_task({**scores, "all": (30, 76)}, "input", "block2"))
     assert row["paper_ordering_supervised"] is False  # all layers beat every early block
     assert row["rgn_matches_oracle_supervised"] is False
     flip = {"input": (50, 10), "block1": (50, 20), "block2": (50, 30), "block3": (50, 60), "head": (40, 85)}
-    (row,) = cmp.verdict_rows(_task({**flip, "all": (45, 80)}, "label", "head"))
+    (row,) = studies.verdict_rows(_task({**flip, "all": (45, 80)}, "label", "head"))
     assert row["paper_ordering_supervised"] is True and row["best_block_supervised"] == "head"
     assert row["best_block_online"] == "head" and row["best_block_online_test"] is None  # relabelled test labels
-    (row,) = cmp.verdict_rows(_task({**flip, "all": (45, 90)}, "label", "head"))
+    (row,) = studies.verdict_rows(_task({**flip, "all": (45, 90)}, "label", "head"))
     assert row["paper_ordering_supervised"] is False
-    (row,) = cmp.verdict_rows(_task(flip, "label", "head"))
+    (row,) = studies.verdict_rows(_task(flip, "label", "head"))
     assert row["paper_ordering_supervised"] is None  # without `all` the claim cannot be checked
 
 
@@ -281,13 +282,13 @@ def test_report_end_to_end_on_real_data(data_root, tmp_path, monkeypatch):
     from tta_surgical.commands import report
 
     scored = []
-    real_score = cmp.score_run
+    real_score = studies.score_run
 
     def spy(folder, cfg, tests, **kw):
         scored.append((cfg, {c: (x.clone(), y.clone()) for c, (x, y) in tests.items()}))
         return real_score(folder, cfg, tests, **kw)
 
-    monkeypatch.setattr(cmp, "score_run", spy)
+    monkeypatch.setattr(studies.cells, "score_run", spy)  # where the online cells call it
     args = _report_args(tmp_path, data_root)
     assert report.main(args) == 0
     out = tmp_path / "report"
@@ -304,7 +305,7 @@ def test_report_end_to_end_on_real_data(data_root, tmp_path, monkeypatch):
     assert {r["shift"] for r in rep["verdict"]} == {"label", "input+label"}
     # The online stream: the pool outside the supervised train/val split, 30 images of it per corruption.
     cfg = tiny_cfg("finetune.task=cifar_flip", "finetune.corruptions=[none,gaussian_noise]")
-    target = TargetData(cfg.finetune, data_root=data_root)
+    target = TargetData(cfg.finetune, data=data_root)
     split = target.split(2, seed=0)
     stream_rows = set(scored[0][0].stream.indices)
     assert stream_rows == set(online_pool(200, split).tolist())
@@ -373,18 +374,18 @@ def test_report_merge_and_option_errors(tmp_path):
     with pytest.raises(ValueError, match="not a positive integer or 'all'"):
         report.parse_counts("10,x", "--unlabeled")
     with pytest.raises(ConfigError, match="fixed by the study"):
-        cmp.OnlineSettings(overrides=("stream.n_examples=5",))
+        studies.OnlineSettings(overrides=("stream.n_examples=5",))
     with pytest.raises(ConfigError, match="adapts parameters"):
-        cmp.OnlineSettings(references=("tent",))
+        studies.OnlineSettings(references=("tent",))
 
 
 def test_online_cell_plans_reset_and_continual(data_root, tmp_path):
     """Reset: one cell per (corruption, option) plus the norm reference; continual: one cell per option over all
     corruptions without reset. Every cell streams the pool rows; the method is the option's surgical method."""
     cfg = tiny_cfg("finetune.corruptions=[fog,contrast]")
-    online = cmp.OnlineSettings(n_images=40)
-    reset = cmp.Comparison(cfg, ["block1", "auto-snr", "auto-rgn"], online, tmp_path, data_root=data_root)
-    assert reset.frost_dir == Path(data_root) / "frost"  # the supervised `frost` images need the textures too
+    online = studies.OnlineSettings(n_images=40)
+    reset = studies.ShiftStudy(cfg, ["block1", "auto-snr", "auto-rgn"], online, tmp_path, data=data_root)
+    assert reset.data.frost_dir == Path(data_root) / "frost"  # the supervised `frost` images need the textures too
     assert reset.online_options == ["block1", "auto-rgn"]  # auto-snr needs labels: no online form
     data, keys = reset.online_cells(0)
     assert [k[:2] for k in keys] == [(o, (c,)) for c in ("fog", "contrast") for o in ("block1", "auto-rgn", "norm")]
@@ -395,12 +396,12 @@ def test_online_cell_plans_reset_and_continual(data_root, tmp_path):
     assert methods[2]["name"] == "norm"
     stream = json.loads(data["overrides"][2].split("=", 1)[1])
     assert stream["reset"] == "per_domain" and stream["indices"] == reset.pools[0].tolist()
-    cont = cmp.Comparison(cfg, ["block1"], cmp.OnlineSettings(mode="continual", references=()), tmp_path)
+    cont = studies.ShiftStudy(cfg, ["block1"], studies.OnlineSettings(mode="continual", references=()), tmp_path)
     data, keys = cont.online_cells(0, (None, 10))
     assert keys == [("block1", ("fog", "contrast"), None), ("block1", ("fog", "contrast"), 10)]
     assert json.loads(data["overrides"][2].split("=", 1)[1])["reset"] == "never"
     with pytest.raises(ConfigError, match="adapts no blocks"):
-        cmp.online_method("norm", "block1")
+        studies.online_method("norm", "block1")
 
 
 def test_shipped_budget_sweep_is_the_reports_supervised_cells(data_root, tmp_path):
@@ -422,7 +423,7 @@ def test_shipped_budget_sweep_is_the_reports_supervised_cells(data_root, tmp_pat
         ],
     )
     options = ["input", "block1", "block2", "block3", "head", "all", "auto-rgn"]
-    comp = cmp.Comparison(cfg, options, cmp.OnlineSettings(), tmp_path, data_root=data_root)
+    comp = studies.ShiftStudy(cfg, options, studies.OnlineSettings(), tmp_path, data=data_root)
     data, keys = comp.supervised_cells([100, 250, 500, 1000])
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
     ours = load_sweep(tmp_path / "s.yaml", check_models=False)

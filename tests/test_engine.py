@@ -19,9 +19,10 @@ import torch
 import yaml
 
 from tta_surgical.config import load_config
+from tta_surgical.data.context import DataContext
 from tta_surgical.engine import RESULTS_FILE, STATE_FILE, run
 from tta_surgical.metrics import ErrorMeter, percentile
-from tta_surgical.report import compare_markdown, plot_errors, summary_markdown
+from tta_surgical.render import compare_markdown, plot_errors, summary_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("gaussian_noise", "brightness")
@@ -81,7 +82,7 @@ def numbers(lines: list[dict]) -> list[tuple]:
 def baseline(tmp_path_factory, data_root):
     """One uninterrupted tent run (reset per domain), predictions recorded; shared by several tests."""
     out = tmp_path_factory.mktemp("baseline")
-    summary = run(tiny_cfg(), out, data_root=data_root, record_predictions=True)
+    summary = run(tiny_cfg(), out, data=data_root, record_predictions=True)
     return out, summary
 
 
@@ -89,7 +90,7 @@ def baseline(tmp_path_factory, data_root):
 def continual(tmp_path_factory, data_root):
     """The same without resets: the adapted state carries across the domain boundary."""
     out = tmp_path_factory.mktemp("continual")
-    summary = run(tiny_cfg("tent", "stream.reset=never"), out, data_root=data_root, record_predictions=True)
+    summary = run(tiny_cfg("tent", "stream.reset=never"), out, data=data_root, record_predictions=True)
     return out, summary
 
 
@@ -137,7 +138,7 @@ def test_output_files_and_summary_contract(baseline):
 
 def test_same_seed_reproduces_exactly(baseline, tmp_path, data_root):
     out, summary = baseline
-    again = run(tiny_cfg(), tmp_path / "again", data_root=data_root, record_predictions=True)
+    again = run(tiny_cfg(), tmp_path / "again", data=data_root, record_predictions=True)
     assert again["errors"] == summary["errors"]
     assert again["online_error"] == summary["online_error"]
     assert numbers(read_lines(tmp_path / "again")) == numbers(read_lines(out))
@@ -146,7 +147,7 @@ def test_same_seed_reproduces_exactly(baseline, tmp_path, data_root):
 def test_existing_run_is_not_overwritten(baseline, data_root):
     out, _ = baseline
     with pytest.raises(FileExistsError, match="resume"):
-        run(tiny_cfg(), out, data_root=data_root)
+        run(tiny_cfg(), out, data=data_root)
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -175,14 +176,14 @@ def test_resume_after_crash_equals_uninterrupted(continual, tmp_path, data_root)
             raise Crash
 
     with pytest.raises(Crash):
-        run(cfg, folder, data_root=data_root, on_batch=crash_after_batch_2, record_predictions=True)
+        run(cfg, folder, data=data_root, on_batch=crash_after_batch_2, record_predictions=True)
     assert len(read_lines(folder)) == 3  # batch 2 was written before the crash
     ckpt = torch.load(folder / STATE_FILE, weights_only=True)
     assert ckpt["next_batch"] == 2 and ckpt["n_lines"] == 2  # checkpoint at the end of the first domain
 
     seen: list[int] = []
     resumed = run(
-        cfg, folder, data_root=data_root, resume=True, on_batch=lambda i, r: seen.append(i), record_predictions=True
+        cfg, folder, data=data_root, resume=True, on_batch=lambda i, r: seen.append(i), record_predictions=True
     )
     assert seen == [2, 3]  # the unfinished domain is redone, the finished one is not
     assert resumed["errors"] == summary["errors"] and resumed["online_error"] == summary["online_error"]
@@ -202,14 +203,40 @@ def test_resume_after_crash_equals_uninterrupted(continual, tmp_path, data_root)
     assert counters[0] == counters[1] and counters[0]["n_updates"] == 4
 
     # Resuming a finished run changes nothing.
-    done = run(cfg, folder, data_root=data_root, resume=True, record_predictions=True)
+    done = run(cfg, folder, data=data_root, resume=True, record_predictions=True)
     assert done["errors"] == summary["errors"] and len(read_lines(folder)) == 4
+
+
+def test_resume_of_a_finished_run_leaves_it_untouched(baseline, tmp_path, data_root, capsys):
+    """--resume on a finished run changes no byte (the summary keeps its wall time and timing), says so in one
+    line and exits 0; the Python call returns the stored summary."""
+    import shutil
+
+    from tta_surgical.cli import main
+
+    src, summary = baseline
+    out = tmp_path / "finished"
+    shutil.copytree(src, out)
+    files = lambda: {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".lock"}  # noqa: E731
+    before = files()
+    assert run(tiny_cfg(), out, data=data_root, resume=True) == json.loads(before["summary.json"])
+    assert files() == before
+    argv = ["run", "--config", str(REPO / "configs" / "tent.yaml"), "--out", str(out), "--data-root", str(data_root),
+            "--resume", "stream.domains=[gaussian_noise,brightness]", "stream.severities=[5]", "stream.n_examples=32",
+            "stream.batch_size=16", "stream.reset=per_domain", "runtime.device=cpu",
+            "runtime.progress=false"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed == [f"{out}: the run is finished (4 batches); nothing to resume, its files are left as they are "
+                       "(--overwrite runs it again)"]  # fmt: skip
+    assert files() == before
+    assert main([*argv, "optim.lr=1e-2"]) == 2 and "optim.lr" in capsys.readouterr().err  # another config: an error
 
 
 def test_resume_with_changed_config_is_an_error(baseline, data_root):
     out, _ = baseline
     with pytest.raises(ValueError, match=r"optim\.lr"):
-        run(tiny_cfg("tent", "optim.lr=1e-4"), out, data_root=data_root, resume=True)
+        run(tiny_cfg("tent", "optim.lr=1e-4"), out, data=data_root, resume=True)
 
 
 def test_resume_with_changed_execution_settings_gives_the_same_numbers(continual, tmp_path, data_root):
@@ -219,11 +246,11 @@ def test_resume_with_changed_execution_settings_gives_the_same_numbers(continual
     out, summary = continual
     folder = tmp_path / "changed"
     with pytest.raises(Crash):
-        run(tiny_cfg("tent", "stream.reset=never"), folder, data_root=data_root, on_batch=crash_after(3),
+        run(tiny_cfg("tent", "stream.reset=never"), folder, data=data_root, on_batch=crash_after(3),
             record_predictions=True)  # fmt: skip
     changed = ("runtime.progress=true", "runtime.channels_last=false", "optim.implementation=for-loop")
     seen: list[int] = []
-    resumed = run(tiny_cfg("tent", "stream.reset=never", *changed), folder, data_root=data_root, resume=True,
+    resumed = run(tiny_cfg("tent", "stream.reset=never", *changed), folder, data=data_root, resume=True,
                   on_batch=lambda i, r: seen.append(i), record_predictions=True)  # fmt: skip
     assert seen == [2, 3] and resumed["resumed_from_batch"] == 2  # it really computed the second domain
     assert numbers(read_lines(folder)) == numbers(read_lines(out))
@@ -247,10 +274,10 @@ def test_reset_policy_per_domain_vs_never(baseline, continual, tmp_path, data_ro
     never_ckpt = torch.load(never_out / STATE_FILE, weights_only=True)["method"]
     assert never_ckpt["counters"]["n_resets"] == 0
 
-    import tta_surgical.methods as methods
+    import tta_surgical.engine as engine
 
     calls: list[int] = []
-    real = methods.build_method
+    real = engine.build_method
 
     def spy(*a, **k):
         m = real(*a, **k)
@@ -258,7 +285,7 @@ def test_reset_policy_per_domain_vs_never(baseline, continual, tmp_path, data_ro
         m.reset = lambda: (calls.append(m.n_steps), orig())[1]
         return m
 
-    monkeypatch.setattr(methods, "build_method", spy)
+    monkeypatch.setattr(engine, "build_method", spy)
     never = never_ckpt["state"]["model"]
     per_domain = ckpt["method"]["state"]["model"]
     # Without the reset the second domain continues from the first domain's adapted parameters.
@@ -267,7 +294,7 @@ def test_reset_policy_per_domain_vs_never(baseline, continual, tmp_path, data_ro
     assert numbers(lines_never)[:2] == numbers(lines_reset)[:2]  # identical up to the reset point
     assert [r["reset"] for r in lines_never] == [False] * 4
 
-    run(tiny_cfg("tent", "stream.reset=episodic"), tmp_path / "epi", data_root=data_root)
+    run(tiny_cfg("tent", "stream.reset=episodic"), tmp_path / "epi", data=data_root)
     assert calls == [1, 2, 3]  # before every batch but the first (the model starts from the source)
 
 
@@ -288,8 +315,8 @@ def test_tent_matches_plain_reference_loop(baseline, data_root):
 
     out, _ = baseline
     cfg = tiny_cfg()
-    model, _ = create_model("resnet20", data_root=data_root)
-    batches = list(build_stream(cfg.stream, data_root=data_root, frost_dir=data_root / "frost"))
+    model, _ = create_model("resnet20", data=data_root)
+    batches = list(build_stream(cfg.stream, data=DataContext.resolve(data_root, data_root / "frost")))
     preds, ref_state = _reference_module().reference_tent(model, batches, lr=1e-3)
 
     ours = torch.tensor([p for r in read_lines(out) for p in r["pred"]])
@@ -308,8 +335,8 @@ def test_tent_matches_plain_reference_loop(baseline, data_root):
 
 def test_norm_beats_source_on_severe_noise(tmp_path, data_root):
     kw = {"domains": ("gaussian_noise",), "n": 400, "batch": 200}
-    src = run(tiny_cfg("source", **kw), tmp_path / "source", data_root=data_root)
-    norm = run(tiny_cfg("norm", **kw), tmp_path / "norm", data_root=data_root)
+    src = run(tiny_cfg("source", **kw), tmp_path / "source", data=data_root)
+    norm = run(tiny_cfg("norm", **kw), tmp_path / "norm", data=data_root)
     # ResNet-20 on Gaussian noise severity 5: the source model is badly broken, test-batch BN statistics fix much.
     assert src["errors"]["gaussian_noise"] > 50
     assert norm["errors"]["gaussian_noise"] < src["errors"]["gaussian_noise"] - 15
@@ -325,7 +352,7 @@ def test_norm_beats_source_on_severe_noise(tmp_path, data_root):
 )
 def test_domain_keys_of_mixed_and_gradual_streams(tmp_path, data_root, order, sev, keys):
     cfg = tiny_cfg("source", f"stream.order={order}", f"stream.severities={sev}", "stream.reset=never", n=16)
-    summary = run(cfg, tmp_path / order, data_root=data_root)
+    summary = run(cfg, tmp_path / order, data=data_root)
     assert set(summary["errors"]) == keys
     assert summary["n_images"] == 16 * len(keys) + (16 * 2 if order == "gradual" else 0)  # ramp 4,5,4
 
@@ -420,27 +447,27 @@ def test_gpu_bf16_channels_last_close_to_cpu(baseline, tmp_path, data_root):
         pytest.skip("needs CUDA")
     _, cpu = baseline
     cfg = tiny_cfg("tent", "runtime.device=cuda")
-    gpu = run(cfg, tmp_path / "gpu", data_root=data_root)
+    gpu = run(cfg, tmp_path / "gpu", data=data_root)
     assert gpu["peak_memory_kind"] == "cuda_max_allocated" and gpu["device"].startswith("cuda")
     # Corruptions drawn on another device differ, so only closeness is expected.
     assert abs(gpu["online_error"] - cpu["online_error"]) < 15
     fast = run(
         tiny_cfg("tent", "runtime.device=cuda", "runtime.precision=bf16", "runtime.channels_last=true"),
         tmp_path / "bf16",
-        data_root=data_root,
+        data=data_root,
     )
     assert abs(fast["online_error"] - gpu["online_error"]) < 10
 
 
 def test_runtime_num_workers_reaches_the_stream(tmp_path, data_root, monkeypatch):
-    import tta_surgical.streams as streams
+    import tta_surgical.engine as engine
 
-    real, seen = streams.build_stream, []
+    real, seen = engine.build_stream, []
 
     def spy(*a, **kw):
-        seen.append(kw.get("num_workers"))
+        seen.append(kw["data"].num_workers)
         return real(*a, **kw)
 
-    monkeypatch.setattr(streams, "build_stream", spy)
-    run(tiny_cfg("source", "runtime.num_workers=0", n=16), tmp_path / "w", data_root=data_root)
+    monkeypatch.setattr(engine, "build_stream", spy)
+    run(tiny_cfg("source", "runtime.num_workers=0", n=16), tmp_path / "w", data=data_root)
     assert seen == [0]

@@ -16,6 +16,7 @@ import torch
 
 from tta_surgical import engine
 from tta_surgical.config import load_config
+from tta_surgical.data.context import DataContext
 from tta_surgical.engine import RESULTS_FILE, STATE_FILE, STATE_VERSION, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,15 +98,15 @@ class NanInBatch1:
 
 @pytest.fixture
 def nan_in_batch_1(monkeypatch):
-    import tta_surgical.streams as streams
+    import tta_surgical.engine as engine
 
-    real = streams.build_stream
-    monkeypatch.setattr(streams, "build_stream", lambda *a, **kw: NanInBatch1(real(*a, **kw)))
+    real = engine.build_stream
+    monkeypatch.setattr(engine, "build_stream", lambda *a, **kw: NanInBatch1(real(*a, **kw)))
 
 
 @pytest.mark.parametrize(("config", "skipped"), [("tent", 1), ("source", 0)])
 def test_nonfinite_batch_is_counted_and_skips_the_update(nan_in_batch_1, tmp_path, data_root, config, skipped):
-    summary = run(cfg(config), tmp_path / "run", data_root=data_root, record_predictions=True)
+    summary = run(cfg(config), tmp_path / "run", data=data_root, record_predictions=True)
     lines = lines_of(tmp_path / "run")
     assert [r["finite"] for r in lines] == [True, False, True, True]
     assert summary["n_nonfinite_batches"] == 1
@@ -122,15 +123,15 @@ def test_nonfinite_batch_is_counted_and_skips_the_update(nan_in_batch_1, tmp_pat
 
 
 def test_skipped_updates_and_nonfinite_batches_survive_a_resume(nan_in_batch_1, tmp_path, data_root):
-    whole = run(cfg(), tmp_path / "whole", data_root=data_root, record_predictions=True)
+    whole = run(cfg(), tmp_path / "whole", data=data_root, record_predictions=True)
     folder = tmp_path / "crashed"
     with pytest.raises(Crash):
-        run(cfg(), folder, data_root=data_root, on_batch=crash_at(3), record_predictions=True)
+        run(cfg(), folder, data=data_root, on_batch=crash_at(3), record_predictions=True)
     ckpt = torch.load(folder / STATE_FILE, weights_only=True)
     skipped = ckpt["method"]["counters"]["n_skipped"]
     assert (ckpt["next_batch"], ckpt["n_lines"], skipped) == (2, 2, 1)  # the skip happened before it
 
-    resumed = run(cfg(), folder, data_root=data_root, resume=True, record_predictions=True)
+    resumed = run(cfg(), folder, data=data_root, resume=True, record_predictions=True)
     assert resumed["resumed_from_batch"] == 2
     assert resumed["n_skipped_updates"] == whole["n_skipped_updates"] == 1
     assert resumed["n_nonfinite_batches"] == whole["n_nonfinite_batches"] == 1  # replayed from the kept lines
@@ -144,18 +145,18 @@ def test_skipped_updates_and_nonfinite_batches_survive_a_resume(nan_in_batch_1, 
 def test_periodic_checkpoints_of_a_single_domain_stream(tmp_path, data_root, monkeypatch):
     """One domain has no boundary to checkpoint at: `checkpoint_every` (or the automatic period) does it."""
     single = cfg("tent", domains=("gaussian_noise",), n=120)  # 6 batches
-    run(single, tmp_path / "whole", data_root=data_root, record_predictions=True)
+    run(single, tmp_path / "whole", data=data_root, record_predictions=True)
     want = stable(lines_of(tmp_path / "whole"))
     assert len(want) == 6
 
     # A crash after batch 5 falls between the checkpoints at batches 2 and 4: the resume redoes 4 and 5 only.
     folder = tmp_path / "every2"
     with pytest.raises(Crash):
-        run(single, folder, data_root=data_root, checkpoint_every=2, on_batch=crash_at(5), record_predictions=True)
+        run(single, folder, data=data_root, checkpoint_every=2, on_batch=crash_at(5), record_predictions=True)
     ckpt = torch.load(folder / STATE_FILE, weights_only=True)
     assert (ckpt["next_batch"], ckpt["n_lines"]) == (4, 4)
     seen: list[int] = []
-    resumed = run(single, folder, data_root=data_root, resume=True, checkpoint_every=2,
+    resumed = run(single, folder, data=data_root, resume=True, checkpoint_every=2,
                   on_batch=lambda i, r: seen.append(i), record_predictions=True)  # fmt: skip
     assert seen == [4, 5] and resumed["resumed_from_batch"] == 4
     assert stable(lines_of(folder)) == want
@@ -165,9 +166,9 @@ def test_periodic_checkpoints_of_a_single_domain_stream(tmp_path, data_root, mon
     monkeypatch.setattr(engine, "AUTO_CHECKPOINT_EVERY", 3)
     folder = tmp_path / "auto"
     with pytest.raises(Crash):
-        run(single, folder, data_root=data_root, on_batch=crash_at(4), record_predictions=True)
+        run(single, folder, data=data_root, on_batch=crash_at(4), record_predictions=True)
     assert torch.load(folder / STATE_FILE, weights_only=True)["next_batch"] == 3
-    run(single, folder, data_root=data_root, resume=True, record_predictions=True)
+    run(single, folder, data=data_root, resume=True, record_predictions=True)
     assert stable(lines_of(folder)) == want
 
 
@@ -178,10 +179,10 @@ def test_periodic_checkpoints_of_a_single_domain_stream(tmp_path, data_root, mon
 def crashed(tmp_path, data_root):
     """A continual tent run that died after batch 2 (checkpoint at batch 2, 3 lines written) and its clean twin."""
     whole = tmp_path / "whole"
-    run(cfg(), whole, data_root=data_root, record_predictions=True)
+    run(cfg(), whole, data=data_root, record_predictions=True)
     folder = tmp_path / "crashed"
     with pytest.raises(Crash):
-        run(cfg(), folder, data_root=data_root, on_batch=crash_at(2), record_predictions=True)
+        run(cfg(), folder, data=data_root, on_batch=crash_at(2), record_predictions=True)
     assert len(lines_of(folder)) == 3
     assert torch.load(folder / STATE_FILE, weights_only=True)["n_lines"] == 2
     return folder, whole
@@ -201,10 +202,10 @@ def test_resume_is_refused_for_another_stream_or_checkpoint_version(crashed, dat
     torch.save({**good, key: value}, state_path)
     before = (folder / RESULTS_FILE).read_bytes()
     with pytest.raises(ValueError, match=match):
-        run(cfg(), folder, data_root=data_root, resume=True, record_predictions=True)
+        run(cfg(), folder, data=data_root, resume=True, record_predictions=True)
     assert (folder / RESULTS_FILE).read_bytes() == before  # refused before touching anything
     torch.save(good, state_path)  # the intact checkpoint resumes
-    run(cfg(), folder, data_root=data_root, resume=True, record_predictions=True)
+    run(cfg(), folder, data=data_root, resume=True, record_predictions=True)
     assert stable(lines_of(folder)) == stable(lines_of(whole))
 
 
@@ -226,7 +227,7 @@ def test_a_torn_last_line_past_the_checkpoint_is_dropped(crashed, data_root, tor
         damaged = b"".join(raw) + raw[2][:20]
     (folder / RESULTS_FILE).write_bytes(damaged)
     seen: list[int] = []
-    run(cfg(), folder, data_root=data_root, resume=True, on_batch=lambda i, r: seen.append(i), record_predictions=True)
+    run(cfg(), folder, data=data_root, resume=True, on_batch=lambda i, r: seen.append(i), record_predictions=True)
     assert seen == [2, 3]
     assert stable(lines_of(folder)) == stable(lines_of(whole))
     assert (folder / RESULTS_FILE).read_bytes().endswith(b"}\n")
@@ -250,7 +251,7 @@ def test_fewer_lines_than_the_checkpoint_counts_is_a_clear_error(crashed, data_r
         path.write_bytes(raw[0] + (b"" if damage == "one line" else raw[1][:-10]))
     before = path.read_bytes() if path.exists() else None
     with pytest.raises(OSError, match=match):
-        run(cfg(), folder, data_root=data_root, resume=True, record_predictions=True)
+        run(cfg(), folder, data=data_root, resume=True, record_predictions=True)
     assert (path.read_bytes() if path.exists() else None) == before
 
 
@@ -260,10 +261,10 @@ def test_fewer_lines_than_the_checkpoint_counts_is_a_clear_error(crashed, data_r
 def test_stream_seed_changes_the_results_and_runtime_seed_does_not(tmp_path, data_root):
     """README: `stream.seed` picks the corruption noise (and order); Tent draws no random numbers of its own."""
     one = ("gaussian_noise",)
-    base = run(cfg("tent", domains=one), tmp_path / "base", data_root=data_root, record_predictions=True)
-    other_rt = run(cfg("tent", "runtime.seed=1", domains=one), tmp_path / "rt", data_root=data_root,
+    base = run(cfg("tent", domains=one), tmp_path / "base", data=data_root, record_predictions=True)
+    other_rt = run(cfg("tent", "runtime.seed=1", domains=one), tmp_path / "rt", data=data_root,
                    record_predictions=True)  # fmt: skip
-    other_stream = run(cfg("tent", "stream.seed=1", domains=one), tmp_path / "st", data_root=data_root,
+    other_stream = run(cfg("tent", "stream.seed=1", domains=one), tmp_path / "st", data=data_root,
                        record_predictions=True)  # fmt: skip
     assert stable(lines_of(tmp_path / "rt")) == stable(lines_of(tmp_path / "base"))
     assert_same_model(final_model(tmp_path / "rt"), final_model(tmp_path / "base"))
@@ -285,21 +286,21 @@ def test_reset_every_n_batches_restarts_from_the_source_model(tmp_path, data_roo
 
     extra = ("stream.reset=every_n", "stream.reset_every=2", "runtime.channels_last=false")
     c = cfg("tent", *extra, domains=("gaussian_noise",), n=80)  # 4 batches: reset before batch 2
-    run(c, tmp_path / "every2", data_root=data_root, record_predictions=True)
+    run(c, tmp_path / "every2", data=data_root, record_predictions=True)
     lines = lines_of(tmp_path / "every2")
     assert [r["reset"] for r in lines] == [False, False, True, False]
     state = torch.load(tmp_path / "every2" / STATE_FILE, weights_only=True)["method"]
     assert state["counters"]["n_resets"] == 1
 
     # What batches 2-3 must be: a fresh Tent on the pretrained model over just those batches.
-    model, _ = create_model("resnet20", data_root=data_root)
+    model, _ = create_model("resnet20", data=data_root)
     fresh = build_method(model, c.method, c.optim)
-    batches = list(build_stream(c.stream, data_root=data_root, frost_dir=data_root / "frost").iter_from(2))
+    batches = list(build_stream(c.stream, data=DataContext.resolve(data_root, data_root / "frost")).iter_from(2))
     assert len(batches) == 2
     preds = [fresh.step(b.x).argmax(1).tolist() for b in batches]
     assert [r["pred"] for r in lines[2:]] == preds
     assert_same_model(state["state"]["model"], model.state_dict())
 
     never = cfg("tent", "runtime.channels_last=false", domains=("gaussian_noise",), n=80)
-    run(never, tmp_path / "never", data_root=data_root)
+    run(never, tmp_path / "never", data=data_root)
     assert not torch.equal(final_model(tmp_path / "never")["bn1.weight"], state["state"]["model"]["bn1.weight"])

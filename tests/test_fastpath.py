@@ -219,7 +219,7 @@ def test_compile_mode_reaches_torch_compile_in_bench_and_engine(tmp_path, monkey
     cfg = load_config(overrides=["runtime.compile=true", "runtime.compile_mode=max-autotune", "runtime.progress=false",
                              "runtime.device=cpu", "stream.domains=[fog]", "stream.n_examples=8",
                              "stream.batch_size=8"])  # fmt: skip
-    run(cfg, tmp_path / "run", data_root=data_root)
+    run(cfg, tmp_path / "run", data=data_root)
     assert modes[-1] == "max-autotune"
 
 

@@ -278,7 +278,7 @@ def test_generated_target_equals_make_cifar10c(data_root, tmp_path):
         data_root, tmp_path, corruptions=["gaussian_noise"], severities=[5], limit=200, batch_size=100, progress=False
     )
     ref, ref_labels = load_cifar10c(tmp_path, "gaussian_noise", 5)
-    target = TargetData(tiny_cfg().finetune, data_root=data_root)
+    target = TargetData(tiny_cfg().finetune, data=data_root)
     idx = np.array([3, 150, 7, 199, 0])
     got = target.images("gaussian_noise", idx).permute(0, 2, 3, 1).numpy()
     assert np.array_equal(got, ref[idx]) and np.array_equal(target.labels, ref_labels)
@@ -295,7 +295,7 @@ def test_run_writes_results_summary_and_resumes(data_root, tmp_path, monkeypatch
 
     monkeypatch.setattr(ft_core, "finetune_cell", counting)
     out = tmp_path / "ft"
-    summary = run_finetune(cfg, out, data_root=data_root)
+    summary = run_finetune(cfg, out, data=data_root)
     assert len(calls) == 4
     recs = read_results(out / "results.jsonl")
     assert [(r["corruption"], r["option"]) for r in recs] == [
@@ -313,21 +313,21 @@ def test_run_writes_results_summary_and_resumes(data_root, tmp_path, monkeypatch
     assert "| gaussian_noise |" in md and "**rank**" in md and "auto-RGN per-block weights" in md
 
     with pytest.raises(FileExistsError, match="--resume"):
-        run_finetune(cfg, out, data_root=data_root)
+        run_finetune(cfg, out, data=data_root)
     # A crash after two cells, mid-way through writing the third line:
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])
     calls.clear()
-    resumed = run_finetune(cfg, out, data_root=data_root, resume=True)
+    resumed = run_finetune(cfg, out, data=data_root, resume=True)
     assert calls == ["block1", "auto-rgn"]  # only the contrast cells are redone
     assert len(read_results(out / "results.jsonl")) == 4
     assert resumed["accuracy"] == summary["accuracy"]  # deterministic on CPU
     calls.clear()
-    run_finetune(cfg, out, data_root=data_root, resume=True)
+    run_finetune(cfg, out, data=data_root, resume=True)
     assert calls == []
     with pytest.raises(ValueError, match="config differs"):
         run_finetune(
-            tiny_cfg("finetune.options=[block1,auto-rgn]", "finetune.epochs=2"), out, data_root=data_root, resume=True
+            tiny_cfg("finetune.options=[block1,auto-rgn]", "finetune.epochs=2"), out, data=data_root, resume=True
         )
 
 

@@ -408,7 +408,7 @@ def test_eata_run_reports_filtered_images_loss_and_the_source_warning(tmp_path, 
     ]
     cfg = load_config(REPO / "configs" / "eata.yaml", overrides=overrides)
     with pytest.warns(UserWarning, match="clean CIFAR-10 \\*test\\* images"):
-        summary = run(cfg, tmp_path / "eata", data_root=data_root)
+        summary = run(cfg, tmp_path / "eata", data=data_root)
     assert any("method.source_data" in w for w in summary["method_warnings"])
     lines = [json.loads(x) for x in (tmp_path / "eata" / "results.jsonl").read_text().splitlines() if x.strip()]
     assert summary["n_filtered"] == sum(r["n_filtered"] for r in lines) > 0

@@ -344,7 +344,7 @@ def test_weight_and_cifar_checksums_equal_the_data_roots(data_sha256):
 
 
 def test_shared_resnet20_loads_strictly_and_is_accurate(data_root):
-    model, info = create_model("resnet20", data_root=data_root)
+    model, info = create_model("resnet20", data=data_root)
     assert info.pretrained and info.weights.endswith("resnet20-12fca82f.th") and info.params == 269_722
     x, y = cifar_test(data_root, 1000)
     assert abs(n_correct(model, x, y) - 915) <= 3  # 91.5% on the first 1000 (91.73% on all 10,000)
@@ -365,7 +365,7 @@ def test_shared_resnet56_loads_strictly_and_is_accurate(data_root, monkeypatch):
 def test_shared_resnet32_and_resnet44_load_strictly_and_are_accurate(data_root, name, params, correct, published):
     """The default-suite share of the slow full-test-set check below: the weights load into the architecture and
     classify the first 500 test images as measured here, within sampling error of the published accuracy."""
-    model, info = create_model(name, data_root=data_root)
+    model, info = create_model(name, data=data_root)
     assert info.pretrained and info.params == params and info.weights.endswith(WEIGHTS.get(name).filename)
     x, y = cifar_test(data_root, 500)
     got = n_correct(model, x, y)
@@ -378,7 +378,7 @@ def test_shared_resnet32_and_resnet44_load_strictly_and_are_accurate(data_root, 
     ("name", "acc"), [("resnet20", 91.73), ("resnet32", 92.63), ("resnet44", 93.10), ("resnet56", 93.39)]
 )
 def test_shared_resnets_full_test_set_accuracy(data_root, name, acc):
-    model, _ = create_model(name, data_root=data_root)
+    model, _ = create_model(name, data=data_root)
     x, y = cifar_test(data_root, 10_000)
     assert abs(n_correct(model, x, y) / 100 - acc) <= 0.05
 
@@ -397,7 +397,7 @@ def test_wrong_sha256_is_an_error_even_with_allow_random(data_root, tmp_path):
     dest.write_bytes(bytes(raw))
     for allow in (False, True):
         with pytest.raises(hub.IntegrityError, match="SHA-256"):
-            create_model("resnet20", data_root=tmp_path / "data", allow_random=allow)
+            create_model("resnet20", data=tmp_path / "data", allow_random=allow)
 
 
 def test_truncated_and_missing_checkpoints(data_root, tmp_path):
@@ -446,9 +446,9 @@ def test_models_without_public_weights(tmp_path):
         with pytest.raises(FileNotFoundError, match="no public pretrained weights"):
             create_model("resnet26")
         with pytest.raises(FileNotFoundError, match="1t98aEuzeTL8P7Kpd5DIrCoCL21BNZUhC"):
-            create_model("wrn28_10", data_root=tmp_path)
+            create_model("wrn28_10", data=tmp_path)
         with pytest.warns(UserWarning):
-            _, info = create_model("wrn28_10", data_root=tmp_path, allow_random=True)
+            _, info = create_model("wrn28_10", data=tmp_path, allow_random=True)
     assert not info.pretrained and info.params == 36_479_194
     with pytest.raises(ValueError, match="classes"):
         create_model("resnet20", num_classes=100)

@@ -111,7 +111,7 @@ def runs(tmp_path_factory, data_root):
     if not hasattr(os, "fork"):
         pytest.skip("the kill/resume children fork one process per config (POSIX only)")
     tmp = tmp_path_factory.mktemp("resume_process")
-    import tta_surgical.methods as methods
+    import tta_surgical.engine as methods  # build_method as the engine calls it
 
     cases, whole, errors = [], {}, {}
     for case_id, path, probe in CASES:
@@ -121,7 +121,7 @@ def runs(tmp_path_factory, data_root):
             methods.build_method = probe_builder(real)
         whole[case_id] = tmp / "whole" / case_id
         try:
-            run(load_config(path, overrides=overrides), whole[case_id], data_root=data_root, record_predictions=True)
+            run(load_config(path, overrides=overrides), whole[case_id], data=data_root, record_predictions=True)
         except Exception as err:  # reported by this config's test; the other configs still run
             errors[case_id] = f"{type(err).__name__}: {err}"
         finally:

@@ -17,8 +17,7 @@ import torch
 from _toy_methods import N_CLASSES, TinyNet
 
 from tta_surgical.config import ConfigError, OptimConfig, method_config
-from tta_surgical.methods import build_method
-from tta_surgical.methods import selection
+from tta_surgical.methods import build_method, selection
 from tta_surgical.methods.selection import Selector, candidate_blocks, is_auto
 from tta_surgical.models import select_params
 
@@ -229,7 +228,7 @@ def test_non_iid_shifted_batches_use_running_target_statistics():
     batches = []
     for i in range(24):
         x = clean(i, label=i // 4 % N_CLASSES)
-        batches.append((0.2 * x + 0.4 + 0.6 * torch.randn(x.shape, generator=g)).clamp(0, 1))
+        batches.append((0.6 * x + 0.3 + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1))
     seen = choices(method, batches)
     assert ("ema" in {c[1] for c in seen[8:]}), seen
 
@@ -293,7 +292,7 @@ def test_engine_records_every_decision_counts_them_and_resumes_exactly(tmp_path,
     from tta_surgical.engine import run
 
     cfg = tiny_cfg("eta", "method.blocks=[auto]", "stream.reset=never")
-    full = run(cfg, tmp_path / "full", data_root=data_root, record_predictions=True)
+    full = run(cfg, tmp_path / "full", data=data_root, record_predictions=True)
     lines = read_lines(tmp_path / "full")
     assert all(r["adapted"] in {"none", "block1", "block2", "block1-2"} for r in lines)
     assert all(r["bn_stats"] in {"source", "batch", "ema"} for r in lines)
@@ -309,8 +308,8 @@ def test_engine_records_every_decision_counts_them_and_resumes_exactly(tmp_path,
             raise Crash
 
     with pytest.raises(Crash):
-        run(cfg, tmp_path / "crashy", data_root=data_root, on_batch=crash, record_predictions=True)
-    resumed = run(cfg, tmp_path / "crashy", data_root=data_root, resume=True, record_predictions=True)
+        run(cfg, tmp_path / "crashy", data=data_root, on_batch=crash, record_predictions=True)
+    resumed = run(cfg, tmp_path / "crashy", data=data_root, resume=True, record_predictions=True)
     again = read_lines(tmp_path / "crashy")
     keys = ("batch_index", "correct", "pred", "adapted", "bn_stats", "method_reset")
     assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in lines]
@@ -322,6 +321,6 @@ def test_fixed_selections_write_no_decision_fields(tmp_path, data_root):
 
     from tta_surgical.engine import run
 
-    summary = run(tiny_cfg("tent", "stream.n_examples=16"), tmp_path / "t", data_root=data_root)
+    summary = run(tiny_cfg("tent", "stream.n_examples=16"), tmp_path / "t", data=data_root)
     assert summary["selection_counts"] is None
     assert all("adapted" not in r for r in read_lines(tmp_path / "t"))

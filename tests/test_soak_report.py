@@ -6,9 +6,9 @@ import json
 
 from _extras import require
 
-from tta_surgical.bench.grid import grid_rows
-from tta_surgical.bench.soak import plot_soak, soak_markdown, soak_rows
-from tta_surgical.bench.sweep_cells import finished_cells
+from benchmarks.studies.grid import grid_rows
+from benchmarks.studies.soak import plot_soak, soak_markdown, soak_rows
+from benchmarks.studies.sweep_cells import finished_cells
 
 
 def _sweep(tmp_path, cells):

@@ -14,6 +14,7 @@ import torch
 
 from tta_surgical.config import Config, ConfigError, apply_overrides, from_dict, load_config
 from tta_surgical.data import imagenet
+from tta_surgical.data.context import DataContext
 from tta_surgical.registry import UnknownNameError
 from tta_surgical.streams import (
     SOURCES,
@@ -64,9 +65,9 @@ def count_opens(monkeypatch, name: str) -> list[str]:
     cls, opened = source_class(name), []
     real_open = cls.open.__func__
 
-    def counting_open(klass, spec, **kw):
+    def counting_open(klass, spec, data):
         opened.append(spec.source)
-        return real_open(klass, spec, **kw)
+        return real_open(klass, spec, data)
 
     monkeypatch.setattr(cls, "open", classmethod(counting_open))
     return opened
@@ -123,8 +124,8 @@ def test_a_new_source_is_one_class(monkeypatch, tmp_path):
             self.labels = np.arange(n) % 2
 
         @classmethod
-        def open(cls, spec, *, data_root=None, num_workers=None):
-            return cls(int(cls.require_folder(spec, data_root).name.split("_")[1]))
+        def open(cls, spec, data):
+            return cls(int(cls.require_folder(spec, data).name.split("_")[1]))
 
         def load(self, plan, rows):
             board = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 255
@@ -249,8 +250,9 @@ def test_imagenetc_indices_equal_a_linked_subset(tmp_path):
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(root / corr / "5" / index.relpaths[i], dst)
     base = dict(source="imagenetc", domains=("fog", "snow"), batch_size=2, seed=4)
-    view = build_stream(StreamSpec(**base, path=str(root), indices=tuple(rows)), num_workers=0)
-    copy = build_stream(StreamSpec(**base, path=str(linked)), num_workers=0)
+    serial = DataContext.resolve(num_workers=0)
+    view = build_stream(StreamSpec(**base, path=str(root), indices=tuple(rows)), data=serial)
+    copy = build_stream(StreamSpec(**base, path=str(linked)), data=serial)
     assert view.fingerprint() == copy.fingerprint() and same_batches(view, copy)
 
 
@@ -315,9 +317,9 @@ def test_engine_runs_a_memory_source_like_the_files_it_holds(data_root, tmp_path
             "runtime.progress=false"]  # fmt: skip
     cfg = load_config(REPO / "configs" / "tent.yaml", overrides=over)
     mem = MemorySource(torch.from_numpy(images[:32]).permute(0, 3, 1, 2), labels[:32])
-    a = run(apply_overrides(cfg, ["stream.source=memory"]), tmp_path / "m", data_root=data_root, source=mem)
+    a = run(apply_overrides(cfg, ["stream.source=memory"]), tmp_path / "m", data=data_root, source=mem)
     opened = count_opens(monkeypatch, "cifar10")
-    b = run(cfg, tmp_path / "c", data_root=data_root)
+    b = run(cfg, tmp_path / "c", data=data_root)
     assert opened == ["cifar10"]
     assert a["stream_fingerprint"] == b["stream_fingerprint"] and a["errors"] == b["errors"]
 

@@ -146,7 +146,7 @@ def test_summary_counts_merged_batches_and_results_show_them(tmp_path, data_root
             "runtime.progress=false",
         ]  # fmt: skip
     )
-    summary = run(cfg, tmp_path / "r", data_root=data_root)
+    summary = run(cfg, tmp_path / "r", data=data_root)
     counts = [json.loads(x)["count"] for x in (tmp_path / "r" / RESULTS_FILE).read_text().splitlines()]
     assert counts == [10, 11, 10, 11]
     assert summary["n_single_image_batches_merged"] == 2 and summary["n_images"] == 42
@@ -237,7 +237,7 @@ def test_a_run_over_rounds_reports_each_round_and_resumes(tmp_path, data_root):
             "runtime.progress=false",
         ]  # fmt: skip
     )
-    whole = run(cfg, tmp_path / "whole", data_root=data_root)
+    whole = run(cfg, tmp_path / "whole", data=data_root)
     assert list(whole["errors"]) == [f"{d}/r{r}" for r in (1, 2, 3) for d in ("fog", "contrast")]
     # norm keeps no state between batches and every round has the same images and noise: equal rounds
     assert len(set(whole["errors_by_round"])) == 1 and len(whole["errors_by_round"]) == 3
@@ -256,8 +256,8 @@ def test_a_run_over_rounds_reports_each_round_and_resumes(tmp_path, data_root):
             raise Crash
 
     with pytest.raises(Crash):
-        run(cfg, tmp_path / "resumed", data_root=data_root, on_batch=crash)
-    resumed = run(cfg, tmp_path / "resumed", data_root=data_root, resume=True)
+        run(cfg, tmp_path / "resumed", data=data_root, on_batch=crash)
+    resumed = run(cfg, tmp_path / "resumed", data=data_root, resume=True)
     assert resumed["resumed_from_batch"] == 9  # the checkpoint at the start of contrast/r2
     for key in ("errors", "errors_by_round", "online_errors_by_round", "mean_error", "n_images"):
         assert resumed[key] == whole[key], key

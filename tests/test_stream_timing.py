@@ -1,5 +1,5 @@
-"""Contracts of the stream timing (`tta_surgical.bench.streams`, `benchmarks/stream_timing.py`): the JSON it writes,
-that its times add up, the ratio baseline, errors.
+"""Contracts of the stream timing (`benchmarks.studies.stream_timing`, `benchmarks/stream_timing.py`): the JSON it
+writes, that its times add up, the ratio baseline, errors.
 
 Tiny real streams (the CIFAR-10 test set corrupted on the fly, tens of images) with the pretrained resnet20 (through
 the script, in a subprocess), and an `imagenet`-scenario run on a few staged JPEGs with a random resnet18 at 64x64
@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tta_surgical.bench import streams as st
+from benchmarks.studies import stream_timing as st
 from tta_surgical.config import load_config
+from tta_surgical.data.context import DataContext
 from tta_surgical.models import create_model
 from tta_surgical.streams import build_stream
 
@@ -95,10 +96,10 @@ def test_cifar_source_error_matches_an_independent_evaluation(cifar_result, data
     cfg = load_config(REPO / "configs" / "source.yaml", stream=REPO / "streams" / "cifar10c_continual.yaml",
                       overrides=[f"stream.domains=[{','.join(DOMAINS)}]", "stream.n_examples=20",
                       "stream.batch_size=10"])  # fmt: skip
-    model, _ = create_model("resnet20", data_root=data_root)
+    model, _ = create_model("resnet20", data=data_root)
     wrong = {d: 0 for d in DOMAINS}
     with torch.inference_mode():
-        for b in build_stream(cfg.stream, data_root=data_root, frost_dir=data_root / "frost"):
+        for b in build_stream(cfg.stream, data=DataContext.resolve(data_root, data_root / "frost")):
             wrong[b.domain] += int((model(b.x).argmax(1) != b.y).sum())
     src = res["methods"][0]
     assert src["errors"] == pytest.approx({d: 100 * w / 20 for d, w in wrong.items()})
@@ -180,7 +181,7 @@ def test_ratios_and_table():
     assert rows[1]["stream_ratio_to_source"] == 1.0
     assert rows[0]["stream_ratio_to_source"] == 2.0 and rows[0]["step_ratio_to_source"] == 4.0
     assert rows[0]["total_ratio_to_source"] == 2.0
-    from tta_surgical.bench.report import stream_markdown
+    from benchmarks.studies.stream_timing import stream_markdown
 
     for r in rows:
         r.update(images_per_s=None, data_s=0.1, checkpoint_s=0.2, other_s=0.3, online_error=12.5, mean_error=None)

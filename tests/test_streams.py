@@ -13,6 +13,7 @@ import torch
 
 from tta_surgical.corruptions import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, CORRUPTIONS
 from tta_surgical.data import imagenet
+from tta_surgical.data.context import DataContext
 from tta_surgical.streams import (
     Batch,
     StreamSpec,
@@ -351,7 +352,7 @@ def test_cifar10c_files(tmp_path, order):
     s = StreamSpec(
         source="cifar10c", domains=("fog", "snow"), severities=(1, 4), order=order, batch_size=8, reset="never"
     )
-    stream = build_stream(s, data_root=tmp_path)  # finds <data_root>/CIFAR-10-C
+    stream = build_stream(s, data=tmp_path)  # finds <data_root>/CIFAR-10-C
     batches = list(stream)
     assert stream.n_images == 2 * 2 * 30
     for b in batches:
@@ -424,7 +425,7 @@ def test_imagenetc_stream_reads_the_files(fake_imagenetc):
         source="imagenetc", domains=("fog", "snow"), severities=(3, 5), batch_size=4, reset="per_domain",
         shuffle=True, seed=1,
     )  # fmt: skip
-    stream = build_stream(s, data_root=fake_imagenetc.parent, num_workers=0)
+    stream = build_stream(s, data=DataContext.resolve(fake_imagenetc.parent, num_workers=0))
     batches = list(stream)
     assert stream.n_images == 2 * 2 * 6 and len(batches) == 2 * 2 * 2
     assert [(b.domain, b.severity) for b in batches[::2]] == [("fog", 3), ("fog", 5), ("snow", 3), ("snow", 5)]
@@ -436,7 +437,7 @@ def test_imagenetc_stream_reads_the_files(fake_imagenetc):
             path = fake_imagenetc / b.domain / str(b.severity) / index.relpaths[row]
             assert torch.equal(b.x[i], decode_jpeg(read_file(str(path))).float() / 255)
     # worker processes give the same batches, and resume works
-    tail = list(build_stream(s, data_root=fake_imagenetc.parent, num_workers=1).iter_from(5))
+    tail = list(build_stream(s, data=DataContext.resolve(fake_imagenetc.parent, num_workers=1)).iter_from(5))
     assert len(tail) == len(batches) - 5 == 3
     assert all(torch.equal(a.x, b.x) and a.batch_index == b.batch_index for a, b in zip(batches[5:], tail, strict=True))
 
@@ -456,7 +457,7 @@ def test_clean_imagenet_resized_cropped_and_corrupted(tmp_path):
     root = tmp_path / "val"
     write_jpeg_tree(root, size=None)  # varied sizes, as in the real val set
     s = StreamSpec(source="imagenet", path=str(root), domains=("brightness",), image_size=32, batch_size=4)
-    batches = list(build_stream(s, num_workers=0))
+    batches = list(build_stream(s, data=DataContext.resolve(num_workers=0)))
     assert [tuple(b.x.shape) for b in batches] == [(4, 3, 32, 32), (2, 3, 32, 32)]
     assert 0 <= min(b.x.min() for b in batches) and max(b.x.max() for b in batches) <= 1
     assert imagenet.resize_size(224) == 256
@@ -464,7 +465,7 @@ def test_clean_imagenet_resized_cropped_and_corrupted(tmp_path):
     s2 = StreamSpec(source="imagenetc", path=str(tmp_path / "c"), domains=("fog",), severities=(1,), batch_size=6)
     write_jpeg_tree(tmp_path / "c" / "fog" / "1", size=None)
     with pytest.raises(ValueError, match="different sizes"):
-        list(build_stream(s2, num_workers=0))
+        list(build_stream(s2, data=DataContext.resolve(num_workers=0)))
 
 
 # ------------------------------------------------------------------------------------------------ real data
@@ -477,7 +478,7 @@ def test_real_cifar10_stream(data_root):
     images, labels = load_cifar10(data_root)
     s = load_stream_spec(REPO / "streams" / "quickstart.yaml")
     s = dataclasses.replace(s, domains=("gaussian_noise", "fog"), n_examples=100, batch_size=50)
-    stream = build_stream(s, data_root=data_root)
+    stream = build_stream(s, data=data_root)
     assert len(stream.labels) == 10000 and len(stream) == 4
     batches = list(stream)
     assert [b.reset_before for b in batches] == [False, False, True, False]
@@ -518,8 +519,8 @@ def test_imagenetc_gpu_decode(fake_imagenetc):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     s = StreamSpec(source="imagenetc", domains=("fog",), severities=(3,), batch_size=4, reset="never")
-    cpu = list(build_stream(s, data_root=fake_imagenetc.parent, num_workers=0))
-    gpu = list(build_stream(s, data_root=fake_imagenetc.parent, device="cuda", num_workers=2))
+    cpu = list(build_stream(s, data=DataContext.resolve(fake_imagenetc.parent, num_workers=0)))
+    gpu = list(build_stream(s, data=DataContext.resolve(fake_imagenetc.parent, num_workers=2), device="cuda"))
     assert len(cpu) == len(gpu) == 2  # 6 images, batches of 4
     for a, b in zip(cpu, gpu, strict=True):
         assert b.x.is_cuda and torch.equal(a.y, b.y.cpu())

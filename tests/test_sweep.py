@@ -41,7 +41,7 @@ STREAM = str(REPO / "streams" / "cifar10c_reset.yaml")
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def fake_runner(kind, config, out_dir, *, data_root=None, frost_dir=None):
+def fake_runner(kind, config, out_dir, *, data=None):
     """A deterministic stand-in for the engine: metrics derived from the config; behaviour from control.json."""
     out_dir = Path(out_dir)
     root = out_dir.parents[1]  # OUT/cells/<id> -> OUT
@@ -328,7 +328,7 @@ def test_real_engine_cell_end_to_end(tmp_path, data_root):
     )
     sweep = load_sweep(path, overrides=["runtime.device=cpu"])
     out = tmp_path / "out"
-    result = run_sweep(sweep, out, data_root=data_root, progress=False)
+    result = run_sweep(sweep, out, data=data_root, progress=False)
     assert result.ok, [f.log.read_text() for f in result.failed]
     folder = cell_dir(out, sweep.cells[0])
     summary = json.loads((folder / "summary.json").read_text())
@@ -348,7 +348,7 @@ REAL_KILL_AFTER = 2  # batch after which the first attempt of the doomed real ce
 _TIMING = re.compile(rb'"(latency_ms|warmup)": [^,}]*')
 
 
-def dying_engine_runner(kind, config, out_dir, *, data_root=None, frost_dir=None):
+def dying_engine_runner(kind, config, out_dir, *, data=None):
     """The real runner (`run_cell`: engine.run with resume=True), except that the first attempt of the cell with
     stream.seed 1 kills its worker process right after batch 2, one batch past the checkpoint at the domain
     boundary. Module-level, so worker processes can import it."""
@@ -365,7 +365,7 @@ def dying_engine_runner(kind, config, out_dir, *, data_root=None, frost_dir=None
                 os._exit(9)
 
         engine.run = lambda *a, **kw: real(*a, on_batch=die, **kw)  # this process dies inside it
-    return run_cell(kind, config, out_dir, data_root=data_root, frost_dir=frost_dir)
+    return run_cell(kind, config, out_dir, data=data)
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +377,7 @@ def real_sweep(tmp_path_factory, data_root):
     path = write_sweep(folder, {"stream.seed": [0, 1]}, overrides=overrides)
     sweep = load_sweep(path, overrides=["runtime.device=cpu"])
     inline = folder / "inline"
-    result = run_sweep(sweep, inline, data_root=data_root, progress=False)
+    result = run_sweep(sweep, inline, data=data_root, progress=False)
     assert result.ok and result.ran == [c.id for c in sweep.cells], result.failed
     return sweep, inline
 
@@ -391,7 +391,7 @@ def test_real_sweep_in_worker_processes_with_a_killed_cell_equals_in_process(rea
     fresh worker) continues from the cell's checkpoint, and the merged files equal the in-process sweep's."""
     sweep, inline = real_sweep
     out = tmp_path / "pool"
-    result = run_sweep(sweep, out, data_root=data_root, runner=dying_engine_runner, max_parallel=2, progress=False)
+    result = run_sweep(sweep, out, data=data_root, runner=dying_engine_runner, max_parallel=2, progress=False)
     assert result.ok, [f.log.read_text() for f in result.failed]
     timing = [json.loads((cell_dir(out, c) / "timing.json").read_text()) for c in sweep.cells]
     assert os.getpid() not in {t["pid"] for t in timing}  # both cells ran in worker processes
@@ -476,7 +476,7 @@ def test_ray_real_engine_cells_equal_local(tmp_path, ray_cluster, data_root):
     )
     sweep = load_sweep(path, overrides=["runtime.device=cpu"])
     local, remote = tmp_path / "local", tmp_path / "ray"
-    assert run_sweep(sweep, local, data_root=data_root, progress=False).ok
-    assert run_sweep(sweep, remote, launcher="ray", data_root=data_root, progress=False).ok
+    assert run_sweep(sweep, local, data=data_root, progress=False).ok
+    assert run_sweep(sweep, remote, launcher="ray", data=data_root, progress=False).ok
     for name in ("sweep.jsonl", "summary.md"):
         assert (local / name).read_bytes() == (remote / name).read_bytes()

@@ -64,7 +64,7 @@ def test_second_writer_fails_at_once_naming_the_folder_and_holder(tmp_path, data
     try:
         t0 = time.perf_counter()
         with pytest.raises(FolderInUseError, match=f"{folder}.*in use.*pid {holder.pid}.*test holder"):
-            run(cfg, folder, data_root=data_root)
+            run(cfg, folder, data=data_root)
         assert time.perf_counter() - t0 < 1.0
         assert not (folder / RESULTS_FILE).exists()  # nothing was written by the refused run
         cli = subprocess.run(
@@ -77,7 +77,7 @@ def test_second_writer_fails_at_once_naming_the_folder_and_holder(tmp_path, data
     finally:
         holder.kill()  # SIGKILL: the OS releases the lock, nothing stale is left behind
         holder.wait()
-    summary = run(cfg_for("norm", "stream.n_examples=100"), folder, data_root=data_root, overwrite=True)
+    summary = run(cfg_for("norm", "stream.n_examples=100"), folder, data=data_root, overwrite=True)
     assert summary["n_images"] == 200
 
 
@@ -122,7 +122,7 @@ def test_checkpoint_never_counts_lines_not_on_disk(tmp_path, data_root, monkeypa
 
     monkeypatch.setattr(JsonlWriter, "sync", sync)
     monkeypatch.setattr(RunFolder, "save_checkpoint", save)
-    run(cfg_for("tent", "stream.n_examples=200"), tmp_path / "d", data_root=data_root)
+    run(cfg_for("tent", "stream.n_examples=200"), tmp_path / "d", data=data_root)
     checkpoints = [i for i, e in enumerate(events) if e[0] == "checkpoint"]
     assert len(checkpoints) == 2  # the domain boundary and the end
     for i in checkpoints:
@@ -173,29 +173,29 @@ def test_collapse_policies_on_a_diverging_tent(tmp_path, data_root):
     """Tent at lr=1000 collapses to one class; warn counts it, reset recovers, stop ends the run; a sane Tent
     on the same stream raises nothing."""
     fast = ["optim.lr=1000", "stream.n_examples=600"]
-    warn = run(cfg_for("tent", *fast), tmp_path / "warn", data_root=data_root)
+    warn = run(cfg_for("tent", *fast), tmp_path / "warn", data=data_root)
     assert warn["n_collapse_warnings"] >= 1 and warn["on_collapse"] == "warn"
     rec = lines(tmp_path / "warn")[warn["collapse_batches"][0]]
     assert rec["top_class_share"] >= 0.6 and rec["pred_entropy"] < 0.1
-    reset = run(cfg_for("tent", *fast, "runtime.on_collapse=reset"), tmp_path / "reset", data_root=data_root)
+    reset = run(cfg_for("tent", *fast, "runtime.on_collapse=reset"), tmp_path / "reset", data=data_root)
     assert reset["n_resets"] == reset["n_collapse_warnings"] >= 1
     after = lines(tmp_path / "reset")[reset["collapse_batches"][0] + 1]
     assert after["reset"] is True
     assert reset["online_error"] < warn["online_error"]
-    stop = run(cfg_for("tent", *fast, "runtime.on_collapse=stop"), tmp_path / "stop", data_root=data_root)
+    stop = run(cfg_for("tent", *fast, "runtime.on_collapse=stop"), tmp_path / "stop", data=data_root)
     assert stop["stopped_on_collapse_at_batch"] == stop["collapse_batches"][0]
     assert len(lines(tmp_path / "stop")) == stop["collapse_batches"][0] + 1
-    sane = run(cfg_for("tent", "stream.n_examples=600"), tmp_path / "sane", data_root=data_root)
+    sane = run(cfg_for("tent", "stream.n_examples=600"), tmp_path / "sane", data=data_root)
     assert sane["n_collapse_warnings"] == 0 and sane["collapse_batches"] == []
 
 
 def test_results_lines_carry_loss_and_prediction_statistics(tmp_path, data_root):
-    run(cfg_for("tent", "stream.n_examples=200"), tmp_path / "t", data_root=data_root)
+    run(cfg_for("tent", "stream.n_examples=200"), tmp_path / "t", data=data_root)
     for rec in lines(tmp_path / "t"):
         assert rec["loss"] is not None and rec["loss"] >= 0
         assert 0 <= rec["pred_entropy"] and 0 < rec["top_class_share"] <= 1 and 0 <= rec["top_class"] < 10
         assert rec["n_filtered"] == 0 and rec["method_reset"] is None
-    run(cfg_for("norm", "stream.n_examples=200"), tmp_path / "n", data_root=data_root)
+    run(cfg_for("norm", "stream.n_examples=200"), tmp_path / "n", data=data_root)
     assert all(rec["loss"] is None for rec in lines(tmp_path / "n"))  # no update, no loss
 
 
@@ -208,7 +208,7 @@ def test_collapse_settings_are_validated():
 def test_resume_rebuilds_the_collapse_monitor(tmp_path, data_root):
     """Replaying the kept lines gives the monitor the state it had: a resumed run flags the same batches."""
     cfg = cfg_for("tent", "optim.lr=1000", "stream.n_examples=600", "runtime.on_collapse=reset")
-    full = run(cfg, tmp_path / "full", data_root=data_root)
+    full = run(cfg, tmp_path / "full", data=data_root)
 
     class Crash(Exception):
         pass
@@ -218,8 +218,8 @@ def test_resume_rebuilds_the_collapse_monitor(tmp_path, data_root):
             raise Crash
 
     with pytest.raises(Crash):
-        run(cfg, tmp_path / "part", data_root=data_root, on_batch=crash)
-    resumed = run(cfg, tmp_path / "part", data_root=data_root, resume=True)
+        run(cfg, tmp_path / "part", data=data_root, on_batch=crash)
+    resumed = run(cfg, tmp_path / "part", data=data_root, resume=True)
     assert resumed["collapse_batches"] == full["collapse_batches"] and resumed["errors"] == full["errors"]
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("latency_ms", "warmup")} for r in rs]  # noqa: E731
     assert strip(lines(tmp_path / "part")) == strip(lines(tmp_path / "full"))
@@ -248,13 +248,14 @@ def test_replaying_results_lines_gives_the_runs_collapse_batches(tmp_path, data_
     from tta_surgical.collapse import replay_collapses
 
     cfg = cfg_for("tent", "optim.lr=1000", "stream.n_examples=600", "runtime.on_collapse=warn")
-    summary = run(cfg, tmp_path / "r", data_root=data_root)
+    summary = run(cfg, tmp_path / "r", data=data_root)
     assert summary["collapse_batches"]  # the diverging Tent collapses
     rt = cfg.runtime
     mon = CollapseMonitor(rt.collapse_window, rt.collapse_share, rt.collapse_entropy_ratio)
     assert replay_collapses(lines(tmp_path / "r"), mon) == summary["collapse_batches"]
     wider = CollapseMonitor(10**6, rt.collapse_share, rt.collapse_entropy_ratio)
-    assert replay_collapses(lines(tmp_path / "r"), wider) == []  # a window longer than the run never judges it
+    # a window longer than the run never fills: only the two domains (600 images each) are judged, at their ends
+    assert replay_collapses(lines(tmp_path / "r"), wider) == [5, 11]
 
 
 def test_peek_jsonl_reads_complete_lines_and_never_cuts_the_file(tmp_path):
@@ -265,3 +266,177 @@ def test_peek_jsonl_reads_complete_lines_and_never_cuts_the_file(tmp_path):
     before = f.read_bytes()
     assert peek_jsonl(f) == [{"a": 1}, {"a": 2}]
     assert f.read_bytes() == before  # a run still writing keeps its last line
+
+
+# ------------------------------------------------------------------------------------------------ collapse per domain
+
+
+def _seg(i: int, entropy: float, top: int, share: float, n: int = 200, reset: bool = False, end: bool = False):
+    return {**_rec(i, entropy, top, share, n), "reset": reset, "segment_end": end}
+
+
+def _reset_per_domain(domains: int = 4) -> list[dict]:
+    """The quick start stream at lr=1000 (reset per domain, 500 images: batches of 200, 200, 100): a sane first
+    prediction after each reset, then one class with zero entropy, a different class in every domain."""
+    out = []
+    for d in range(domains):
+        i = 3 * d
+        out += [
+            _seg(i, 0.4, 3, 0.12, reset=d > 0),
+            _seg(i + 1, 0.0, d + 5, 0.8),
+            _seg(i + 2, 0.0, d + 5, 0.88, n=100, end=True),
+        ]
+    return out
+
+
+def test_monitor_judges_a_short_domain_after_each_reset():
+    """The run window (1,000 images) never fills between two resets 500 images apart; the segment is judged at its
+    end on its two batches after the reference batch."""
+    mon = CollapseMonitor(window_images=1000)
+    assert [r["batch_index"] for r in _reset_per_domain() if mon.observe(r)] == [2, 5, 8, 11]
+    assert mon.last_flag["over"] == "segment" and mon.last_flag["batches"] == 2 and mon.last_flag["top_class"] == 8
+
+
+def test_monitor_takes_a_new_reference_after_a_reset():
+    """After a reset the reference is the new first batch: a domain on which the source model is already confident
+    (entropy 0.2) is judged against that, not against the noisy first domain of the run (entropy 1.0)."""
+    first = [_seg(0, 1.0, 3, 0.15)] + [_seg(i, 0.9, i % 10, 0.15, end=i == 6) for i in range(1, 7)]
+    easy = [_seg(7, 0.2, 2, 0.7, reset=True)] + [_seg(i, 0.15, 2, 0.7, end=i == 20) for i in range(8, 21)]
+    mon = CollapseMonitor(window_images=1000)
+    assert not any(mon.observe(r) for r in first + easy)  # 0.15 > 0.5 * 0.2: as confident as the source model
+    assert mon.reference_entropy == 0.2
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        # label shift within short reset-per-domain segments: the dominant class changes from batch to batch
+        [_seg(3 * d + k, 0.4 if k == 0 else 0.05, (3 * d + k) % 10, 0.9, reset=d > 0 and k == 0, end=k == 2)
+         for d in range(4) for k in range(3)],
+        # one confident batch after the reference is not evidence: a segment needs 2 judged batches
+        [_seg(2 * d + k, 0.4 if k == 0 else 0.0, 7, 0.95, reset=d > 0 and k == 0, end=k == 1)
+         for d in range(4) for k in range(2)],
+        # concentrated in short domains, but no more confident than the reference
+        [_seg(3 * d + k, 0.4, 7, 0.9, reset=d > 0 and k == 0, end=k == 2) for d in range(4) for k in range(3)],
+    ],
+    ids=["label-shift-short-domains", "one-batch-after-reference", "entropy-not-fallen"],
+)  # fmt: skip
+def test_monitor_ignores_short_domains_that_are_not_collapsed(records):
+    mon = CollapseMonitor(window_images=1000)
+    assert not any(mon.observe(r) for r in records)
+
+
+def quickstart_cfg(*extra: str):
+    """The issue's case on a budget: the quick start (Tent, reset per domain, batch 200), 500 images per domain."""
+    return load_config(
+        REPO / "configs" / "quickstart.yaml",
+        stream=REPO / "streams" / "quickstart.yaml",
+        overrides=[
+            "stream.domains=[gaussian_noise,fog]",
+            "stream.n_examples=500",
+            "runtime.device=cpu",
+            "runtime.progress=false",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def reset_per_domain_collapse(tmp_path_factory, data_root):
+    """Tent at lr=1000 on the reset-per-domain quick start stream, 2 domains of 500 images: it collapses within
+    each domain (80-90% of every batch one class, zero entropy) and the class changes from domain to domain."""
+    out = tmp_path_factory.mktemp("qs_collapse")
+    return out, run(quickstart_cfg("optim.lr=1000"), out, data=data_root)
+
+
+def test_collapse_within_reset_domains_is_flagged_on_stderr_and_in_the_summary(reset_per_domain_collapse, capsys):
+    out, summary = reset_per_domain_collapse
+    recs = lines(out)
+    assert [r["reset"] for r in recs] == [False, False, False, True, False, False]
+    assert [r["segment_end"] for r in recs] == [False, False, True, False, False, True]
+    assert summary["n_collapse_warnings"] == 2 and summary["collapse_batches"] == [2, 5]
+    md = (out / "summary.md").read_text()
+    assert "collapse suspected 2 times (batches 2, 5" in md and "| collapse warnings | 2 (batches 2, 5) |" in md
+    assert summary["status"] == "complete" and summary["n_batches"] == summary["n_batches_planned"] == 6
+
+
+def test_collapse_warning_goes_to_stderr(tmp_path, data_root, capsys):
+    run(quickstart_cfg("optim.lr=1000", "stream.domains=[fog]"), tmp_path / "w", data=data_root)
+    captured = capsys.readouterr()
+    assert "warning: collapse suspected at batch 2 (fog)" in captured.err and "collapse" not in captured.out
+    assert "over this domain's 2 batches (300 images)" in captured.err
+
+
+def test_sane_quickstart_runs_raise_no_collapse(tmp_path, data_root):
+    summary = run(quickstart_cfg(), tmp_path / "sane", data=data_root)
+    assert summary["n_collapse_warnings"] == 0
+    assert "| collapse warnings | none |" in (tmp_path / "sane" / "summary.md").read_text()
+
+
+def test_replay_and_resume_give_the_runs_flags_on_reset_domains(reset_per_domain_collapse, tmp_path, data_root):
+    """Pure function of the lines: replayed (also from lines without `segment_end`, as older runs wrote them) and
+    rebuilt on resume, the flags are the run's."""
+    from tta_surgical.collapse import replay_collapses
+
+    out, summary = reset_per_domain_collapse
+    rt = quickstart_cfg().runtime
+    monitor = lambda: CollapseMonitor(rt.collapse_window, rt.collapse_share, rt.collapse_entropy_ratio)  # noqa: E731
+    assert replay_collapses(lines(out), monitor()) == summary["collapse_batches"]
+    older = [{k: v for k, v in r.items() if k != "segment_end"} for r in lines(out)]
+    assert replay_collapses(older, monitor()) == summary["collapse_batches"]
+
+    class Crash(Exception):
+        pass
+
+    def crash(i: int, _rec: dict) -> None:
+        if i == 4:
+            raise Crash
+
+    cfg = quickstart_cfg("optim.lr=1000")
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "part", data=data_root, on_batch=crash)
+    resumed = run(cfg, tmp_path / "part", data=data_root, resume=True)
+    assert resumed["collapse_batches"] == summary["collapse_batches"] and resumed["errors"] == summary["errors"]
+
+
+# ------------------------------------------------------------------------------------------------ stop, and resume
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """The run's files (not the writer lock, which records its last holder)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != ".lock"}
+
+
+def test_stopped_run_says_so_and_resumes_only_when_asked(tmp_path, data_root, capsys):
+    from tta_surgical.cli import main
+
+    cfg = quickstart_cfg("optim.lr=1000", "runtime.on_collapse=stop")
+    folder = tmp_path / "stop"
+    summary = run(cfg, folder, data=data_root)
+    assert summary["status"] == "stopped_on_collapse" and summary["stopped_on_collapse_at_batch"] == 2
+    assert summary["n_batches"] == 3 and summary["n_batches_planned"] == 6
+    assert summary["n_images"] == 500 and summary["n_images_planned"] == 1000
+    md = (folder / "summary.md").read_text()
+    assert "Stopped on collapse at batch 2" in md and "| batches | 3 of 6 |" in md
+    assert "stopping the run" in capsys.readouterr().err
+
+    # --resume leaves it as it is, says so in one line, exit 0
+    before = _files(folder)
+    args = ["run", "--config", str(REPO / "configs" / "quickstart.yaml"), "--stream",
+            str(REPO / "streams" / "quickstart.yaml"), "--out", str(folder), "--data-root", str(data_root),
+            "stream.domains=[gaussian_noise,fog]", "stream.n_examples=500", "runtime.device=cpu",
+            "runtime.progress=false", "optim.lr=1000", "runtime.on_collapse=stop"]  # fmt: skip
+    assert main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "stopped on collapse at batch 2" in out[0] and "--continue-after-stop" in out[0]
+    assert _files(folder) == before
+    assert run(cfg, folder, data=data_root, resume=True) == summary and _files(folder) == before
+
+    # asked explicitly: it continues past the stop (and at lr=1000 stops again in the next domain)
+    assert main([*args, "--resume", "--continue-after-stop"]) == 0
+    again = json.loads((folder / "summary.json").read_text())
+    assert again["resumed_from_batch"] == 3 and again["stopped_on_collapse_at_batch"] == 5
+    assert again["collapse_batches"] == [2, 5] and again["n_batches"] == 6
+    assert len(lines(folder)) == 6
+    assert main([*args, "--continue-after-stop"]) == 2  # only with --resume
+    assert "--resume" in capsys.readouterr().err

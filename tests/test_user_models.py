@@ -335,9 +335,9 @@ def test_torchvision_model_takes_01_images_and_keeps_its_names(images32):
 
 def test_torchvision_pretrained_offline_needs_allow_random(tmp_path):
     with pytest.raises(FileNotFoundError, match="allow_random"):
-        create_model("torchvision:resnet18", data_root=tmp_path)
+        create_model("torchvision:resnet18", data=tmp_path)
     with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
-        model, info = create_model("torchvision:resnet18", data_root=tmp_path, allow_random=True)
+        model, info = create_model("torchvision:resnet18", data=tmp_path, allow_random=True)
     assert not info.pretrained and info.weights == "random init"
     assert info.warnings and "RANDOMLY INITIALISED" in info.warnings[0]
     with pytest.raises(ValueError, match="1000 classes, not 10"):
@@ -505,7 +505,7 @@ def test_engine_runs_a_module_model_with_a_block_map_file(byom, tmp_path, data_r
             "runtime.progress=false",
         ],
     )
-    summary = run(cfg, tmp_path / "out", data_root=data_root)
+    summary = run(cfg, tmp_path / "out", data=data_root)
     assert summary["model"] == "module:byom_models:tiny" and summary["model_pretrained"] is True
     assert summary["adapted_tensors"] == 6  # layer1: 2 units x (conv weight, bn weight, bn bias)
     assert summary["n_images"] == 32

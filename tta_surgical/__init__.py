@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from .api import Adapted
     from .models import BlockSpec, BlockTable
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__  # re-exported: tta_surgical.__version__
+
 __all__ = ["adapt", "blocks", "corrupt"]
 
 

@@ -1,7 +1,10 @@
 """`tta-surgical` command line: one subcommand per module in `tta_surgical.commands`.
 
-Each command module defines `HELP` (one line), `configure(parser)` and `main(args) -> int`; modules are
-imported only when their command runs, so `tta-surgical --help` stays fast.
+Each command module defines `HELP` (one line), `configure(parser)` and `main(args) -> int`. The command line
+stays light: a command module imports the package's heavy parts (anything that imports torch) inside its
+functions, not at its top, and only the command being run is configured, so `tta-surgical --help` and
+`import tta_surgical.cli` never import torch (`tests/test_structure.py` checks this and exempts this file, the
+`commands/` package and the package's `__init__.py` from the comment each other lazy import needs).
 
 Config overrides (`section.key=value`) are accepted anywhere after the command, for every command that takes them
 (a positional `overrides` argument): `split_overrides` takes them out of the command line before argparse sees it,
@@ -16,7 +19,9 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+
+from ._version import __version__
 
 # command name -> module; the order is the order of `--help`.
 COMMANDS: dict[str, str] = {
@@ -44,17 +49,19 @@ _OVERRIDE = re.compile(r"^[^-=/\\\s][^=/\\\s]*=")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `tta-surgical` parser with one subparser per available command."""
+    """The `tta-surgical` parser with one subparser per available command, each configured."""
     return _build()[0]
 
 
-def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def _build(
+    configure: Collection[str] | None = None,
+) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and its subparsers, the commands named in `configure` (None: all) with their options. A command's
+    options may list registry entries (models, tasks), which imports torch: `tta-surgical --help` configures none."""
     parser = argparse.ArgumentParser(
         prog="tta-surgical",
         description="Adapt chosen blocks of pretrained vision models to distribution shift, online or few-shot.",
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", help="run `tta-surgical COMMAND --help` for its options"
@@ -63,7 +70,8 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     for name, modname in _available().items():
         mod = importlib.import_module(modname)
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
-        mod.configure(p)
+        if configure is None or name in configure:
+            mod.configure(p)
         p.set_defaults(_main=mod.main)
         subs[name] = p
     return parser, subs
@@ -110,9 +118,9 @@ def split_overrides(parser: argparse.ArgumentParser, words: Sequence[str]) -> tu
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse a command line; overrides may appear anywhere after the command (see `split_overrides`), and an
     unknown word is reported with the command's own usage line, not the top-level one."""
-    parser, subs = _build()
     argv = list(sys.argv[1:] if argv is None else argv)
     at = next((i for i, w in enumerate(argv) if not w.startswith("-")), None)
+    parser, subs = _build({argv[at]} if at is not None else set())
     command = subs.get(argv[at]) if at is not None else None
     overrides: list[str] = []
     if command is not None and takes_overrides(command):
@@ -130,7 +138,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not getattr(args, "_main", None):
-        build_parser().print_help()
+        _build(set())[0].print_help()
         return 2
     try:
         return int(args._main(args) or 0)

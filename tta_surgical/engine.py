@@ -8,7 +8,8 @@ results lines durable and writes a checkpoint `state.pt` atomically, so a crash 
 `run(..., resume=True)` restores method, optimiser, stream position and RNG states, drops the lines written after
 the checkpoint, replays the kept ones into the meters and the collapse monitor, and continues; an interrupted and
 resumed run ends with exactly the numbers of an uninterrupted one. `summarize` turns the meters into
-`summary.json` / `summary.md`.
+`summary.json` / `summary.md`, written when the run ends (at the end of the stream, or where the collapse policy
+`stop` stopped it); a run that has ended is left untouched by `resume` (unless `continue_after_stop`).
 
 Files in `out_dir`: `config.yaml` (the resolved config), `results.jsonl`, `state.pt`, `summary.json`,
 `summary.md`, `.lock` (the writer lock; see `runfolder`).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,11 +28,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .collapse import CollapseMonitor, batch_prediction_stats
 from .config import Config
-from .corruptions.textures import default_frost_dir
+from .data.context import DataContext, DataLike
+from .methods import MethodContext, build_method
+from .methods.bn import uses_batch_statistics
 from .metrics import (
     BatchTimer,
     ErrorMeter,
@@ -41,8 +46,11 @@ from .metrics import (
     peak_memory,
     reset_peak_memory,
 )
-from .runfolder import JsonlWriter, RunFolder, config_differences, plain_config
+from .models import create_model_from_config
+from .render import summary_markdown
+from .runfolder import JsonlWriter, RunFolder, config_differences, plain_config, read_jsonl
 from .runtime import describe_device, pick_device, rng_state, seed_everything, set_rng_state
+from .streams import build_stream, source_class
 
 __all__ = [
     "CONFIG_FILE",
@@ -53,6 +61,8 @@ __all__ = [
     "Built",
     "build",
     "config_differences",
+    "describe_stream",
+    "ended_note",
     "finished_summary",
     "load_summary",
     "pick_device",
@@ -63,18 +73,14 @@ __all__ = [
 
 CONFIG_FILE, RESULTS_FILE, STATE_FILE = RunFolder.CONFIG, RunFolder.RESULTS, RunFolder.STATE
 SUMMARY_FILE, SUMMARY_MD = RunFolder.SUMMARY, RunFolder.SUMMARY_MD
+# summary.json "status": the stream ran to its end, or the collapse policy stopped it.
+COMPLETE, STOPPED = "complete", "stopped_on_collapse"
 # 2: the method interface v2 (registered state, counters inside the method's state_dict).
 STATE_VERSION = 2
+STATE_KEYS = ("version", "method", "next_batch", "n_lines", "rng")  # what `_Loop.restore` reads from state.pt
 AUTO_CHECKPOINT_EVERY = 50  # batches, for streams without domain boundaries
 
 BatchHook = Callable[[int, dict[str, Any]], None]
-
-_SOURCE_NOTE = (
-    "source samples are the clean CIFAR-10 *test* images (no source training split was given): the same images "
-    "the stream corrupts, so the source statistics are not independent of the test data; set method.source_data "
-    "to a CIFAR-10 folder with data_batch_* files for a proper source split"
-)
-
 
 # ----------------------------------------------------------------------------------------------- building
 
@@ -91,58 +97,42 @@ class Built:
     multi_severity: bool
 
 
-def build(
-    cfg: Config,
-    *,
-    data_root: str | os.PathLike | None = None,
-    frost_dir: str | os.PathLike | None = None,
-    source: Any = None,
-) -> Built:
+def build(cfg: Config, *, data: DataLike = None, source: Any = None) -> Built:
     """Model (on the device, channels_last if set), method (configured, compiled if set) and stream of `cfg`.
 
+    data: where the data lives (`DataContext`; a folder = the data root; None = $TTA_SURGICAL_DATA).
     source: an open stream source of kind `cfg.stream.source` (e.g. a `streams.MemorySource` for images held in
-        memory); None = open it from `cfg.stream.path` / `data_root`.
+        memory); None = open it from `cfg.stream.path` / the data root.
     """
-    from .methods import MethodContext, build_method
-    from .models import create_model_from_config
-    from .streams import build_stream
-
     rt = cfg.runtime
+    data = DataContext.of(data).with_workers(rt.num_workers)
     device = pick_device(rt.device)
-    model, info = create_model_from_config(cfg.model, data_root=data_root)
+    model, info = create_model_from_config(cfg.model, data)
     model = model.to(device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    context = MethodContext(
-        seed=int(rt.seed), source_images=_clean_source_images(cfg, data_root), source_note=_SOURCE_NOTE
-    )
+    kind = source_class(cfg.stream.source)
+    context = MethodContext(seed=int(rt.seed), source_images=kind.source_samples(data), source_note=kind.samples_note)
     # The method autocasts its own forwards (bf16) and keeps its loss and BN statistics in fp32.
     autocast = torch.bfloat16 if rt.precision == "bf16" else None
     method = build_method(model, cfg.method, cfg.optim, autocast_dtype=autocast, context=context)
+    _check_batch_size(cfg, model)
     if rt.compile:
         # In-place compile keeps parameter names (block maps match on them) and the state_dict keys.
         model.compile(mode=rt.compile_mode)
-    frost_dir = default_frost_dir(frost_dir, data_root)
-    stream = build_stream(
-        cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir, num_workers=rt.num_workers, source=source
-    )
+    stream = build_stream(cfg.stream, data=data, device=device, source=source)
     return Built(model, info, method, stream, device, _multi_severity(stream, cfg.stream))
 
 
-def _clean_source_images(cfg: Config, data_root: str | os.PathLike | None) -> Callable[[int], tuple[Any, Any]] | None:
-    """`n -> (images, labels)`: the first n clean CIFAR-10 test images, for methods that need source samples when
-    the user names no source split (read lazily, only if a method asks). None for ImageNet-style streams."""
-    if cfg.stream.source not in ("cifar10", "cifar10c"):
-        return None
-
-    def load(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from .data.cifar import find_cifar10, load_cifar10
-
-        images, labels = load_cifar10(find_cifar10(data_root))
-        x = torch.from_numpy(np.ascontiguousarray(images[:n])).permute(0, 3, 1, 2).float().div_(255.0)
-        return x, torch.from_numpy(np.asarray(labels[:n], dtype=np.int64))
-
-    return load
+def _check_batch_size(cfg: Config, model: torch.nn.Module) -> None:
+    """Batches of one image where BatchNorm normalises with the batch's own statistics: refused, as the Python API
+    refuses them (`tta_surgical.adapt`)."""
+    if cfg.stream.batch_size < 2 and uses_batch_statistics(model):
+        raise ValueError(
+            f"stream.batch_size={cfg.stream.batch_size} with method {cfg.method.name}, which normalises with the "
+            "BatchNorm statistics of the test batch: one image cannot give them; use stream.batch_size >= 2, or a "
+            "method that does not need them (source, lame, memo, rotta)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- the loop state
@@ -190,6 +180,18 @@ def _round(batch: Any, spec: Any) -> int | None:
     return batch.plan.round if spec.rounds > 1 and batch.plan is not None else None
 
 
+def _segment_ends(plan: list[Any], spec: Any, multi: bool) -> list[bool]:
+    """Per planned batch: whether it is the last of its segment (the next batch starts another domain or is reset
+    by the stream's policy, or there is none). The collapse monitor judges a segment there (`segment_end`)."""
+    keys = [
+        (int(p.domain_index), domain_key(p.domain, p.severity, multi, p.round if spec.rounds > 1 else None))
+        for p in plan
+    ]
+    return [
+        i + 1 == len(plan) or bool(plan[i + 1].reset_before) or keys[i + 1] != keys[i] for i in range(len(plan))
+    ]
+
+
 def _record(batch: Any, logits: torch.Tensor, method: Any, ms: float, spec: Any, multi: bool) -> dict[str, Any]:
     """The results line of one batch: accuracy, the method's report, the collapse statistics, the latency."""
     correct, entropy, top, share = batch_prediction_stats(logits, batch.y)
@@ -227,46 +229,92 @@ def run(
     cfg: Config,
     out_dir: str | os.PathLike,
     *,
-    data_root: str | os.PathLike | None = None,
+    data: DataLike = None,
     resume: bool = False,
-    frost_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     on_batch: BatchHook | None = None,
     checkpoint_every: int | None = None,
     record_predictions: bool = False,
     source: Any = None,
+    on_start: Callable[[Built], None] | None = None,
+    continue_after_stop: bool = False,
 ) -> dict[str, Any]:
     """Run `cfg.method` on `cfg.model` over `cfg.stream`, write results to `out_dir`, return the summary.
 
+    data: where the data lives (`DataContext`; a folder = the data root; None = $TTA_SURGICAL_DATA).
     resume: continue from `out_dir/state.pt` (the config must equal the saved `config.yaml`; a folder with no
-        checkpoint starts afresh). Without it, a folder that already holds a run is an error unless `overwrite`.
+        checkpoint starts afresh). A run that has ended (its `summary.json` is written: finished, or stopped by
+        `runtime.on_collapse=stop`) is left untouched, byte for byte, and its summary returned (`ended_note` says
+        which). Without it, a folder that already holds a run is an error unless `overwrite`.
+    continue_after_stop: with `resume`, continue a run that the collapse policy stopped, past the stop.
     on_batch: called as `on_batch(batch_index, record)` after each batch's line is written (progress, tests).
     checkpoint_every: also checkpoint every N batches; None = only at domain boundaries, or every
         `AUTO_CHECKPOINT_EVERY` batches for a stream with none (mixed).
     record_predictions: also store each batch's predicted labels (`"pred"`) in results.jsonl.
     source: an open stream source (e.g. a `streams.MemorySource`), passed to `build`.
+    on_start: called with what was built (model, method, stream) before the first batch (the CLI names the stream).
     Raises `runfolder.FolderInUseError` at once when another process is writing `out_dir`.
     """
     folder = RunFolder(out_dir)
     with folder.lock():
+        ended = _ended(folder, cfg, resume, continue_after_stop)
+        if ended is not None:
+            return ended
         checkpoint = _open_folder(folder, cfg, resume, overwrite)
         seed_everything(int(cfg.runtime.seed))
-        built = build(cfg, data_root=data_root, frost_dir=frost_dir, source=source)
+        built = build(cfg, data=data, source=source)
         if not built.stream.plan:
             raise ValueError("the stream is empty: check stream.domains, stream.n_examples and the data")
+        if on_start is not None:
+            on_start(built)
         loop = _Loop(cfg, folder, built, checkpoint_every, record_predictions, on_batch)
         if checkpoint is not None:
             loop.restore(checkpoint)
+            # From here the run is not ended (a stopped run continues past its stop): no summary until it ends.
+            folder.clear((SUMMARY_FILE, SUMMARY_MD))
         else:
             folder.write_config(cfg)
             folder.results.write_bytes(b"")
             folder.clear((STATE_FILE, SUMMARY_FILE))
         wall_s = loop.run()
         summary = summarize(cfg, built, loop, wall_s)
-        from .report import summary_markdown
-
         folder.write_summary(summary, summary_markdown(summary))
     return summary
+
+
+def _stopped(summary: dict[str, Any]) -> bool:
+    return summary.get("status") == STOPPED or summary.get("stopped_on_collapse_at_batch") is not None
+
+
+def _ended(folder: RunFolder, cfg: Config, resume: bool, continue_after_stop: bool) -> dict[str, Any] | None:
+    """On resume, the summary of a run that has ended (and must stay as it is), else None (the run goes on)."""
+    if not resume:
+        return None
+    summary = folder.final_summary()
+    if summary is None:
+        return None
+    folder.check_config(cfg)  # resuming with another config is an error, finished or not
+    if continue_after_stop and _stopped(summary):
+        return None
+    return summary
+
+
+def ended_note(out_dir: str | os.PathLike, continue_after_stop: bool = False) -> str | None:
+    """The one line `run --resume` says about a run that has ended and is left as it is; None when it goes on."""
+    summary = RunFolder(out_dir).final_summary()
+    if summary is None or (continue_after_stop and _stopped(summary)):
+        return None
+    ran, planned = summary.get("n_batches"), summary.get("n_batches_planned", summary.get("n_batches"))
+    if _stopped(summary):
+        return (
+            f"{out_dir}: the run was stopped on collapse at batch {summary.get('stopped_on_collapse_at_batch')} "
+            f"(runtime.on_collapse=stop; {ran} of {planned} batches ran) and is left as it is; to continue past the "
+            "stop, add --continue-after-stop to --resume"
+        )
+    return (
+        f"{out_dir}: the run is finished ({ran} batches); nothing to resume, its files are left as they are "
+        "(--overwrite runs it again)"
+    )
 
 
 def _open_folder(folder: RunFolder, cfg: Config, resume: bool, overwrite: bool) -> dict[str, Any] | None:
@@ -274,7 +322,7 @@ def _open_folder(folder: RunFolder, cfg: Config, resume: bool, overwrite: bool) 
     folder.refuse_existing(resume, overwrite)
     if not resume:
         return None
-    checkpoint = folder.load_checkpoint()
+    checkpoint = folder.load_checkpoint(required=STATE_KEYS)
     if checkpoint is None:
         return None  # nothing to resume: a fresh run
     if not folder.file(CONFIG_FILE).is_file():
@@ -314,6 +362,7 @@ class _Loop:
             checkpoint_every = AUTO_CHECKPOINT_EVERY  # one segment (a mixed stream) has no domain boundary
         self.checkpoint_every = checkpoint_every
         self.fingerprint = built.stream.fingerprint()
+        self.segment_ends = _segment_ends(plan, cfg.stream, built.multi_severity)
         # Where this session's loop time goes: waiting for the next batch (reading or generating it; on a GPU only
         # the host side of generation), the adaptation steps (device-synchronised), and checkpoint writes.
         self.timing = {"data_s": 0.0, "step_s": 0.0, "checkpoint_s": 0.0}
@@ -321,8 +370,6 @@ class _Loop:
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         """Resume: the method, RNGs and position from the checkpoint; meters and monitor from the kept lines."""
-        from .runfolder import read_jsonl
-
         if checkpoint.get("stream_fingerprint") != self.fingerprint:
             raise ValueError(
                 f"cannot resume {self.folder.path}: the stream's batch plan differs from the checkpoint's (same "
@@ -405,30 +452,40 @@ class _Loop:
         self.timing["step_s"] += float(timer.ms) / 1000.0
         rec = _record(batch, logits, built.method, timer.ms, self.cfg.stream, built.multi_severity)
         rec["reset"] = bool(batch.reset_before or self.tally.pending_reset)
+        rec["segment_end"] = self.segment_ends[int(batch.batch_index)]
         rec["warmup"] = first
         if self.record_predictions:
             rec["pred"] = logits.argmax(dim=1).tolist()
         return rec
 
     def _on_collapse(self, rec: dict[str, Any], bar: Any) -> None:
+        """Say it on stderr (a progress bar shares stderr: write through it), then act on the policy."""
         rec_index = int(rec["batch_index"])
         action = {"warn": "", "reset": "; resetting the method", "stop": "; stopping the run"}[self.policy]
-        msg = (
-            f"warning: collapse suspected at batch {rec_index} ({rec['domain']}): {rec['top_class_share']:.0%} of "
-            f"the batch predicted as class {rec['top_class']}, prediction entropy {rec['pred_entropy']:.3f}"
-            f"{action} (runtime.on_collapse={self.policy})"
-        )
-        (bar.write if bar is not None else print)(msg)
+        msg = f"warning: collapse suspected at batch {rec_index} ({rec['domain']}): {_evidence(self.tally.monitor)}"
+        msg += f"{action} (runtime.on_collapse={self.policy})"
+        if bar is not None:
+            bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
         if self.policy == "stop":
             self.stopped_at = rec_index
 
 
+def _evidence(monitor: CollapseMonitor) -> str:
+    """What the monitor's last flag rested on, in words."""
+    f = monitor.last_flag or {}
+    scope = "the last" if f.get("over") == "window" else "this domain's"
+    return (
+        f"over {scope} {f.get('batches')} batches ({f.get('images')} images) class {f.get('top_class')} leads in "
+        f"{f.get('batches_with_top_class')} of them and the leading class takes {f.get('mean_share', 0.0):.0%} of "
+        f"the predictions, prediction entropy {f.get('mean_entropy', 0.0):.3f} (first batch after the start or "
+        f"last reset: {f.get('reference_entropy', 0.0):.3f})"
+    )
+
+
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is a dependency, but progress must never break a run
         return None
     return tqdm(total=total, initial=initial, desc=desc, unit="batch")
 
@@ -450,7 +507,7 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "method_warnings": list(method.warnings),
         "adapted_tensors": len(method.params()),
         "adapted_numel": sum(p.numel() for _, p in method.params()),
-        "stream": _describe_stream(cfg.stream),
+        "stream": describe_stream(cfg.stream),
         "stream_fingerprint": loop.fingerprint,
         "errors": tally.errors.errors(),
         "mean_error": tally.errors.mean_error(),
@@ -475,8 +532,11 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "collapse_batches": list(tally.collapses),
         "on_collapse": cfg.runtime.on_collapse,
         "stopped_on_collapse_at_batch": loop.stopped_at,
+        "status": COMPLETE if loop.stopped_at is None else STOPPED,
         "n_images": tally.errors.n_images,
-        "n_batches": len(built.stream),
+        "n_batches": tally.n_lines,
+        "n_images_planned": built.stream.n_images,
+        "n_batches_planned": len(built.stream),
         # segments whose single-image last batch was merged into the previous one (streams.batch_bounds)
         "n_single_image_batches_merged": sum(len(p) > cfg.stream.batch_size for p in built.stream.plan),
         "batch_size": int(cfg.stream.batch_size),
@@ -516,7 +576,7 @@ def _multi_severity(stream: Any, spec: Any) -> bool:
     return len(sev or set(spec.severities)) > 1
 
 
-def _describe_stream(spec: Any) -> str:
+def describe_stream(spec: Any) -> str:
     """A short human description of the stream spec for tables (the full spec is in config.yaml)."""
     sev = ",".join(map(str, spec.severities))
     return (

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import socket
 import sys
 import time
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,9 +31,11 @@ from typing import Any
 import yaml
 
 from .fileio import atomic_write_bytes, atomic_write_text
+from .schema import load_yaml, to_dict
 
 __all__ = [
     "RESUME_IGNORED",
+    "DamagedFileError",
     "FolderInUseError",
     "JsonlWriter",
     "RunFolder",
@@ -61,6 +66,10 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 
+class DamagedFileError(OSError):
+    """A file of the folder exists but cannot be read back (truncated, empty, overwritten, or crafted)."""
+
+
 class FolderInUseError(OSError):
     """Another process is writing this run folder."""
 
@@ -70,8 +79,18 @@ _HELD: dict[str, list[int]] = {}
 
 
 @contextmanager
-def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
-    """Hold the exclusive writer lock of `folder` (created if needed) for the duration of the block."""
+def folder_lock(
+    folder: str | os.PathLike,
+    what: str = "run",
+    *,
+    wait_s: float = 0.0,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Hold the exclusive writer lock of `folder` (created if needed) for the duration of the block.
+
+    wait_s: while another process holds it, retry for up to this many seconds (0: fail at once) before raising
+        `FolderInUseError`; `on_wait(holder)` is called once, when the wait begins, with a description of the holder.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = os.path.realpath(folder)
@@ -86,13 +105,14 @@ def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
         return
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _acquire(fd, wait_s, on_wait)
     except OSError:
         holder = _read_holder(fd)
         os.close(fd)
+        waited = f" (waited {wait_s:g} s)" if wait_s > 0 else ""
         raise FolderInUseError(
-            f"{folder} is in use by another tta-surgical process ({holder}); wait for it to finish, or choose "
-            "another --out"
+            f"{folder} is in use by another tta-surgical process ({holder}){waited}; wait for it to finish, or "
+            "choose another --out"
         ) from None
     info = {
         "pid": os.getpid(),
@@ -110,6 +130,23 @@ def folder_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[None]:
         del _HELD[key]
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _acquire(fd: int, wait_s: float, on_wait: Callable[[str], None] | None) -> None:
+    """flock `fd` exclusively, retrying every 0.2 s for up to `wait_s` seconds; raises OSError when still held."""
+    deadline = time.monotonic() + max(wait_s, 0.0)
+    announced = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            if not announced and on_wait is not None:
+                on_wait(_read_holder(fd))
+            announced = True
+            time.sleep(min(0.2, max(deadline - time.monotonic(), 0.0)))
 
 
 def _read_holder(fd: int) -> str:
@@ -162,8 +199,6 @@ def config_differences(
 
 def plain_config(cfg: Any) -> dict[str, Any]:
     """The config as plain YAML types (what config.yaml holds after a round trip), for comparisons."""
-    from .config import to_dict
-
     return yaml.safe_load(yaml.safe_dump(_normalise(to_dict(cfg)), sort_keys=False))
 
 
@@ -265,6 +300,22 @@ class JsonlWriter:
 # ------------------------------------------------------------------------------------------------ the folder
 
 
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why `torch.load` could not read `path`, in a few words (torch's own messages run to paragraphs)."""
+    msg = str(err).strip()
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, pickle.UnpicklingError) and "weights only" in msg.lower():
+        asked = re.search(r"GLOBAL ([\w.]+)", msg)
+        if asked:
+            return f"it asks for {asked.group(1)}, which a checkpoint never holds; nothing in it was run"
+        return "its content is not a checkpoint's, garbled or overwritten?"
+    if "zip archive" in msg or "PytorchStreamReader" in msg:
+        return "not a complete checkpoint archive, truncated or overwritten?"
+    first = msg.splitlines()[0][:120] if msg else ""
+    return f"unreadable ({type(err).__name__}: {first})" if first else f"unreadable ({type(err).__name__})"
+
+
 class RunFolder:
     """The files of one run folder and the rules for starting, resuming and finishing it."""
 
@@ -306,8 +357,6 @@ class RunFolder:
         path = self.path / self.CONFIG
         if not path.is_file():
             return
-        from .config import load_yaml
-
         saved = load_yaml(path, "saved config")
         diffs = config_differences(saved, plain_config(cfg), ignored)
         if diffs:
@@ -318,9 +367,7 @@ class RunFolder:
             )
 
     def write_config(self, cfg: Any) -> None:
-        from .config import to_dict
-
-        atomic_write_text(
+            atomic_write_text(
             self.path / self.CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
         )
 
@@ -330,19 +377,38 @@ class RunFolder:
 
     def save_checkpoint(self, state: dict[str, Any], writer: JsonlWriter | None = None) -> None:
         """Write `state.pt` atomically, after making the results lines it counts durable."""
-        import torch
+        import torch  # only the checkpoint needs torch: reading a run folder (jsonl, locks, config) stays light
 
         if writer is not None:
             writer.sync()
         atomic_write_bytes(self.path / self.STATE, lambda f: torch.save(state, f))
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        import torch
+    def load_checkpoint(self, required: Iterable[str] = ()) -> dict[str, Any] | None:
+        """The checkpoint in `state.pt` (None when there is none), read with `weights_only=True` so nothing in it
+        runs; a file that cannot be read, or is not a dict holding the `required` keys, is a `DamagedFileError`."""
+        import torch  # only the checkpoint needs torch: reading a run folder (jsonl, locks, config) stays light
 
         path = self.path / self.STATE
         if not path.is_file():
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with warnings.catch_warnings():  # torch's notes on odd pickle protocols would break the one-line error
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure to read it means the file is damaged
+            raise DamagedFileError(self._damaged(path, _unreadable(path, err))) from None
+        if not isinstance(state, dict):
+            raise DamagedFileError(self._damaged(path, f"it holds a {type(state).__name__}, not a checkpoint dict"))
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise DamagedFileError(self._damaged(path, f"the checkpoint lacks {', '.join(missing)}"))
+        return state
+
+    def _damaged(self, path: Path, reason: str) -> str:
+        return (
+            f"{path} is damaged, cannot resume from it: {reason}; start the {self.what} over with --overwrite "
+            "(or another --out), or restore the file from a copy"
+        )
 
     def write_summary(self, summary: dict[str, Any], markdown: str) -> None:
         atomic_write_text(self.path / self.SUMMARY, json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -356,6 +422,19 @@ class RunFolder:
             )
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+
+    def final_summary(self) -> dict[str, Any] | None:
+        """`summary.json` of a run that has ended (it is written last, at the end or at a collapse stop; a resumed
+        session removes it until it ends again), or None while the run has not ended."""
+        path = self.path / self.SUMMARY
+        if not path.is_file():
+            return None
+        try:
+            return self.read_summary()
+        except ValueError as err:
+            raise ValueError(
+                f"{path} is not valid JSON ({err}); restore it, or start the run over with --overwrite"
+            ) from None
 
     def finished_with(self, cfg: Any) -> dict[str, Any] | None:
         """The summary of a finished run made with exactly `cfg`, else None."""

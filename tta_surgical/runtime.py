@@ -1,4 +1,4 @@
-"""Process-level run mechanics shared by every command: the device, the global random-number generators.
+"""Process-level run mechanics shared by every command: the `runtime:` section, the device, the global RNGs.
 
 `engine` (online runs) and `finetune` (supervised runs) both use these; neither imports the other for them.
 """
@@ -7,12 +7,76 @@ from __future__ import annotations
 
 import platform
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["describe_device", "pick_device", "rng_state", "seed_everything", "set_rng_state"]
+from .collapse import POLICIES as ON_COLLAPSE
+from .schema import ConfigError, check_choice
+
+__all__ = [
+    "COMPILE_MODES",
+    "DEVICES",
+    "ON_COLLAPSE",
+    "PRECISIONS",
+    "RuntimeConfig",
+    "describe_device",
+    "pick_device",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+]
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+# torch.compile modes; reduce-overhead adds CUDA graphs (fixed-shape batches on a GPU; no effect on the CPU).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the run executes; none of these change which parameters adapt."""
+
+    device: str = "auto"
+    precision: str = "fp32"
+    # channels_last (NHWC) for 4-D inputs: on by default because oneDNN's NHWC convolutions are faster on the CPU
+    # (benchmarks/RESULTS.md §5); no effect on which parameters adapt, results equal to floating-point tolerance.
+    channels_last: bool = True
+    compile: bool = False
+    compile_mode: str = "default"
+    # DataLoader worker processes that read and decode ImageNet-style files (null = min(8, CPUs); 0 = in this
+    # process); CIFAR sources ignore it (their images are in memory).
+    num_workers: int | None = None
+    seed: int = 0
+    progress: bool = True
+    # Collapse detection (`tta_surgical.collapse`): what to do when predictions concentrate on one class while the
+    # prediction entropy falls (warn: a warning on stderr and a count in summary.json / summary.md; reset: also
+    # restore the method's source state before the next batch; stop: end the run there, status stopped_on_collapse;
+    # off: no monitoring), over a window of `collapse_window` images and over each domain at its end, with the share
+    # and entropy-ratio thresholds of the module. 1,000 images = 5 default batches: a window longer than the run
+    # never fills (2,000 missed Tent at lr=1000 on a 1,500-image continual stream), and replaying 516 measured runs'
+    # results lines at 1,000 flagged exactly the runs 2,000 flagged (benchmarks/RESULTS.md section 10a; measured
+    # before domains were also judged on their own, section 10c).
+    on_collapse: str = "warn"
+    collapse_window: int = 1000
+    collapse_share: float = 0.6
+    collapse_entropy_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_choice("runtime", "on_collapse", self.on_collapse, ON_COLLAPSE)
+        if self.collapse_window < 1:
+            raise ConfigError(f"runtime.collapse_window must be >= 1 image, got {self.collapse_window}")
+        if not 0.0 < self.collapse_share <= 1.0:
+            raise ConfigError(f"runtime.collapse_share must lie in (0, 1], got {self.collapse_share}")
+        if not 0.0 < self.collapse_entropy_ratio <= 1.0:
+            raise ConfigError(f"runtime.collapse_entropy_ratio must lie in (0, 1], got {self.collapse_entropy_ratio}")
+        check_choice("runtime", "device", self.device, DEVICES)
+        check_choice("runtime", "precision", self.precision, PRECISIONS)
+        check_choice("runtime", "compile_mode", self.compile_mode, COMPILE_MODES)
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"runtime.num_workers must be >= 0 or null, got {self.num_workers!r}")
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,9 +1,10 @@
-"""Markdown tables and number formatting: the one place every report of this package formats its figures.
+"""Markdown tables and number formatting: the one place every table of this package formats its figures.
 
-Used by the run and compare tables (`report`), the finetune summary (`finetune.summary`), the merged sweep
-(`sweep.merge`), the latency bench and the stream timing (`bench.report`). Conventions: a missing or non-finite
-number is an en dash (`MISSING`), floats get a fixed number of decimals, the best value of a compared row is
-bold only when at least two values compete, and a spread is the sample standard deviation (n - 1).
+Used by the run and compare tables (`render`), the finetune summary (`finetune.summary`), the merged sweep
+(`sweep.merge`), the latency bench (`bench.results`) and the studies (`studies.render`, `benchmarks/studies`).
+Conventions: a missing or non-finite number is an en dash (`MISSING`), floats get a fixed number of decimals, the
+best value of a compared row is bold only when at least two values compete, and a spread is the sample standard
+deviation (n - 1).
 """
 
 from __future__ import annotations

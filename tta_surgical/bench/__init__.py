@@ -1,4 +1,4 @@
-"""Adaptation latency, throughput and memory (`tta-surgical bench`), and whole-stream timing.
+"""Adaptation latency, throughput and memory (`tta-surgical bench`).
 
 One job per module:
 - `labels`: the method labels `--methods` takes (`inference`, every registered method, `<method>:<blocks>`,
@@ -8,10 +8,11 @@ One job per module:
 - `runners`: what a cell runs (`build_runner`) and its precision;
 - `autograd`: `autograd_report`, what autograd saves and which tensors get gradients in one step;
 - `measure`: the timing grid (`BenchSpec`, `run_bench`): warm-up, cells, interleaving, ratios;
-- `report`: `bench.json` / `bench.md`, latency plots, the stream-timing table;
-- `streams`: the end-to-end timing of a whole corruption stream through the engine (`run_stream_timing`);
-- `corruption_speed`, `accuracy`, `sweep_wall`, `augment_cost`, `grid`, `soak`: the other benchmark scripts' logic
-  (`grid` and `soak` tabulate a finished sweep folder, read through `sweep_cells.finished_cells`).
+- `results`: `bench.json` / `bench.md`, latency plots.
+
+The one-off benchmark studies behind RESULTS.md (stream timing, corruption speed, CIFAR-10-C accuracy, sweep wall
+time, augmentation cost, bring-your-own-model, the methods grid and the soak) live above the package, in
+`benchmarks/studies/`.
 
 The fast path (`BenchSpec.channels_last`, on by default as in the engine; `compile`; `optim_implementation`,
 fused Adam by default) applies to the package's methods only. `inference` and `reference_tent` always run
@@ -39,7 +40,7 @@ from .labels import (
 )
 from .measure import BenchSpec, attach_ratios, quick_spec, run_bench, run_cell, run_group_interleaved
 from .reference import PlainTent, plain_entropy, prepare_plain_tent, reference_tent
-from .report import RESULTS_FILE, TABLE_FILE, bench_markdown, bench_meta, plot_latency, write_results
+from .results import RESULTS_FILE, TABLE_FILE, bench_markdown, bench_meta, plot_latency, write_results
 
 __all__ = [
     "AUTORGN",

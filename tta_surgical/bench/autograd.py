@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..models import block_map
 from .labels import MethodSpec, parse_method
 from .runners import autocast, autocast_dtype, build_runner
 
@@ -140,8 +141,6 @@ class _AutogradProbe:
 
 def _block_of(model: nn.Module) -> dict[str, str]:
     """Parameter name -> block name (empty when the model has no block map)."""
-    from ..models import block_map
-
     try:
         return {name: block for block, names in block_map(model).items() for name in names}
     except Exception:  # noqa: BLE001 - a model without a block map still gets the other figures

@@ -1,4 +1,5 @@
-"""Method labels: the names `--methods` takes, for the latency grid (`tta-surgical bench`) and the stream timing.
+"""Method labels: the names `--methods` takes, for the latency grid (`tta-surgical bench`) and the stream
+timing (`benchmarks/studies/stream_timing.py`).
 
 A label is one of
 - the name of a method registered in `tta_surgical.methods.METHODS` (`source`, `norm`, `tent`, `surgical`, and
@@ -28,11 +29,9 @@ INFERENCE = "inference"
 REFERENCE = "reference_tent"
 AUTORGN = "autorgn"
 # The package methods the pseudo-methods and the baselines are defined by: the plain loop re-implements `tent`
-# (so the `tent` cell gets `ratio_to_reference`); `autorgn` is `surgical` on every block with auto-RGN weighting;
-# the stream timing divides by the unadapted `source` model's times.
+# (so the `tent` cell gets `ratio_to_reference`); `autorgn` is `surgical` on every block with auto-RGN weighting.
 REFERENCE_TWIN = "tent"
 SURGICAL = "surgical"
-STREAM_BASELINE = "source"
 BLOCK_SEPARATOR = ":"
 BLOCK_JOINER = "+"
 SURGICAL_BLOCK1 = f"{SURGICAL}{BLOCK_SEPARATOR}block1"  # the paper's headline: every parameter of the first stage
@@ -141,8 +140,7 @@ def safe_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "-", label)
 
 
-# The full latency grid (every registered method, the headline block-1 label, auto-RGN, the plain loop), the quick
-# one, and the stream timing's (the methods the engine runs).
+# The full latency grid (every registered method, the headline block-1 label, auto-RGN, the plain loop) and the
+# quick one.
 DEFAULT_METHODS = (INFERENCE, *registered_labels(), SURGICAL_BLOCK1, AUTORGN, REFERENCE)
 QUICK_METHODS = (INFERENCE, REFERENCE_TWIN, SURGICAL_BLOCK1, REFERENCE)
-STREAM_METHODS = baseline_first((*registered_labels(), SURGICAL_BLOCK1), STREAM_BASELINE)

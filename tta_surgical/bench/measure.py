@@ -24,7 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import COMPILE_MODES, OPTIM_IMPLEMENTATIONS
 from ..metrics import BatchTimer, LatencyMeter, peak_memory, reset_peak_memory
+from ..models import create_model
+from ..runtime import pick_device
 from .autograd import autograd_report
 from .labels import (
     DEFAULT_METHODS,
@@ -36,6 +39,7 @@ from .labels import (
     baseline_first,
     parse_method,
 )
+from .results import bench_meta, progress_line, write_results
 from .runners import adapted_tensors, autocast_dtype, build_runner
 
 __all__ = ["BenchSpec", "attach_ratios", "new_cell", "quick_spec", "run_bench", "run_cell", "run_group_interleaved"]
@@ -64,8 +68,6 @@ class BenchSpec:
     pretrained: bool = False  # latency does not depend on the weights; random init needs no files
 
     def __post_init__(self) -> None:
-        from ..config import COMPILE_MODES, OPTIM_IMPLEMENTATIONS
-
         if not self.models:
             raise ValueError("bench needs at least one model (e.g. --models resnet20)")
         if not self.methods:
@@ -204,8 +206,6 @@ def run_cell(
 
 def _prepare(job: _Job) -> None:
     """Build the cell's model, input and runner, attach the autograd report, compile, warm up."""
-    from ..models import create_model
-
     cell, spec, device = job.cell, job.spec, job.device
     dtype = autocast_dtype(cell["precision"])
     torch.manual_seed(spec.seed)
@@ -366,9 +366,6 @@ def run_bench(
     `threads` sets `torch.set_num_threads` for the run (recorded in meta). `cell_fn` replaces `run_cell`
     (tests use it to inject failures).
     """
-    from ..runtime import pick_device
-    from .report import bench_meta, progress_line, write_results
-
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")

@@ -22,6 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import load_config
+from ..data.context import DataContext, DataLike
+from ..engine import RESULTS_FILE, run
+from ..models import create_model
+from ..runtime import pick_device
+from ..streams import build_stream
+from .labels import REFERENCE_TWIN
+
 __all__ = [
     "TOLERANCE_POINTS",
     "PlainTent",
@@ -139,8 +147,7 @@ def compare_with_engine(
     device: str = "cpu",
     batch_size: int | None = None,
     domains: str | None = None,
-    data_root: str | None = None,
-    frost_dir: str | Path | None = None,
+    data: DataLike = None,
 ) -> dict[str, Any]:
     """Run the engine's tent (`config` over `stream`, `n_examples` images per domain; optionally another batch size
     and comma-separated `domains`) and this loop over the identical stream.
@@ -148,30 +155,24 @@ def compare_with_engine(
     Returns both online errors, their difference in points, whether it is within `TOLERANCE_POINTS`, and the
     largest per-batch difference in correct predictions.
     """
-    from ..config import load_config
-    from ..engine import RESULTS_FILE, run
-    from ..models import create_model
-    from ..runtime import pick_device
-    from ..streams import build_stream
-    from .labels import REFERENCE_TWIN
-
     overrides = [f"stream.n_examples={n_examples}", f"runtime.device={device}", "runtime.progress=false"]
     overrides += [f"stream.batch_size={batch_size}"] if batch_size else []
     overrides += [f"stream.domains=[{domains}]"] if domains else []
     cfg = load_config(config, stream=stream, overrides=overrides)
     if cfg.method.name != REFERENCE_TWIN:
         raise ValueError(f"{config} is not a {REFERENCE_TWIN} config (method.name={cfg.method.name})")
+    data = DataContext.of(data)
     with tempfile.TemporaryDirectory() as tmp:
-        ours = run(cfg, Path(tmp) / "run", data_root=data_root, frost_dir=frost_dir)
+        ours = run(cfg, Path(tmp) / "run", data=data)
         lines = [json.loads(x) for x in (Path(tmp) / "run" / RESULTS_FILE).read_text().splitlines() if x]
 
     torch.manual_seed(cfg.runtime.seed)
-    model, _ = create_model(cfg.model.name, pretrained=cfg.model.pretrained, data_root=data_root)
+    model, _ = create_model(cfg.model.name, pretrained=cfg.model.pretrained, data=data)
     on = pick_device(cfg.runtime.device)
     labels: list[Tensor] = []
 
     def batches() -> Iterable[Any]:
-        for b in build_stream(cfg.stream, data_root=data_root, device=on, frost_dir=frost_dir):
+        for b in build_stream(cfg.stream, data=data, device=on):
             labels.append(b.y.cpu())  # generated lazily: keep only the labels
             yield b
 

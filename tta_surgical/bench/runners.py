@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import PRECISIONS
+from ..config import PRECISIONS, OptimConfig
+from ..methods import MethodContext, build_method
 from .labels import MethodSpec
 from .reference import PlainTent
 
@@ -65,8 +66,6 @@ def build_runner(
         return InferenceRunner(model, autocast_dtype)
     if ms.kind == "reference":
         return PlainTent(model, autocast_dtype=autocast_dtype)
-    from ..config import OptimConfig
-    from ..methods import MethodContext, build_method
 
     context = MethodContext(source_images=_random_source(like)) if like is not None else None
     optim = OptimConfig(implementation=optim_implementation)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .. import hub
+
+if TYPE_CHECKING:
+    from torch import nn
 
 HELP = "show a model's blocks (input, block1..N, head) with parameter counts"
 DESCRIPTION = (
@@ -47,7 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _weights_status(name: str, data_root: str | None) -> str:
-    from .. import hub
+    import torch
+
     from ..models import MODELS, WEIGHTS
     from ..models.external import is_external, weights_status
 
@@ -68,8 +73,10 @@ def _weights_status(name: str, data_root: str | None) -> str:
     return f"{spec.filename} not found locally ({where})"
 
 
-def _build(name: str, num_classes: int | None) -> tuple[torch.nn.Module, object]:
+def _build(name: str, num_classes: int | None) -> tuple[nn.Module, object]:
     """The model with random weights: on the meta device (no memory, no init cost) when its constructor allows."""
+    import torch
+
     from ..models import create_model
 
     with warnings.catch_warnings():

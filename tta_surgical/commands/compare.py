@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .options import data_context
 from .run import add_common_options, resolve_overrides
 
 HELP = "run several configs over the same stream and tabulate their errors side by side"
@@ -54,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace, stems: list[str], out: Path) -> int:
     from ..config import load_config
     from ..engine import finished_summary, run
-    from ..report import compare_markdown, plot_errors
+    from ..render import compare_markdown, plot_errors
 
     overrides = resolve_overrides(args)
     configs = {
@@ -62,6 +63,7 @@ def _compare(args: argparse.Namespace, stems: list[str], out: Path) -> int:
     }
 
     summaries: dict[str, dict[str, Any]] = {}
+    data = data_context(args)
     for stem, cfg in configs.items():
         folder = out / stem
         previous = None if args.fresh else finished_summary(folder, cfg)
@@ -73,10 +75,9 @@ def _compare(args: argparse.Namespace, stems: list[str], out: Path) -> int:
         summaries[stem] = run(
             cfg,
             folder,
-            data_root=args.data_root,
+            data=data,
             resume=not args.fresh,
             overwrite=args.fresh,
-            frost_dir=args.frost_dir,
         )
 
     table = compare_markdown(summaries)

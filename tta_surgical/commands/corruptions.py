@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .options import add_data_root, add_frost_dir
+from .options import add_data_root, add_frost_dir, data_context
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -70,15 +70,15 @@ def _preview(args: argparse.Namespace) -> None:
     import torch
 
     from ..corruptions import ALL_CORRUPTIONS, corrupt, to_uint8
-    from ..corruptions.textures import default_frost_dir
     from ..data.cifar import find_cifar10, load_cifar10
 
-    images, _ = load_cifar10(find_cifar10(args.data_root))
+    data = data_context(args)  # the data root's textures: no download
+    images, _ = load_cifar10(find_cifar10(data.root))
     if not 0 <= args.index < len(images):
         raise ValueError(f"--index {args.index} is not a CIFAR-10 test image; choose 0..{len(images) - 1}")
-    frost_dir = default_frost_dir(args.frost_dir, args.data_root)  # the data root's textures: no download
     x = torch.from_numpy(images[args.index : args.index + 1]).permute(0, 3, 1, 2).float() / 255
     clean = to_uint8(x[0])
+    frost_dir = data.frost_dir
     rows = [
         [clean]
         + [to_uint8(corrupt(x, name, s, seed=args.seed, preset="cifar", frost_dir=frost_dir)[0]) for s in range(1, 6)]

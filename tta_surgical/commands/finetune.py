@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..hub import DATA_ENV
+from .options import data_context
 from .run import resolve_overrides
 
 HELP = "supervised few-shot surgical fine-tuning (Lee et al. 2023): which blocks to tune, per corruption"
@@ -55,8 +56,7 @@ def main(args: argparse.Namespace) -> int:
     summary = run_finetune(
         cfg,
         out,
-        data_root=args.data_root,
-        frost_dir=args.frost_dir,
+        data=data_context(args),
         resume=args.resume,
         overwrite=args.overwrite,
         plot=args.plot,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options import add_frost_dir
+from .options import add_frost_dir, data_context
 
 HELP = "generate CIFAR-10-C (official .npy layout) from the CIFAR-10 test set"
 DESCRIPTION = (
@@ -70,7 +70,6 @@ def parse_corruptions(text: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..corruptions.textures import default_frost_dir
     from ..data.cifar import find_cifar10
     from ..data.make_cifar10c import make_cifar10c
     from ..runtime import pick_device
@@ -81,9 +80,9 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--severities must be integers in 1..5 separated by commas, got {args.severities!r}"
         ) from None
-    frost_dir = default_frost_dir(args.frost_dir, args.data_root)
+    data = data_context(args)
     status = make_cifar10c(
-        find_cifar10(args.data_root),
+        find_cifar10(data.root),
         args.out,
         corruptions=parse_corruptions(args.corruptions),
         severities=severities,
@@ -91,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=pick_device(args.device),
         batch_size=args.batch_size,
-        frost_dir=frost_dir,
+        frost_dir=data.frost_dir,
         progress=not args.no_progress,
     )
     written = [c for c, s in status.items() if s == "written"]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from ..hub import DATA_ENV
 
-__all__ = ["add_data_root", "add_frost_dir"]
+if TYPE_CHECKING:
+    from ..data.context import DataContext
+
+__all__ = ["add_data_root", "add_frost_dir", "data_context"]
 
 
 def add_data_root(
@@ -33,3 +37,11 @@ def add_frost_dir(parser: argparse.ArgumentParser) -> None:
         help="folder with the frost texture images frost1..5 (default: <data-root>/frost when present, else the "
         "verified download cache)",
     )
+
+
+def data_context(args: argparse.Namespace) -> DataContext:
+    """The run's `DataContext`, made once here at the edge from `--data-root` / `--frost-dir` (where the command
+    has them) and passed down whole."""
+    from ..data.context import DataContext  # lazy: `tta-surgical --help` must not import torch
+
+    return DataContext.resolve(getattr(args, "data_root", None), getattr(args, "frost_dir", None))

@@ -1,6 +1,6 @@
 """`tta-surgical report`: online (unlabeled) vs supervised surgical adaptation, block by block, on one target task.
 
-The study is `tta_surgical.finetune.compare` (read its docstring for the protocol). In short, per seed of the
+The study is `tta_surgical.studies` (read its docstring for the protocol). In short, per seed of the
 finetune config the target set is split once: the supervised side fine-tunes on the labeled train split and is
 tested on the test split; the online side adapts without labels on every image outside the labeled train / val
 split (the "online pool", ~8,900 per corruption on CIFAR-10-C; `--online-images` draws fewer), and is scored twice:
@@ -30,7 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write_text
 from ..hub import DATA_ENV
+from .options import data_context
 
 HELP = "online vs supervised surgical adaptation per block on one target task (tables, verdict, budget curves)"
 DESCRIPTION = (
@@ -54,8 +56,8 @@ def _csv(text: str) -> list[str]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from ..finetune.compare import ONLINE_MODES
     from ..finetune.tasks import TASKS
+    from ..studies import ONLINE_MODES
     from ..sweep import LAUNCHERS
 
     parser.add_argument("--model", default=None, help="model name (sets model.name; default: the finetune config's)")
@@ -160,9 +162,9 @@ def parse_counts(text: str, flag: str) -> list[int | None]:
 
 
 def build_study(args: argparse.Namespace) -> Any:
-    """The `Comparison` of the command line: finetune config (task, corruptions, options) and online settings."""
+    """The `ShiftStudy` of the command line: finetune config (task, corruptions, options) and online settings."""
     from ..finetune import load_finetune_config
-    from ..finetune.compare import Comparison, OnlineSettings
+    from ..studies import OnlineSettings, ShiftStudy
 
     options = parse_options(args.options)
     extra = list(args.overrides or [])
@@ -190,22 +192,21 @@ def build_study(args: argparse.Namespace) -> Any:
         overrides=tuple(o for o in onl_over if o not in shared),
     )
     out = Path(args.out) if args.out else Path("runs") / f"report-{ft_cfg.model.name}"
-    return Comparison(ft_cfg, options, online, out, data_root=args.data_root, frost_dir=args.frost_dir)
+    return ShiftStudy(ft_cfg, options, online, out, data=data_context(args))
 
 
 def launch_of(args: argparse.Namespace) -> Any:
-    from ..finetune.compare import Launch
+    from ..studies import Launch
 
     return Launch(args.launcher, args.max_parallel, args.address, progress=not args.no_progress)
 
 
 def write_report(out: Path, tasks: dict[str, Any], plot: bool) -> int:
     """report.md / report.json (and report.png) of one or several tasks, with their verdict rows."""
-    from ..fileio import atomic_write_text
-    from ..report import comparison_markdown, plot_comparison, verdict_markdown
+    from ..studies.render import plot_study, study_markdown, verdict_markdown
 
     rows = [r for t in tasks.values() for r in t["verdict"]]
-    parts = [comparison_markdown(t) for t in tasks.values()]
+    parts = [study_markdown(t) for t in tasks.values()]
     parts.append("### Verdict per shift type (the paper's Table 1 in our setting)\n\n" + verdict_markdown(rows))
     text = "\n".join(parts)
     atomic_write_text(out / "report.md", text)
@@ -216,7 +217,7 @@ def write_report(out: Path, tasks: dict[str, Any], plot: bool) -> int:
         for name, task in tasks.items():
             suffix = "" if len(tasks) == 1 else f"-{name}"
             try:
-                print(f"plot saved to {plot_comparison(task, out / f'report{suffix}.png')}")
+                print(f"plot saved to {plot_study(task, out / f'report{suffix}.png')}")
             except ImportError as err:
                 print(f"no plot: {err}")
                 return 1
@@ -225,8 +226,7 @@ def write_report(out: Path, tasks: dict[str, Any], plot: bool) -> int:
 
 def write_budgets(out: Path, budgets: dict[str, Any], plot: bool = True) -> int:
     """budgets.md / budgets.json / budgets.png."""
-    from ..fileio import atomic_write_text
-    from ..report import budgets_markdown, plot_budgets
+    from ..studies.render import budgets_markdown, plot_budgets
 
     text = budgets_markdown(budgets)
     atomic_write_text(out / "budgets.md", text)
@@ -267,8 +267,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
-    from ..finetune.compare import run_budgets, run_study
     from ..runfolder import folder_lock
+    from ..studies import run_budgets, run_study
 
     comp = build_study(args)
     held.enter_context(folder_lock(comp.out, "report"))

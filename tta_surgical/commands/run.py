@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .options import add_data_root, add_frost_dir
+from .options import add_data_root, add_frost_dir, data_context
 
 HELP = "adapt a model online over a stream (one config) and report error, latency and memory"
 DESCRIPTION = (
@@ -49,7 +52,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", metavar="DIR", default=None, help="output folder (default: runs/<config-stem>-<stream-stem>)"
     )
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (a finished run, or one stopped on collapse, is "
+        "left as it is)",
+    )
+    parser.add_argument(
+        "--continue-after-stop",
+        action="store_true",
+        help="with --resume: continue a run that runtime.on_collapse=stop ended, past the stop",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a finished or partial run in --out")
     add_common_options(parser)
 
@@ -70,19 +83,60 @@ def default_out(config: str | os.PathLike, stream: str | os.PathLike | None) -> 
 
 def main(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..engine import run
-    from ..report import summary_markdown
+    from ..engine import ended_note, run
+    from ..render import summary_markdown
 
-    cfg = load_config(args.config, stream=args.stream, overrides=resolve_overrides(args))
+    if args.continue_after_stop and not args.resume:
+        raise ValueError("--continue-after-stop continues a stopped run: use it together with --resume")
+    overrides = resolve_overrides(args)
+    cfg = load_config(args.config, stream=args.stream, overrides=overrides)
     out = Path(args.out) if args.out else default_out(args.config, args.stream)
+    # A run that has ended stays as it is on --resume (the engine returns its summary untouched): one line says so.
+    note = ended_note(out, args.continue_after_stop) if args.resume else None
     summary = run(
         cfg,
         out,
-        data_root=args.data_root,
+        data=data_context(args),
         resume=args.resume,
-        frost_dir=args.frost_dir,
         overwrite=args.overwrite,
+        on_start=None if args.stream else _announce_default_stream(args.config, overrides),
+        continue_after_stop=args.continue_after_stop,
     )
+    if note is not None:
+        print(note)
+        return 0
     print(summary_markdown(summary))
     print(f"results in {out}/ (summary.json, summary.md, results.jsonl)")
     return 0
+
+
+def _announce_default_stream(config: str, overrides: list[str]) -> Callable[[Any], None]:
+    """Without --stream the stream comes from the config or the built-in default (15 corruptions x 10,000 images):
+    say which one and how large it is on stderr before the first batch, so a long run is never a surprise."""
+    from ..config import load_yaml
+
+    where = f"the stream section of {config}" if load_yaml(config).get("stream") else "the built-in default stream"
+    if any(o.startswith("stream.") for o in overrides):
+        where += " with your stream.* overrides"
+
+    def announce(built: Any) -> None:
+        from ..engine import describe_stream
+
+        stream, spec = built.stream, built.stream.spec
+        n_domains, visits = len(spec.domains), len(spec.domains) * int(spec.rounds)
+        domains = f"{n_domains} domain{'s' if n_domains != 1 else ''}"
+        size = (
+            f"{domains} x {stream.n_images // visits:,} images"
+            + (f" x {spec.rounds} rounds" if spec.rounds > 1 else "")
+            if stream.n_images % visits == 0
+            else f"{stream.n_images:,} images over {domains}"
+        )
+        batches = f"{len(stream):,} batch{'es' if len(stream) != 1 else ''}"
+        print(
+            f"no --stream given: using {where}: {size} = {stream.n_images:,} images in {batches} "
+            f"({describe_stream(spec)}); pass --stream FILE (streams/*.yaml) to choose another",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return announce

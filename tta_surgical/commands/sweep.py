@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from .options import add_data_root, add_frost_dir
+from .options import add_data_root, add_frost_dir, data_context
 
 HELP = "run a sweep (corruptions x blocks x methods x seeds ...) locally or on a Ray cluster, resumably"
 DESCRIPTION = (
@@ -44,6 +45,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/sweep-<file-stem>)")
     parser.add_argument("--resume", action="store_true", help="skip finished cells, continue interrupted ones")
+    parser.add_argument(
+        "--busy-wait",
+        type=float,
+        metavar="S",
+        default=None,
+        help="seconds a cell waits for another live process that holds its folder (e.g. an attempt of an earlier "
+        "session still finishing) before it is reported busy and left for a later --resume (default 60)",
+    )
     add_data_root(parser, note="; on a Ray cluster it must exist at this path on every node")
     add_frost_dir(parser)
     parser.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
@@ -83,8 +92,6 @@ def _dry_run(sweep, out: Path) -> int:
 
 def _mean_cell_seconds(out: Path) -> float | None:
     """The mean per-cell wall time recorded in OUT/timings.json by an earlier session, if any."""
-    import json
-
     try:
         value = json.loads((out / "timings.json").read_text(encoding="utf-8")).get("cell_wall_s_mean")
     except (OSError, ValueError):
@@ -94,8 +101,12 @@ def _mean_cell_seconds(out: Path) -> float | None:
 
 def main(args: argparse.Namespace) -> int:
     from ..sweep import load_sweep, run_sweep
+    from ..sweep.cell import BUSY_WAIT_S
 
     overrides = list(args.overrides or [])
+    busy_wait = BUSY_WAIT_S if args.busy_wait is None else args.busy_wait
+    if busy_wait < 0:
+        raise ValueError(f"--busy-wait must be >= 0 seconds, got {args.busy_wait}")
     sweep = load_sweep(args.file, overrides=overrides)
     out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.file).stem}"
     if args.dry_run:
@@ -110,23 +121,28 @@ def main(args: argparse.Namespace) -> int:
             max_parallel=args.max_parallel,
             address=args.address,
             resume=args.resume,
-            data_root=args.data_root,
-            frost_dir=args.frost_dir,
+            data=data_context(args),
             progress=not args.no_progress,
+            busy_wait_s=busy_wait,
         )
     except ImportError as err:
         print(f"tta-surgical sweep: error: {err}", file=sys.stderr)
         return 2
+    busy = f", {len(result.busy)} held by another process" if result.busy else ""
     print(
         f"{result.n_cells} cells: {len(result.ran)} run now, {len(result.skipped)} already finished, "
-        f"{len(result.failed)} failed ({result.wall_s:.1f} s)"
+        f"{len(result.failed)} failed{busy} ({result.wall_s:.1f} s)"
     )
     print(f"results in {out}/ (sweep.jsonl, summary.md, timings.json, cells/<id>/)")
+    if result.busy:
+        print("cells not run, their folder held by another live process (rerun with --resume once it has ended):",
+              file=sys.stderr)  # fmt: skip
+        for f in result.busy:
+            print(f"  cell {f.cell.index} {f.cell.id} ({f.cell.label()}): {f.reason}", file=sys.stderr)
     if result.failed:
         print("failed cells (rerun with --resume after fixing; finished cells are kept):", file=sys.stderr)
         for f in result.failed:
             print(
                 f"  cell {f.cell.index} {f.cell.id} ({f.cell.label()}): {f.reason}\n    log: {f.log}", file=sys.stderr
             )
-        return 1
-    return 0
+    return 0 if result.ok else 1

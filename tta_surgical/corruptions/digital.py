@@ -286,6 +286,7 @@ def _jpeg_roundtrip(x8: Tensor, quality: int) -> Tensor:
     CIFAR images by ~3.5 levels (0-255) on average. torchvision's libjpeg path reproduces Pillow bit for
     bit. Images are handed over as HWC-contiguous views so the codec does no per-image copies.
     """
+    # torchvision on first use: it would nearly double `import tta_surgical.corruptions` (data/imagenet.py says more)
     from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
     hwc = x8.detach().permute(0, 2, 3, 1).contiguous().cpu()

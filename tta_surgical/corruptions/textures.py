@@ -86,6 +86,7 @@ def decode_rgb(path: str | os.PathLike) -> Tensor:
     This equals `cv2.imread` (which the generators use, dropping alpha too) followed by the
     generators' BGR -> RGB reorder, bit for bit on the six official textures.
     """
+    # torchvision on first use: it would nearly double `import tta_surgical.corruptions` (data/imagenet.py says more)
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     with warnings.catch_warnings():  # torchvision >= 0.29 announces a move of its decoders to TorchCodec

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..corruptions import ALL_CORRUPTIONS, CORRUPTIONS, check_severity, corrupt, make_generator, to_uint8
 from ..fileio import atomic_write_text
 from .cifar import load_cifar10, sidecar_path
@@ -58,7 +58,7 @@ def _is_complete(out: Path, corruption: str, settings: dict) -> bool:
         return False
     try:
         meta = json.loads(side.read_text())
-        arr = np.load(npy, mmap_mode="r")
+        arr = np.load(npy, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, json.JSONDecodeError):
         return False
     same = all(meta.get(k) == v for k, v in settings.items())
@@ -67,6 +67,14 @@ def _is_complete(out: Path, corruption: str, settings: dict) -> bool:
         and same
         and arr.shape == (len(settings["severities"]) * settings["n_images"], 32, 32, 3)
     )
+
+
+def _holds(path: Path, expected: np.ndarray) -> bool:
+    """Whether `path` is a plain .npy equal to `expected` (a damaged or pickled file is not: it gets rewritten)."""
+    try:
+        return path.is_file() and np.array_equal(np.load(path, allow_pickle=False), expected)
+    except (ValueError, OSError, EOFError):
+        return False
 
 
 def make_cifar10c(
@@ -104,7 +112,7 @@ def make_cifar10c(
 
     lab_path = out / "labels.npy"
     lab = np.tile(labels.astype(np.uint8), 5)
-    if not (lab_path.is_file() and np.array_equal(np.load(lab_path), lab)):
+    if not _holds(lab_path, lab):
         tmp = out / f"labels.npy.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
             np.save(f, lab)

@@ -2,7 +2,7 @@
 
     from tta_surgical.finetune import load_finetune_config, run_finetune
     cfg = load_finetune_config("configs/finetune_cifar10c.yaml", ["finetune.corruptions=[fog]"])
-    summary = run_finetune(cfg, "runs/finetune", data_root="/data")
+    summary = run_finetune(cfg, "runs/finetune", data="/data")   # the data root, or a DataContext
 
 Modules: `config` (the frozen config tree), `tasks` (the target tasks: `corruption`, `cifar_flip`), `data` (seeded
 class-balanced splits, training budgets, the online pool, target images generated exactly as make-cifar10c or

@@ -1,4 +1,4 @@
-"""The `finetune` config: sections `model`, `finetune`, `runtime`, read with `tta_surgical.config`'s generic loader.
+"""The `finetune` config: sections `model`, `finetune`, `runtime`, read with the schema layer's typed loader.
 
 Defaults are the supervised protocol of surgical fine-tuning (Lee et al., ICLR 2023; REFERENCE.md §1) on
 CIFAR-10-C: severity 5, 1,000 labeled target images (100 per class) for training, 10 per class for validation,
@@ -13,14 +13,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, ModelConfig, RuntimeConfig, apply_overrides, from_dict, load_yaml
 from ..corruptions.base import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS
+from ..models.config import ModelConfig
+from ..runtime import RuntimeConfig
+from ..schema import ConfigError, apply_overrides, from_dict, load_yaml
+from ..streams import SOURCES, source_class
 from .tasks import CLEAN, TASKS
 
 __all__ = [
     "AUTO_OPTIONS",
     "BN_MODES",
-    "FINETUNE_SOURCES",
     "FinetuneConfig",
     "FinetuneSection",
     "load_finetune_config",
@@ -28,7 +30,6 @@ __all__ = [
 
 AUTO_OPTIONS = ("auto-rgn", "auto-snr")
 BN_MODES = ("source", "batch")
-FINETUNE_SOURCES = ("cifar10", "cifar10c", "imagenetc")
 KINDS = ("all", "norm", "conv")
 _SHORTHANDS = {"all": ALL_CORRUPTIONS, "benchmark": BENCHMARK_CORRUPTIONS}
 
@@ -123,18 +124,18 @@ class FinetuneSection:
         object.__setattr__(self, "corruptions", tuple(doms))
         if not 1 <= self.severity <= 5:
             raise ConfigError(f"finetune.severity must be in 1..5, got {self.severity}")
-        if self.source not in FINETUNE_SOURCES:
+        # Any stream source that can serve a labeled split (`Source.stored_images`) can be fine-tuned on.
+        serving = [name for name in SOURCES.names() if SOURCES.get(name).serves_split()]
+        if self.source not in serving:
+            raise ConfigError(f"finetune.source={self.source!r} is not valid; choose one of: {', '.join(serving)}")
+        if CLEAN in doms and not source_class(self.source).corrupts_on_the_fly:
+            clean = [name for name in serving if SOURCES.get(name).corrupts_on_the_fly]
             raise ConfigError(
-                f"finetune.source={self.source!r} is not valid; choose one of: {', '.join(FINETUNE_SOURCES)}"
-            )
-        if CLEAN in doms and self.source != "cifar10":
-            raise ConfigError(
-                f"finetune.corruptions: {CLEAN!r} (the clean images) needs finetune.source=cifar10 (the clean test set)"
+                f"finetune.corruptions: {CLEAN!r} (the clean images) needs finetune.source={' or '.join(clean)} "
+                "(a source that holds the clean images)"
             )
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"finetune.limit must be >= 1 or null (all images), got {self.limit}")
-        if self.limit is not None and self.source != "cifar10":
-            raise ConfigError("finetune.limit applies to source cifar10 only (make-cifar10c --limit); set it to null")
         if self.n_train < 1:
             raise ConfigError(f"finetune.n_train must be >= 1 (the labeled training set is empty), got {self.n_train}")
         for name in ("n_val_per_class", "n_test_per_class"):

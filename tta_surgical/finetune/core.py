@@ -37,13 +37,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from ..corruptions.textures import default_frost_dir
+from ..autotune import block_weight_table, rgn_weights, snr_mask, snr_scores, weighted_param_groups
+from ..data.context import DataContext, DataLike
 from ..methods.base import guarded_step
+from ..methods.bn import set_bn_stats
 from ..metrics import json_safe
+from ..models import block_spec, create_model_from_config, resolve_blocks, select_params
 from ..runfolder import JsonlWriter, RunFolder, read_jsonl
+from ..runtime import pick_device, seed_everything
 from .config import AUTO_OPTIONS, FinetuneConfig, FinetuneSection
 from .data import Split, TargetData, budget_subset, per_class_train
+from .summary import plot_rgn_weights, summarize, summary_markdown
 
 __all__ = [
     "CellData",
@@ -88,8 +94,6 @@ def select_best(history: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
 
 def validate_options(model: nn.Module, options: Iterable[str], kind: str = "all") -> None:
     """Fail before any training when an option is unknown or selects no tensor, listing the valid options."""
-    from ..models import block_spec, resolve_blocks, select_params
-
     for option in options:
         if option in AUTO_OPTIONS:
             continue
@@ -112,8 +116,6 @@ def validate_options(model: nn.Module, options: Iterable[str], kind: str = "all"
 
 def option_params(model: nn.Module, option: str, kind: str = "all") -> list[tuple[str, nn.Parameter]]:
     """The (name, parameter) candidates of an option: its blocks' tensors, or every tensor for auto options."""
-    from ..models import resolve_blocks, select_params
-
     if option in AUTO_OPTIONS:
         return select_params(model, "all", kind)
     return select_params(model, resolve_blocks(model, option), kind)
@@ -148,8 +150,6 @@ def build_rgn_optimizer(
     n_batches: int,
 ) -> tuple[torch.optim.Optimizer, dict[str, float]]:
     """Adam with one group per tensor at lr x RGN weight (`tta_surgical.autotune.rgn_weights` on `batches`)."""
-    from ..autotune import rgn_weights, weighted_param_groups
-
     weights = rgn_weights(model, list(params), batches, cross_entropy, n_batches=n_batches)
     for _, p in params:
         p.grad = None  # the RGN pass must leave no gradient behind for the first training step
@@ -180,8 +180,6 @@ class CellData:
 
 def _configure(model: nn.Module, params: Sequence[tuple[str, nn.Parameter]], bn_mode: str) -> None:
     """Eval mode, everything frozen but `params`, BatchNorm statistics per `bn_mode` (never written)."""
-    from ..methods.bn import set_bn_stats
-
     model.eval()
     model.requires_grad_(False)
     for _, p in params:
@@ -215,8 +213,6 @@ def _snr_selection(
 ) -> tuple[list[tuple[str, nn.Parameter]], dict[str, Any]]:
     """auto-snr: score the candidates once, at the pretrained weights, on the whole training set (the official
     code's choice) and keep those at or above the threshold; returns (kept, record extras)."""
-    from ..autotune import snr_mask, snr_scores
-
     device = _device_of(model)
     _configure(model, candidates, section.bn_mode)
     x_all = data.x["train"].to(device).float().div_(255)
@@ -280,8 +276,6 @@ class _LrRun:
 
     def _rgn_optimizer(self, batches: list, lr: float, previous: Any, plist: list) -> torch.optim.Optimizer:
         """Adam rebuilt with this epoch's auto-RGN weights (as the official code does)."""
-        from ..autotune import block_weight_table
-
         sec = self.section
         try:
             optimizer, weights = build_rgn_optimizer(
@@ -328,9 +322,6 @@ def finetune_cell(
     `pretrained` is a state_dict copy restored before every learning rate (and at the end), so the cell
     leaves the model as it found it. `on_lr_start(lr, model)` is called right after the restore.
     """
-    from ..methods.bn import set_bn_stats
-    from ..runtime import seed_everything
-
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
     model.load_state_dict(pretrained)
@@ -403,8 +394,7 @@ def run_finetune(
     cfg: FinetuneConfig,
     out_dir: str | os.PathLike,
     *,
-    data_root: str | os.PathLike | None = None,
-    frost_dir: str | os.PathLike | None = None,
+    data: DataLike = None,
     resume: bool = False,
     overwrite: bool = False,
     plot: bool = False,
@@ -412,6 +402,7 @@ def run_finetune(
 ) -> dict[str, Any]:
     """Run every (corruption, option, seed) cell of `cfg`, append each record to results.jsonl, write the summary.
 
+    data: where the data lives (`DataContext`; a folder = the data root; None = $TTA_SURGICAL_DATA).
     resume: skip the cells already recorded in `out_dir/results.jsonl` (the config must equal the saved one).
     Without it, a folder that already holds results is an error unless `overwrite`.
     target: a prepared `TargetData` (else built from the config); lets callers share generated images.
@@ -419,14 +410,13 @@ def run_finetune(
     """
     folder = RunFolder(out_dir, what="finetune run")
     with folder.lock():
-        return _run_finetune(cfg, folder, data_root, frost_dir, resume, overwrite, plot, target)
+        return _run_finetune(cfg, folder, DataContext.of(data), resume, overwrite, plot, target)
 
 
 def _run_finetune(
     cfg: FinetuneConfig,
     folder: RunFolder,
-    data_root: str | os.PathLike | None,
-    frost_dir: str | os.PathLike | None,
+    data: DataContext,
     resume: bool,
     overwrite: bool,
     plot: bool,
@@ -443,7 +433,7 @@ def _run_finetune(
         folder.clear((SUMMARY_FILE,))
     folder.write_config(cfg)
     done = {cell_key(r) for r in done_records}
-    job = _FinetuneJob(cfg, data_root, default_frost_dir(frost_dir, data_root), target)
+    job = _FinetuneJob(cfg, data, target)
     cells = [(c, o, s) for c in sec.corruptions for o in sec.options for s in sec.seeds]
     todo = [cell for cell in cells if cell not in done]
     n_lr = len(sec.lrs)
@@ -464,10 +454,6 @@ def _run_finetune(
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     if not enabled:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress must never break a run
-        return None
     return tqdm(total=total, initial=initial, desc="finetune", unit="lr")
 
 
@@ -477,21 +463,17 @@ class _FinetuneJob:
     def __init__(
         self,
         cfg: FinetuneConfig,
-        data_root: str | os.PathLike | None,
-        frost_dir: str | os.PathLike | None,
+        data: DataContext,
         target: TargetData | None,
     ) -> None:
-        from ..models import create_model_from_config
-        from ..runtime import pick_device
-
         self.cfg, sec = cfg, cfg.finetune
         self.device = pick_device(cfg.runtime.device)
-        model, self.info = create_model_from_config(cfg.model, data_root=data_root)
+        model, self.info = create_model_from_config(cfg.model, data)
         self.model = model.to(self.device)
         validate_options(self.model, sec.options, sec.kind)
         self.pretrained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if target is None:
-            target = TargetData(sec, data_root=data_root, frost_dir=frost_dir, device=self.device)
+            target = TargetData(sec, data=data, device=self.device)
         self.target = target
         self.per_class = per_class_train(sec.n_train, target.n_classes)
         self.splits = {s: target.split(self.per_class, s) for s in sec.seeds}
@@ -569,8 +551,6 @@ class _FinetuneJob:
 
 def _finish(folder: RunFolder, job: _FinetuneJob, records: list[dict[str, Any]], plot: bool) -> dict[str, Any]:
     """Summarise the records, write summary.json / summary.md (and the auto-RGN plot), return the summary."""
-    from .summary import summarize, summary_markdown
-
     cfg, sec = job.cfg, job.cfg.finetune
     summary = summarize(records, sec.options, sec.corruptions, sec.seeds)
     summary.update(
@@ -591,8 +571,6 @@ def _finish(folder: RunFolder, job: _FinetuneJob, records: list[dict[str, Any]],
     summary = json_safe(summary)
     folder.write_summary(summary, summary_markdown(summary))
     if plot and summary.get("rgn_block_weights"):
-        from .summary import plot_rgn_weights
-
         try:
             summary["plot"] = str(plot_rgn_weights(summary, folder.path / "rgn_weights.png"))
         except ImportError as err:

@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.context import DataLike
+from ..streams import StreamSpec, open_source
 from .config import FinetuneSection
+from .tasks import get_task
 
 __all__ = ["Split", "TargetData", "budget_subset", "online_pool", "split_indices", "write_cifar10c_subset"]
 
@@ -145,60 +148,20 @@ class TargetData:
     `none` is the clean images.
     """
 
-    def __init__(
-        self,
-        section: FinetuneSection,
-        *,
-        data_root: str | os.PathLike | None = None,
-        frost_dir: str | os.PathLike | None = None,
-        device: str | torch.device = "cpu",
-    ) -> None:
-        from .. import hub
-
+    def __init__(self, section: FinetuneSection, *, data: DataLike = None, device: str | torch.device = "cpu") -> None:
         self.section = section
         self.device = torch.device(device)
-        self.frost_dir = frost_dir
-        src = section.source
-        self._clean: np.ndarray | None = None
-        self._index = None
-        if section.path:
-            self.root: Path | None = Path(section.path).expanduser()
-        else:
-            from ..streams import source_class
-
-            base = hub.data_root(data_root)
-            sub = source_class(src).default_subdir  # the stream source of the same name keeps its data there
-            self.root = (base / sub if sub else base) if base is not None else None
-        if src == "cifar10":
-            from ..data.cifar import find_cifar10, load_cifar10
-
-            images, labels = load_cifar10(self.root if self.root is not None else find_cifar10(None), "test")
-            if section.limit is not None:
-                images, labels = images[: section.limit], labels[: section.limit]
-            self._clean = images
-            self.source_labels = labels.astype(np.int64)
-        elif self.root is None:
-            raise FileNotFoundError(
-                f"finetune.source={src} needs data: set finetune.path to the dataset folder, or pass --data-root "
-                f"(a folder holding {'CIFAR-10-C' if src == 'cifar10c' else 'ImageNet-C'}/)"
-            )
-        elif src == "cifar10c":
-            from ..data.cifar import load_cifar10c
-
-            _, labels = load_cifar10c(self.root, section.corruptions[0], section.severity)
-            self.source_labels = np.asarray(labels, dtype=np.int64)
-        else:
-            from ..data.imagenet import scan_imagenetc
-
-            for c in section.corruptions:  # fail now, not after the first corruption's hour of training
-                scan_imagenetc(self.root, c, section.severity)
-            self._index = scan_imagenetc(self.root, section.corruptions[0], section.severity)
-            self.source_labels = np.asarray(self._index.labels, dtype=np.int64)
-        from .tasks import get_task
-
+        # The target set is the stream source of the same name, opened as a stream over the section's domains:
+        # every source that implements `stored_images` can serve it (no dispatch on source names here).
+        spec = StreamSpec(
+            source=section.source, path=section.path, domains=section.corruptions, severities=(section.severity,)
+        )
+        self.source = open_source(spec, data)
+        self.source.attach(spec)
+        labels = np.asarray(self.source.labels, dtype=np.int64)
+        self.source_labels = labels[: section.limit] if section.limit is not None else labels
         self.task = get_task(section.task)
         self.labels = self.task.relabel(self.source_labels, self.n_classes)
-        self._cache: tuple[str, dict[int, Tensor]] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -216,61 +179,17 @@ class TargetData:
 
     def images(self, corruption: str, indices: Sequence[int] | np.ndarray) -> Tensor:
         """uint8 (n, 3, H, W) CPU tensor of `corruption` at the configured severity, rows `indices` in order."""
-        from .tasks import CLEAN
-
+        sec = self.section
         idx = np.asarray(indices, dtype=np.int64)
-        sec = self.section
-        if corruption == CLEAN:
-            if self._clean is None:
-                raise ValueError(f"corruption {CLEAN!r} (the clean images) needs finetune.source=cifar10")
-            return torch.from_numpy(np.ascontiguousarray(self._clean[idx])).permute(0, 3, 1, 2).contiguous()
-        if sec.source == "cifar10":
-            return self._generate(corruption, idx)
-        if sec.source == "cifar10c":
-            from ..data.cifar import load_cifar10c
-
-            imgs, labs = load_cifar10c(self.root, corruption, sec.severity)
-            if len(labs) != len(self.source_labels) or not np.array_equal(labs, self.source_labels):
-                raise ValueError(
-                    f"CIFAR-10-C labels of {corruption!r} differ from those of {sec.corruptions[0]!r} in {self.root}; "
-                    "the folder mixes incompatible files"
-                )
-            return torch.from_numpy(np.ascontiguousarray(imgs[idx])).permute(0, 3, 1, 2).contiguous()
-        from ..data.imagenet import iter_image_folder, scan_imagenetc
-
-        index = scan_imagenetc(self.root, corruption, sec.severity)
-        if index.relpaths != self._index.relpaths:
-            raise ValueError(
-                f"ImageNet-C folder {self.root}/{corruption}/{sec.severity} lists other files than "
-                f"{sec.corruptions[0]}/{sec.severity}; every corruption folder must hold the same images"
-            )
-        parts = [x.cpu() for x, _ in iter_image_folder(index, batch_size=256, indices=idx, device="cpu")]
-        return torch.cat(parts) if parts else torch.zeros(0, 3, 224, 224, dtype=torch.uint8)
-
-    def _generate(self, corruption: str, idx: np.ndarray) -> Tensor:
-        """Corrupt exactly like `make_cifar10c` (same batches, generator seeds, preset and uint8 rounding)."""
-        from ..corruptions import corrupt, make_generator, to_uint8
-        from ..data.make_cifar10c import batch_seed
-
-        sec = self.section
-        bs = sec.generation_batch_size
-        out = torch.empty((len(idx), 3, 32, 32), dtype=torch.uint8)
-        if self._cache is None or self._cache[0] != corruption:
-            self._cache = (corruption, {})  # one corruption's batches (30 MB for all of CIFAR-10)
-        done = self._cache[1]
-        starts = np.unique(idx // bs * bs)
-        for start in starts.tolist():
-            if start not in done:
-                clean = torch.from_numpy(self._clean[start : start + bs]).to(self.device).permute(0, 3, 1, 2)
-                x = clean.float().div_(255)
-                g = make_generator(batch_seed(sec.generation_seed, corruption, sec.severity, start), self.device)
-                done[start] = to_uint8(
-                    corrupt(x, corruption, sec.severity, g, preset="cifar", frost_dir=self.frost_dir)
-                ).cpu()
-            y = done[start]
-            where = np.flatnonzero((idx >= start) & (idx < start + bs))
-            out[torch.from_numpy(where)] = y[torch.from_numpy(idx[where] - start)]
-        return out
+        return self.source.stored_images(
+            corruption,
+            sec.severity,
+            idx,
+            seed=sec.generation_seed,
+            batch_size=sec.generation_batch_size,
+            device=self.device,
+            limit=sec.limit,
+        )
 
 
 def write_cifar10c_subset(

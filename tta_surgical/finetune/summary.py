@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..render import pyplot, save_figure
 from ..tables import bold_best, fmt, fmt_mean_se, markdown_table, standard_error
 
 __all__ = ["average_ranks", "plot_rgn_weights", "rank_row", "standard_error", "summarize", "summary_markdown"]
@@ -182,8 +183,6 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
 
 def plot_rgn_weights(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Save a bar chart of the mean auto-RGN weight per block (matplotlib is optional, imported only here)."""
-    from ..report import pyplot, save_figure
-
     plt = pyplot()
     table = summary.get("rgn_block_weights")
     if not table:

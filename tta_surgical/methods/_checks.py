@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from ..config import ConfigError
+from ..schema import ConfigError
 
 __all__ = ["check_finite_number", "check_fraction", "check_unit_interval"]
 

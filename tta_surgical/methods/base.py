@@ -1,7 +1,7 @@
 """The `Method` interface (version 2), its registry, and the machinery every online method shares.
 
 A method is one module under `tta_surgical/methods/`: a frozen settings dataclass (a subclass of
-`config.MethodSettings`, or `AdaptSettings` for methods that update parameters) and a `Method` subclass that
+`methods.settings.MethodSettings`, or `AdaptSettings` for methods that update parameters) and a `Method` subclass that
 names it (`Settings = ...`), registered with `@register_method("name")`. Everything else follows from the
 registry: config validation, CLI choices, sweep validation, bench labels and the contract tests.
 
@@ -45,10 +45,13 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ..config import AdaptSettings, MethodSettings, OptimConfig, method_config
+from ..models.blocks import block_spec, select_params
+from ..models.partition import matches
 from ..registry import Registry
 from .bn import set_bn_stats
+from .optim import OptimConfig, build_optimizer
 from .selection import Selector, is_auto
+from .settings import SETTINGS, AdaptSettings, MethodSettings, method_config
 
 __all__ = [
     "COUNTERS",
@@ -90,7 +93,7 @@ def register_method(name: str) -> Callable[[M], M]:
     def add(cls: M) -> M:
         settings = cls.Settings
         if not (isinstance(settings, type) and issubclass(settings, MethodSettings)):
-            raise TypeError(f"method {name!r}: {cls.__qualname__}.Settings must subclass config.MethodSettings")
+            raise TypeError(f"method {name!r}: {cls.__qualname__}.Settings must subclass MethodSettings")
         if settings.__dataclass_fields__["name"].default != name:
             raise TypeError(f"method {name!r}: {settings.__qualname__}.name must default to {name!r}")
         if cls.adapts and not issubclass(settings, AdaptSettings):
@@ -98,6 +101,7 @@ def register_method(name: str) -> Callable[[M], M]:
         if any(METHODS.get(other).Settings is settings for other in METHODS):
             raise TypeError(f"method {name!r}: {settings.__qualname__} is already the settings of another method")
         METHODS.register(name, cls)
+        SETTINGS.register(name, settings)
         return cls
 
     return add
@@ -111,39 +115,6 @@ def resolve_autocast_dtype(dtype: torch.dtype | str | None) -> torch.dtype | Non
         return _DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unknown autocast precision {dtype!r}; valid: fp32, bf16") from None
-
-
-def build_optimizer(
-    params: Iterable[nn.Parameter | tuple[str, nn.Parameter] | dict[str, Any]], cfg: OptimConfig
-) -> torch.optim.Optimizer:
-    """The optimiser `cfg` names over `params`: Parameters or (name, Parameter) pairs (one parameter group), or
-    parameter-group dicts (e.g. `tta_surgical.autotune.weighted_param_groups`; keys they omit take `cfg`'s values).
-    `cfg.implementation` picks torch's fused / foreach / per-tensor kernels (`auto`: fused where supported)."""
-    items = list(params)
-    if not items:
-        raise ValueError("build_optimizer got no parameters to optimise")
-    if isinstance(items[0], dict):
-        groups: list[Any] = items
-    else:
-        groups = [p[1] if isinstance(p, tuple) else p for p in items]
-    if cfg.name == "adam":
-        kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": tuple(cfg.betas), "weight_decay": cfg.weight_decay}
-        cls: type[torch.optim.Optimizer] = torch.optim.Adam
-    elif cfg.name == "sgd":
-        kwargs = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "nesterov": cfg.nesterov}
-        cls = torch.optim.SGD
-    else:
-        raise ValueError(f"unknown optimiser {cfg.name!r}; valid: adam, sgd")
-    impl = getattr(cfg, "implementation", "auto")
-    if impl == "auto":
-        try:
-            return cls(groups, **kwargs, fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            # This torch has no fused kernel for these tensors' device/dtype (the constructor checks): foreach.
-            return cls(groups, **kwargs, foreach=True)
-    if impl == "fused":
-        return cls(groups, **kwargs, fused=True)  # unsupported device/dtype: torch's error says why
-    return cls(groups, **kwargs, foreach=impl == "foreach")
 
 
 def _grad_norm_sum(grads: Sequence[Tensor]) -> Tensor:
@@ -196,8 +167,6 @@ def select_adapted(model: nn.Module, blocks: Iterable[str], kind: str, owner: st
     The one place that turns a block selection into trainable tensors (online methods and supervised fine-tuning
     alike); autograd then does no work for the frozen rest. An empty selection is an error that says why.
     """
-    from ..models import select_params
-
     blocks = list(blocks)
     selected = select_params(model, blocks, kind)
     if not selected:
@@ -348,7 +317,8 @@ class Method:
         if not isinstance(self.cfg, self.Settings):
             raise TypeError(f"{type(self).__name__} needs {self.Settings.__name__}, got {type(self.cfg).__name__}")
         self.model = model
-        self.optim_cfg = optim_cfg if optim_cfg is not None else OptimConfig()
+        # None = the method's authors' optimiser (CIFAR regime); a run config passes its resolved `optim` section.
+        self.optim_cfg = optim_cfg if optim_cfg is not None else type(self.cfg).default_optim()
         self.context = context if context is not None else MethodContext()
         self.autocast_dtype = resolve_autocast_dtype(autocast_dtype)
         self.device = _module_device(model)
@@ -390,22 +360,25 @@ class Method:
     def step(self, x: Tensor) -> Tensor:
         """Logits for the batch `x` (and the method's update). Fills `last` with what happened."""
         self.last = StepInfo()
-        self.n_steps += 1
         if not self.adapts:
             with torch.inference_mode():
-                return self.forward_and_adapt(x)
-        if not bool(torch.isfinite(x).all()):
+                logits = self.forward_and_adapt(x)
+        elif not bool(torch.isfinite(x).all()):
             # A corrupt input must not reach any state (BN statistics, memory banks, teachers): predict only.
             self.n_skipped += 1
             self.last.skipped = True
             if self.selector is not None:
                 self.selector.note_skipped()
-            return self.predict(x)
-        if self.selector is not None:
-            return self.selector.step(x)  # decides what to adapt, then calls `_adapt_step`
-        return self._adapt_step(x)
+            logits = self.predict(x)
+        elif self.selector is not None:
+            logits = self.selector.step(x)  # decides what to adapt, then calls `adapt_step`
+        else:
+            logits = self.adapt_step(x)
+        self.n_steps += 1  # counted once the step is done: a call that raised is no step
+        return logits
 
-    def _adapt_step(self, x: Tensor) -> Tensor:
+    def adapt_step(self, x: Tensor) -> Tensor:
+        """The method's forward and update on a finite batch, with gradients on; records the mean loss in `last`."""
         with torch.enable_grad():  # adapts even when the caller's loop runs under no_grad
             logits = self.forward_and_adapt(x)
         if self.last._losses:
@@ -655,10 +628,8 @@ def _module_device(model: nn.Module) -> torch.device:
 
 def head_classifier(model: nn.Module) -> nn.Module:
     """The last `nn.Linear` (else the last module) of the block map's `head` block: where features meet the classes."""
-    from ..models.blocks import _matches, block_spec
-
     prefixes = dict(block_spec(model).blocks)["head"]
-    candidates = [m for n, m in model.named_modules() if n and any(_matches(n, p) for p in prefixes)]
+    candidates = [m for n, m in model.named_modules() if n and any(matches(n, p) for p in prefixes)]
     if not candidates:
         raise ValueError(f"the block map's head {list(prefixes)} names no module of {type(model).__name__}")
     linears = [m for m in candidates if isinstance(m, nn.Linear)]

@@ -33,12 +33,22 @@ __all__ = [
     "mixed_batch_norm",
     "set_bn_stats",
     "use_target_statistics",
+    "uses_batch_statistics",
 ]
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
     """Every BatchNorm layer (1d/2d/3d/Sync) of `model`, in module order."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether a BatchNorm layer of `model` normalises with the current batch's statistics alone (training mode, no
+    tracking, no prior-mixed forward): then a batch of one image has no meaningful statistics (and torch refuses one
+    where a layer's maps are 1x1)."""
+    return any(
+        bn.training and not bn.track_running_stats and "forward" not in bn.__dict__ for bn in batchnorm_layers(model)
+    )
 
 
 def mixed_batch_norm(bn: _BatchNorm, x: Tensor, prior_strength: float, groups: int = 1) -> Tensor:
@@ -90,7 +100,9 @@ def batch_stats_per_group(model: nn.Module, groups: int) -> Iterator[None]:
     "batch", with or without a prior) splits its input into `groups` equal consecutive slices and normalises each
     with its own statistics, as `groups` separate forwards would: several batches (e.g. CoTTA's augmented views, one
     batch per view) in one forward. Layers on source statistics are left alone; groups <= 1 changes nothing."""
-    layers = [bn for bn in batchnorm_layers(model) if _prior_patched(bn) or (bn.training and not bn.track_running_stats)]
+    layers = [
+        bn for bn in batchnorm_layers(model) if _prior_patched(bn) or (bn.training and not bn.track_running_stats)
+    ]
     if groups <= 1 or not layers:
         yield
         return
@@ -177,7 +189,8 @@ class TargetStatistics(nn.Module):
         self.initialized.zero_()
 
     def normalise(self, bn: _BatchNorm, index: int, x: Tensor) -> Tensor:
-        """`x` normalised with the EMA mixed with this batch's statistics (float32, differentiable in the batch part)."""
+        """`x` normalised with the EMA mixed with this batch's statistics (in float32; differentiable through the
+        batch part)."""
         xf = x.float()
         dims = [0] + list(range(2, xf.dim()))
         var_b, mean_b = torch.var_mean(xf, dim=dims, correction=0)

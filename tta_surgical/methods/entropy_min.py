@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..autotune import rgn_weights_from_grads, weighted_param_groups
-from ..config import AdaptSettings, ConfigError, check_choice
+from ..schema import ConfigError, check_choice
 from .base import Method, Objective, build_optimizer, register_method
 from .bn import set_bn_stats
 from .losses import entropy_per_sample
 from .norm import check_prior_strength
+from .settings import AdaptSettings
 
 BN_STATS = ("batch", "source")
 WEIGHTINGS = ("none", "auto-rgn")

@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, MethodSettings, check_choice
+from ..schema import ConfigError, check_choice
 from ._checks import check_finite_number
 from .base import Method, register_method
 from .bn import set_bn_stats
+from .settings import MethodSettings
 
 __all__ = ["LAME", "LAMESettings", "affinity_matrix", "laplacian_assignment"]
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..config import MethodSettings
 from ._checks import check_finite_number
 from .base import Method, register_method
 from .bn import set_bn_stats
+from .settings import MethodSettings
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,26 @@ class Norm(Method):
     def configure(self, model: nn.Module) -> None:
         model.eval()
         model.requires_grad_(False)
-        set_bn_stats(model, "batch", self.cfg.prior_strength)
+        if set_bn_stats(model, "batch", self.cfg.prior_strength) == 0:
+            # Refused rather than warned: the run would be `source` under the name `norm`, a number that reads as a
+            # result of BN adaptation in every table it reaches.
+            raise ValueError(
+                f"method norm adapts BatchNorm statistics only, and this {type(model).__name__} has no BatchNorm layer "
+                f"({_norm_layers(model)}): it would run as `source`; use method source, or a method that adapts "
+                "parameters (e.g. tent, which adapts the norm layers' affine parameters)"
+            )
 
     def forward_and_adapt(self, x: Tensor) -> Tensor:
         with self.autocast(x):
             return self.model(x)
+
+
+def _norm_layers(model: nn.Module) -> str:
+    """What normalises this model instead, e.g. "its norm layers: LayerNorm x 25", for the error."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if "Norm" in type(m).__name__:
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    if not counts:
+        return "and no other norm layer"
+    return "its norm layers: " + ", ".join(f"{k} x {v}" for k, v in counts.items())

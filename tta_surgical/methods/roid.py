@@ -45,11 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AdaptSettings, check_choice
+from ..schema import check_choice
 from ._checks import check_finite_number, check_unit_interval
 from .augment import ROID_CIFAR, cotta_views
 from .base import Method, Objective, register_method
 from .losses import entropy_per_sample
+from .settings import AdaptSettings
 
 __all__ = ["ROID", "ROIDSettings", "prior_correct", "soft_likelihood_ratio", "symmetric_cross_entropy"]
 
@@ -159,7 +160,9 @@ class ROID(Method):
         of that sub-batch)."""
         out = logits.new_zeros(logits.shape[0], dtype=torch.float32)
         index = keep.nonzero().squeeze(1) if keep is not None else torch.arange(x.shape[0], device=x.device)
-        if index.numel() == 0:  # host sync: the kept count decides the forward's shape
+        if index.numel() < 2:  # host sync: the kept count decides the forward's shape
+            # Nothing kept, or one image, whose own BatchNorm statistics are meaningless (and which torch refuses
+            # where a layer's maps are 1x1): no consistency term this batch.
             return out
         augmented = cotta_views(x.index_select(0, index), 1, self.rng, ROID_CIFAR)
         with self.autocast(x):

@@ -48,19 +48,22 @@ from __future__ import annotations
 import copy
 import math
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..config import AdaptSettings, ConfigError
+from ..schema import ConfigError
 from ._checks import check_finite_number, check_unit_interval
 from .augment import cotta_views
 from .base import Method, Objective, build_optimizer, register_method
 from .bn import batchnorm_layers
 from .losses import softmax_cross_entropy
+from .settings import AdaptSettings
 
 __all__ = ["RoTTA", "RoTTASettings", "robust_bn_forward"]
 
@@ -73,6 +76,9 @@ class RoTTASettings(AdaptSettings):
     of the teacher. alpha: RBN momentum of the statistics. lambda_t / lambda_u: weights of timeliness and
     uncertainty in the bank's replacement score.
     """
+
+    # Adam 1e-3 in both regimes (the authors' and the collection's configs).
+    optimizers: ClassVar[Mapping[str, Mapping[str, Any]]] = {"cifar": {"name": "adam", "lr": 1e-3}}
 
     name: str = "rotta"
     kind: str = "norm"

@@ -10,8 +10,8 @@ The rule (the evidence is in README "Choosing what to adapt" and `benchmarks/aut
    Unshifted: **adapt nothing and keep the source statistics** (the source model's prediction; a label-shifted
    clean stream is where test-batch statistics hurt most). Entering this state restores the source model
    (`method_reset` `auto_source`), so nothing learnt under other statistics is used with source statistics.
-2. **Are the batches i.i.d.?** The drift of the predicted class prior (`signals.prior_drift`: the KL of a batch's
-   mean prediction from a running average of them, in units of its i.i.d. sampling noise (C - 1) / 2B) is large
+2. **Are the batches i.i.d.?** The drift of the source model's predicted class prior (`signals.prior_drift`: the
+   KL of a probed batch's mean prediction from a running average of them, in units of its i.i.d. sampling noise (C - 1) / 2B) is large
    when batches hold a few classes at a time. Then single-batch statistics are biased by the classes present, and
    BatchNorm normalises with **running target statistics** (`bn.TargetStatistics`, an EMA over test batches)
    instead of the **batch**'s own (hysteresis as above).
@@ -36,16 +36,15 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..models import block_names, select_params
+from ..models.blocks import norm_layers
 from .bn import TargetStatistics, batchnorm_layers, set_bn_stats, use_target_statistics
-from .signals import BNInputStats, SourceReference, prior_drift
-
-if TYPE_CHECKING:
-    from .base import Method
+from .signals import SourceReference, prior_drift
 
 __all__ = ["AUTO", "AutoPolicy", "Selector", "candidate_blocks", "is_auto"]
 
@@ -88,8 +87,6 @@ DEFAULT_POLICY = AutoPolicy()
 
 def candidate_blocks(model: nn.Module) -> dict[str, list[str]]:
     """The selections `auto` chooses from, by name -> block list: the first stage, the second, and both."""
-    from ..models import block_names
-
     stages = [b for b in block_names(model) if re.fullmatch(r"block\d+", b)]
     if not stages:
         raise ValueError("blocks: auto needs a block map with stages (block1, block2, ...); this model has none")
@@ -103,9 +100,6 @@ def candidate_blocks(model: nn.Module) -> dict[str, list[str]]:
 def _score_layers(model: nn.Module) -> list[int]:
     """Indices (in `batchnorm_layers` order, those with running statistics) of the BatchNorm layers of the input
     block and of every stage but the last; all of them when the model has a single stage."""
-    from ..models import block_names
-    from ..models.blocks import norm_layers
-
     names = block_names(model)
     stages = [b for b in names if re.fullmatch(r"block\d+", b)]
     keep = [b for b in names if b == "input" or (b in stages[:-1])] if len(stages) > 1 else ["input", *stages]
@@ -126,9 +120,8 @@ def _adapt_choice(names: list[str], domain_age: int, young: int) -> str:
 class Selector:
     """The `auto` policy of one method: candidates, running scores, the current choice, and applying it."""
 
-    def __init__(self, method: Method, policy: AutoPolicy | None = None) -> None:
-        from ..models import select_params
-
+    def __init__(self, method: Any, policy: AutoPolicy | None = None) -> None:
+        # `method`: the owning `base.Method` (not imported: base imports this module)
         self.method = method
         self.policy = policy if policy is not None else DEFAULT_POLICY
         model = method.model
@@ -202,6 +195,9 @@ class Selector:
             logits, shifts = self.reference.probe(x)
             self._source_logits = logits
             self._update_shift(state, shifts)
+            # the prior drift reads the source model's prediction: under test-batch statistics a batch of one class
+            # is normalised to look like any other, so the adapted model's prediction would hide the drift
+            self._update_drift(state, logits)
             state["since_probe"] = 0
         else:
             state["since_probe"] += 1
@@ -221,11 +217,10 @@ class Selector:
             for store in m.target_stats.values():
                 store.start_step()
             try:
-                out = m._adapt_step(x)
+                out = m.adapt_step(x)
             finally:
                 for store in m.target_stats.values():
                     store.end_step()
-        self._update_drift(state, out)
         state["steps"] += 1
         state["domain_age"] += 1
         m.last.adapted, m.last.bn_stats = adapted, bn if self.own_norm or bn == "source" else "robust"

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..config import MethodSettings
 from .base import Method, register_method
 from .bn import set_bn_stats
+from .settings import MethodSettings
 
 
 @dataclass(frozen=True)

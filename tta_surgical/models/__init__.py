@@ -2,10 +2,10 @@
 
 Public API (see each function's docstring):
 
-- `create_model(name, *, pretrained=True, data_root=None, allow_random=False, num_classes=None, checkpoint=None,
+- `create_model(name, *, pretrained=True, data=None, allow_random=False, num_classes=None, checkpoint=None,
   mean="auto", std="auto") -> (nn.Module, ModelInfo)`: build a registered architecture, or a `torchvision:<name>`,
   `timm:<name>` or `module:<python.path>:<factory>` one (`external.py`), and load its weights;
-  `create_model_from_config(model_cfg, data_root)` does the same from a config's `model:` section.
+  `create_model_from_config(model_cfg, data)` does the same from a config's `model:` section.
 - `MODELS`: the registry of model names -> `ModelEntry` (builder and metadata).
 - `WEIGHTS`: the registry of weight names -> `WeightSpec` (file, url, sha256, loader).
 - `load_checkpoint(model, path)`: load a local checkpoint strictly (tolerating missing `num_batches_tracked`).

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 from torch import nn
+from torchvision.models import ResNet, VisionTransformer
+
+from .infer import infer_block_spec, infer_layout_rule
+from .partition import VIT_GROUPS, BlockSpec, check_partition, matches, partition
 
 __all__ = [
     "NORM_TYPES",
@@ -57,46 +60,6 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
 KINDS = ("all", "norm", "conv")
 # "affine" is accepted as a synonym of "norm" (the DESIGN.md selector vocabulary).
 _KIND_ALIASES = {"affine": "norm"}
-
-Groups = tuple[tuple[str, tuple[str, ...]], ...]
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """The block map of one architecture: ordered (name, prefixes) pairs at two granularities.
-
-    `blocks` must start with `input` and end with `head`; `units` refines the middle blocks into
-    residual units named `blockK.i` (and repeats `input` and `head` unchanged), so both lists
-    partition the parameters.
-    """
-
-    blocks: Groups
-    units: Groups
-
-    def __post_init__(self) -> None:
-        for kind, groups in (("blocks", self.blocks), ("units", self.units)):
-            names = [n for n, _ in groups]
-            if len(set(names)) != len(names):
-                raise ValueError(f"BlockSpec {kind} has duplicate names: {names}")
-            if not names or names[0] != "input" or names[-1] != "head":
-                raise ValueError(f"BlockSpec {kind} must run from 'input' to 'head', got {names}")
-            for name, prefixes in groups:
-                if not prefixes or any(not p or p.endswith(".") or p.startswith(".") for p in prefixes):
-                    raise ValueError(
-                        f"BlockSpec {kind}[{name!r}] needs dotted prefixes without edge dots, got {prefixes}"
-                    )
-        block_set = {n for n, _ in self.blocks}
-        for name, _ in self.units:
-            if name.split(".")[0] not in block_set:
-                raise ValueError(f"unit {name!r} does not belong to any block of {sorted(block_set)}")
-
-    def prefixed(self, prefix: str) -> BlockSpec:
-        """The same spec with `prefix` in front of every parameter prefix (for wrapped models)."""
-        if not prefix:
-            return self
-        add = lambda groups: tuple((n, tuple(prefix + p for p in ps)) for n, ps in groups)  # noqa: E731
-        return BlockSpec(add(self.blocks), add(self.units))
-
 
 # architecture class -> spec builder, for classes we do not own (torchvision's). Filled at import time.
 _SPEC_BUILDERS: dict[type, Callable[[nn.Module], BlockSpec]] = {}
@@ -146,8 +109,6 @@ def block_spec(model: nn.Module) -> BlockSpec:
         if builder is not None:
             spec = builder(inner)
         else:
-            from .infer import infer_block_spec
-
             spec = infer_block_spec(inner)
     return spec.prefixed(prefix)
 
@@ -161,86 +122,17 @@ def block_spec_source(model: nn.Module) -> str:
         return "built-in"
     if any(c in _SPEC_BUILDERS for c in type(inner).__mro__):
         return "built-in (registered)"
-    from .infer import infer_layout_rule
-
     return f"inferred ({infer_layout_rule(inner)})"
-
-
-def _matches(name: str, prefix: str) -> bool:
-    """Whole-component prefix match: `layer1` matches `layer1` and `layer1.x`, never `layer10.x`."""
-    return name == prefix or name.startswith(prefix + ".")
-
-
-def _assign(model: nn.Module, groups: Groups) -> tuple[dict[str, list[str]], list[str], list[tuple[str, list[str]]]]:
-    """Each parameter's group: `(groups -> names, names in no group, [(name, groups)] for names in several)`.
-
-    Whole-component matching by lookup: a parameter `a.b.c` can only match the prefixes `a`, `a.b`, `a.b.c`, so
-    each of those is looked up instead of testing every prefix of every group (ViT/EfficientNet maps have
-    hundreds of tensors and dozens of units).
-    """
-    out: dict[str, list[str]] = {name: [] for name, _ in groups}
-    rank = {name: i for i, (name, _) in enumerate(groups)}
-    owners: dict[str, list[str]] = {}
-    for name, prefixes in groups:
-        for prefix in prefixes:
-            owners.setdefault(prefix, []).append(name)
-    orphans: list[str] = []
-    several: list[tuple[str, list[str]]] = []
-    for pname, _ in model.named_parameters():
-        parts = pname.split(".")
-        found = {g for i in range(1, len(parts) + 1) for g in owners.get(".".join(parts[:i]), ())}
-        hits = sorted(found, key=rank.__getitem__)
-        if not hits:
-            orphans.append(pname)
-        elif len(hits) > 1:
-            several.append((pname, hits))
-        else:
-            out[hits[0]].append(pname)
-    return out, orphans, several
-
-
-def check_partition(model: nn.Module, groups: Groups, what: str) -> str | None:
-    """None when `groups` put every parameter of `model` in exactly one group and leave no group empty;
-    otherwise what is wrong (parameters in no group: the first few and the count)."""
-    return _problem(model, *_assign(model, groups), what)
-
-
-def _problem(
-    model: nn.Module, out: dict[str, list[str]], orphans: list[str], several: list[tuple[str, list[str]]], what: str
-) -> str | None:
-    cls = type(model).__qualname__
-    if orphans:
-        more = f" (+{len(orphans) - 5} more)" if len(orphans) > 5 else ""
-        shown = ", ".join(repr(n) for n in orphans[:5])
-        return (
-            f"parameter(s) {shown}{more} of {cls} are in no {what} ({len(orphans)} in all): the block spec is "
-            f"incomplete ({what}s: {', '.join(out)})"
-        )
-    if several:
-        pname, hits = several[0]
-        return f"parameter {pname!r} of {cls} is in several {what}s: {hits}"
-    empty = [g for g, names in out.items() if not names]
-    if empty:
-        return f"{what}(s) {empty} of {cls} match no parameter: the block spec is stale"
-    return None
-
-
-def _partition(model: nn.Module, groups: Groups, what: str) -> dict[str, list[str]]:
-    out, orphans, several = _assign(model, groups)
-    problem = _problem(model, out, orphans, several, what)
-    if problem:
-        raise ValueError(problem)
-    return out
 
 
 def block_map(model: nn.Module) -> dict[str, list[str]]:
     """Ordered `{block: [parameter names in model order]}`; raises if a parameter is in no block or in several."""
-    return _partition(model, block_spec(model).blocks, "block")
+    return partition(model, block_spec(model).blocks, "block")
 
 
 def unit_map(model: nn.Module) -> dict[str, list[str]]:
     """Like `block_map` at residual-unit granularity: `input`, `block1.0`, `block1.1`, ..., `head`."""
-    return _partition(model, block_spec(model).units, "unit")
+    return partition(model, block_spec(model).units, "unit")
 
 
 def block_names(model: nn.Module) -> list[str]:
@@ -345,7 +237,7 @@ def select_params(
     norm_ids = _norm_param_ids(model) if kind != "all" else set()
     out = []
     for name, p in model.named_parameters():
-        if not any(_matches(name, pre) for pre in prefixes):
+        if not any(matches(name, pre) for pre in prefixes):
             continue
         if kind == "norm" and id(p) not in norm_ids or kind == "conv" and id(p) in norm_ids:
             continue
@@ -363,7 +255,7 @@ def norm_layers(model: nn.Module, blocks: str | Iterable[str] | None = None) -> 
     if blocks is None:
         return mods
     prefixes = _prefixes_for(model, blocks)
-    return [(n, m) for n, m in mods if any(_matches(n, p) for p in prefixes)]
+    return [(n, m) for n, m in mods if any(matches(n, p) for p in prefixes)]
 
 
 # ----------------------------------------------------------------------------- spec helpers for architectures
@@ -391,7 +283,6 @@ def _torchvision_resnet_spec(model: nn.Module) -> BlockSpec:
     return stage_spec(model, ("conv1", "bn1"), stages, ("fc",))
 
 
-VIT_GROUPS = 4
 
 
 def _torchvision_vit_spec(model: nn.Module) -> BlockSpec:
@@ -418,8 +309,6 @@ def _torchvision_vit_spec(model: nn.Module) -> BlockSpec:
 
 
 def _register_torchvision() -> None:
-    from torchvision.models import ResNet, VisionTransformer
-
     register_block_spec(ResNet, _torchvision_resnet_spec)
     register_block_spec(VisionTransformer, _torchvision_vit_spec)
 

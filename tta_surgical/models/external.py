@@ -30,8 +30,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
+from torchvision import models as tvm
 
+from .. import hub
 from ._common import IMAGENET_MEAN, IMAGENET_STD, attach_input_norm, describe_norm
 from .weights import WeightSpec, load_checkpoint, weight_file
 
@@ -83,8 +86,6 @@ class _Built:
 
 
 def _torchvision_weights(target: str) -> object | None:
-    from torchvision import models as tvm
-
     try:
         return tvm.get_model_weights(target).DEFAULT
     except (ValueError, AttributeError):
@@ -104,8 +105,6 @@ def _torchvision_spec(target: str, enum: object) -> WeightSpec:
 
 
 def _build_torchvision(target: str, pretrained: bool, num_classes: int | None, data_root: object) -> _Built:
-    from torchvision import models as tvm
-
     valid = tvm.list_models(module=tvm)
     if target not in valid:
         raise KeyError(f"unknown torchvision classification model {target!r}; valid: {', '.join(valid)}")
@@ -295,9 +294,6 @@ def weights_status(name: str, data_root: str | os.PathLike | None = None) -> str
     enum = _torchvision_weights(target)
     if enum is None:
         return "none published by torchvision"
-    import torch
-
-    from .. import hub
 
     spec = _torchvision_spec(target, enum)
     root = hub.data_root(data_root)

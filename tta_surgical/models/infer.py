@@ -36,8 +36,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
+from torchvision.models import MobileNetV2, MobileNetV3
 
-from .blocks import VIT_GROUPS, BlockSpec
+from .partition import VIT_GROUPS, BlockSpec, check_partition
 
 __all__ = ["HOW_TO_GIVE_A_BLOCK_MAP", "BlockInferenceError", "infer_block_spec", "unassigned_message"]
 
@@ -238,8 +239,6 @@ def _mobilenet_layout(model: nn.Module) -> _Layout:
 
 
 def _hints() -> list[tuple[type, Callable[[nn.Module], _Layout]]]:
-    from torchvision.models import MobileNetV2, MobileNetV3
-
     return [(MobileNetV2, _mobilenet_layout), (MobileNetV3, _mobilenet_layout)]
 
 
@@ -286,8 +285,6 @@ def infer_block_spec(model: nn.Module) -> BlockSpec:
 
     Raises `BlockInferenceError` (a TypeError) naming the unassigned parameters when no rule applies.
     """
-    from .blocks import check_partition
-
     spec = _spec(_layout(model))
     for what, groups in (("block", spec.blocks), ("unit", spec.units)):
         problem = check_partition(model, groups, what)

@@ -25,8 +25,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .blocks import OVERRIDE_ATTR, BlockSpec, _unwrap, block_spec, check_partition
+from ..schema import read_yaml
+from .blocks import OVERRIDE_ATTR, _unwrap, block_spec
 from .infer import HOW_TO_GIVE_A_BLOCK_MAP, as_stage
+from .partition import BlockSpec, check_partition, partition
 
 __all__ = ["BlockMapError", "load_block_map", "set_block_map", "spec_from_mapping"]
 
@@ -41,7 +43,6 @@ class BlockMapError(ValueError):
 
 def load_block_map(path: str | os.PathLike) -> dict[str, list[str]]:
     """Read a block map from a YAML (or JSON) file with `config.read_yaml`: a top-level mapping of block names."""
-    from ..config import read_yaml  # the package's one YAML reader (lazy: config imports the stream modules)
 
     p = Path(path).expanduser()
     data = read_yaml(p, "block map file")  # malformed YAML: a one-line ConfigError with file, line and column
@@ -157,10 +158,8 @@ def spec_from_mapping(model: nn.Module, mapping: Mapping[str, object]) -> BlockS
 
 
 def _check_units_inside_blocks(model: nn.Module, spec: BlockSpec) -> None:
-    from .blocks import _partition
-
-    in_block = {n: b for b, names in _partition(model, spec.blocks, "block").items() for n in names}
-    for unit, names in _partition(model, spec.units, "unit").items():
+    in_block = {n: b for b, names in partition(model, spec.blocks, "block").items() for n in names}
+    for unit, names in partition(model, spec.units, "unit").items():
         outside = [n for n in names if in_block[n] != unit.split(".")[0]]
         if outside:
             raise BlockMapError(

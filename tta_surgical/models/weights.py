@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models import ResNet18_Weights, ResNet50_Weights, ViT_B_16_Weights
 
 from .. import hub
 from ..registry import Registry
@@ -153,8 +154,6 @@ _add(
 
 
 def _register_torchvision() -> None:
-    from torchvision.models import ResNet18_Weights, ResNet50_Weights, ViT_B_16_Weights
-
     for name, enum in (
         ("resnet18", ResNet18_Weights.IMAGENET1K_V1),
         ("resnet50", ResNet50_Weights.IMAGENET1K_V1),

@@ -20,14 +20,16 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ..data.context import DataContext, DataLike
 from ..registry import Registry
 from . import cifar, imagenet
 from ._common import describe_norm, register_input_norm
 from .external import create_external, is_external
+from .overrides import set_block_map
 from .weights import WEIGHTS, load_checkpoint, weight_file
 
 if TYPE_CHECKING:
-    from ..config import ModelConfig
+    from .config import ModelConfig
 
 __all__ = ["MODELS", "ModelEntry", "ModelInfo", "create_model", "create_model_from_config"]
 
@@ -144,7 +146,7 @@ def create_model(
     name: str,
     *,
     pretrained: bool | str | os.PathLike = True,
-    data_root: str | os.PathLike | None = None,
+    data: DataLike = None,
     allow_random: bool = False,
     num_classes: int | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -155,7 +157,8 @@ def create_model(
 
     name: a zoo name (`MODELS`), or `torchvision:<name>`, `timm:<name>`, `module:<python.path>:<factory>`
     (see `external.py`).
-    pretrained: True = the registry's weights (from `<data_root or $TTA_SURGICAL_DATA>/weights/<file>`, else
+    data: where the data lives (a `DataContext`, a data root folder, or None for $TTA_SURGICAL_DATA).
+    pretrained: True = the registry's weights (from `<data root>/weights/<file>`, else
     the cache, downloading with SHA-256 verification); False = random init; a path = that local checkpoint
     (the same as `checkpoint=`).
     checkpoint: a local checkpoint loaded strictly with weights_only=True (a bare state dict, or one nested
@@ -168,6 +171,7 @@ def create_model(
     [0, 1] input, or three numbers each.
     Unknown names raise `KeyError` listing the valid ones.
     """
+    data_root = DataContext.of(data).root
     if isinstance(pretrained, (str, os.PathLike)):
         if checkpoint is not None:
             raise ValueError("give the checkpoint once: as checkpoint=<path> (pretrained=<path> is the older form)")
@@ -208,13 +212,13 @@ def _zoo_norm(model: nn.Module) -> str:
 
 
 def create_model_from_config(
-    model_cfg: ModelConfig, data_root: str | os.PathLike | None = None
+    model_cfg: ModelConfig, data: DataLike = None
 ) -> tuple[nn.Module, ModelInfo]:
     """`create_model` driven by a config's `model:` section, plus its `block_map` file attached to the model."""
     model, info = create_model(
         model_cfg.name,
         pretrained=model_cfg.pretrained,
-        data_root=data_root,
+        data=data,
         allow_random=model_cfg.allow_random,
         num_classes=model_cfg.num_classes,
         checkpoint=model_cfg.checkpoint,
@@ -222,8 +226,6 @@ def create_model_from_config(
         std=model_cfg.std,
     )
     if model_cfg.block_map is not None:
-        from .overrides import set_block_map
-
         set_block_map(model, model_cfg.block_map)
     return model, info
 

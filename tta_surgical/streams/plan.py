@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..data.imagenet import subset_per_class
+
 if TYPE_CHECKING:
     from .spec import StreamSpec
 
@@ -200,8 +202,6 @@ def select_images(spec: StreamSpec, labels: np.ndarray) -> np.ndarray:
     n = len(labels)
     pool = np.arange(n, dtype=np.int64)
     if spec.per_class:
-        from ..data.imagenet import subset_per_class
-
         pool = subset_per_class(labels, spec.per_class, derive_seed(spec.seed, _TAG_SUBSET))
     prior = class_prior(spec, len(np.unique(labels)))
     if prior is not None:

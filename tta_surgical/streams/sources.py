@@ -18,23 +18,28 @@ labels, fail early on missing files) and `load` (the images of one planned batch
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..registry import Registry
+from ..corruptions import corrupt, make_generator, to_uint8
+from ..data import imagenet
+from ..data.cifar import find_cifar10, load_cifar10, load_cifar10c
+from ..data.context import DataContext, DataLike
+from ..data.imagenet import ImageFolderIndex
+from ..data.make_cifar10c import batch_seed
+from .catalog import SOURCES, register_source, source_class
+from .plan import BatchPlan
+from .spec import CLEAN, StreamSpec, gradual_severities
 
-if TYPE_CHECKING:
-    from ..data.imagenet import ImageFolderIndex
-    from .plan import BatchPlan
-    from .spec import StreamSpec
+# `n -> (images, labels)`: clean source-domain images for methods that need source statistics.
+SourceSamples = Callable[[int], tuple[Tensor, Tensor]]
 
-__all__ = ["SOURCES", "MemorySource", "Source", "open_source", "register_source", "source_class"]
+__all__ = ["SOURCES", "MemorySource", "Source", "SourceSamples", "open_source", "register_source", "source_class"]
 
 
 class Source:
@@ -47,6 +52,8 @@ class Source:
     shuffle_by_default: `stream.shuffle: null` shuffles (folders sorted by class) or keeps the stored order.
     default_subdir: where it lives under the data root ("" = the data root itself); None = nothing on disk.
     data_hint: what `stream.path` should point at, for the missing-data error.
+    regime: the data regime whose published hyper-parameters fit it ("cifar" or "imagenet"): a method's default
+        optimiser is its authors' choice for that regime (`methods.settings.MethodSettings.optimizers`).
     """
 
     name: ClassVar[str]
@@ -56,33 +63,29 @@ class Source:
     shuffle_by_default: ClassVar[bool] = False
     default_subdir: ClassVar[str | None] = None
     data_hint: ClassVar[str] = ""
+    regime: ClassVar[str] = "cifar"
 
     labels: np.ndarray
     spec: StreamSpec | None = None
 
     @classmethod
-    def open(
-        cls, spec: StreamSpec, *, data_root: str | os.PathLike | None = None, num_workers: int | None = None
-    ) -> Source:
-        """The source of `spec`, read from `spec.path` or `data_root` (labels now, images batch by batch)."""
+    def open(cls, spec: StreamSpec, data: DataContext) -> Source:
+        """The source of `spec`, read from `spec.path` or the data root (labels now, images batch by batch)."""
         raise NotImplementedError(f"stream source {cls.name!r} cannot be opened from a spec")
 
     @classmethod
-    def folder(cls, spec: StreamSpec, data_root: str | os.PathLike | None) -> Path | None:
+    def folder(cls, spec: StreamSpec, data: DataContext) -> Path | None:
         """`spec.path`, else the data root (`--data-root` / $TTA_SURGICAL_DATA) + `default_subdir`; None if neither."""
-        from .. import hub
-
         if spec.path:
             return Path(spec.path).expanduser()
-        base = hub.data_root(data_root)
-        if base is None or cls.default_subdir is None:
+        if data.root is None or cls.default_subdir is None:
             return None
-        return base / cls.default_subdir if cls.default_subdir else base
+        return data.root / cls.default_subdir if cls.default_subdir else data.root
 
     @classmethod
-    def require_folder(cls, spec: StreamSpec, data_root: str | os.PathLike | None) -> Path:
+    def require_folder(cls, spec: StreamSpec, data: DataContext) -> Path:
         """`folder(...)`, or a FileNotFoundError that says where the data goes and where to get it."""
-        root = cls.folder(spec, data_root)
+        root = cls.folder(spec, data)
         if root is None:
             raise FileNotFoundError(
                 f"stream source {cls.name!r} needs data: set stream.path to {cls.data_hint}, or pass --data-root / "
@@ -108,29 +111,47 @@ class Source:
         """`load` of each plan in order; sources that read files override it to prefetch in worker processes."""
         return (self.load(p, r) for p, r in zip(plans, rows))
 
+    def stored_images(
+        self,
+        domain: str,
+        severity: int,
+        rows: np.ndarray,
+        *,
+        seed: int = 0,
+        batch_size: int = 1000,
+        device: str | torch.device = "cpu",
+        limit: int | None = None,
+    ) -> Tensor:
+        """uint8 (n, 3, H, W) CPU images of source rows `rows` of `domain` at `severity`, as the dataset's files
+        store them: what the supervised split (`finetune`) trains and tests on. Sources that generate the
+        corrupted images (`cifar10`) do it as `make-cifar10c --seed SEED --device DEVICE --limit LIMIT` would, in
+        batches of `batch_size` over the first `limit` rows (a generator's draws depend on its device and on its
+        batch's size); sources that read files ignore the four. A source that cannot serve a split does not
+        override this (`serves_split`)."""
+        raise NotImplementedError(f"stream source {self.name!r} cannot serve a labeled split")
+
+    @classmethod
+    def serves_split(cls) -> bool:
+        """Whether `stored_images` is implemented (the supervised path accepts this source)."""
+        return cls.stored_images is not Source.stored_images
+
+    # What `source_samples` really are, repeated as a warning by a method that uses them.
+    samples_note: ClassVar[str] = ""
+
+    @classmethod
+    def source_samples(cls, data: DataContext) -> SourceSamples | None:
+        """`n -> (images, labels)`: up to n clean images of the source domain (float (N, 3, H, W) in [0, 1], CPU) for
+        methods that need source statistics (EATA's Fisher information), or None when this data has none."""
+        return None
+
     def __len__(self) -> int:
         return len(self.labels)
 
 
-SOURCES: Registry[type[Source]] = Registry("stream source")
-
-
-def register_source(cls: type[Source]) -> type[Source]:
-    """Class decorator: register `cls` under `cls.name` (a duplicate name raises)."""
-    SOURCES.register(cls.name, cls)
-    return cls
-
-
-def source_class(name: str) -> type[Source]:
-    """The registered source class `name` (an unknown name raises, listing the valid ones)."""
-    return SOURCES.get(name)
-
-
-def open_source(
-    spec: StreamSpec, *, data_root: str | os.PathLike | None = None, num_workers: int | None = None
-) -> Source:
-    """Open the source `spec.source` names, from `spec.path` or `data_root`."""
-    return source_class(spec.source).open(spec, data_root=data_root, num_workers=num_workers)
+def open_source(spec: StreamSpec, data: DataLike = None) -> Source:
+    """Open the source `spec.source` names, from `spec.path` or the data root of `data` (a `DataContext`, a data
+    root folder, or None for $TTA_SURGICAL_DATA)."""
+    return source_class(spec.source).open(spec, DataContext.of(data))
 
 
 def _nchw_on(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
@@ -140,6 +161,14 @@ def _nchw_on(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ CIFAR
+
+
+_CIFAR_SAMPLES_NOTE = (
+    "source samples are the clean CIFAR-10 *test* images (no source training split was given): the same images "
+    "the stream corrupts, so the source statistics are not independent of the test data; set method.source_data "
+    "to a CIFAR-10 folder with data_batch_* files for a proper source split"
+)
+
 
 
 @register_source
@@ -153,19 +182,17 @@ class Cifar10Source(Source):
     default_subdir = ""
     data_hint = "a folder holding cifar-10-batches-py/"
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, frost_dir: Path | None = None) -> None:
         self.images = images  # uint8 (N, 32, 32, 3)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.on_device: Tensor | None = None
+        self.frost_dir = frost_dir
+        self._generated: tuple[tuple[str, int, int, int, str, int], dict[int, Tensor]] | None = None
 
     @classmethod
-    def open(
-        cls, spec: StreamSpec, *, data_root: str | os.PathLike | None = None, num_workers: int | None = None
-    ) -> Source:
-        from ..data.cifar import find_cifar10, load_cifar10
-
-        root = cls.folder(spec, data_root)
-        return cls(*load_cifar10(root if root is not None else find_cifar10(None)))
+    def open(cls, spec: StreamSpec, data: DataContext) -> Source:
+        root = cls.folder(spec, data)
+        return cls(*load_cifar10(root if root is not None else find_cifar10(None)), frost_dir=data.frost_dir)
 
     def to(self, device: torch.device) -> None:
         if self.on_device is None or self.on_device.device != device:
@@ -174,6 +201,55 @@ class Cifar10Source(Source):
     def load(self, plan: BatchPlan, rows: Tensor) -> Tensor:
         self.to(rows.device)
         return self.on_device[rows]
+
+    def stored_images(
+        self,
+        domain: str,
+        severity: int,
+        rows: np.ndarray,
+        *,
+        seed: int = 0,
+        batch_size: int = 1000,
+        device: str | torch.device = "cpu",
+        limit: int | None = None,
+    ) -> Tensor:
+        """The images `make-cifar10c --seed SEED` writes (same batches, generator seeds, preset, uint8 rounding):
+        generated here, one corruption's batches cached (30 MB for all of CIFAR-10)."""
+        if domain == CLEAN:
+            return _nchw_on(self.images[rows], torch.device("cpu"))
+        device = torch.device(device)
+        pool = self.images if limit is None else self.images[:limit]
+        key = (domain, int(severity), int(seed), int(batch_size), str(device), len(pool))
+        if self._generated is None or self._generated[0] != key:
+            self._generated = (key, {})
+        done = self._generated[1]
+        out = torch.empty((len(rows), 3, 32, 32), dtype=torch.uint8)
+        for start in np.unique(rows // batch_size * batch_size).tolist():
+            if start not in done:
+                clean = _nchw_on(pool[start : start + batch_size], device).float().div_(255)
+                g = make_generator(batch_seed(seed, domain, severity, start), device)
+                x = corrupt(clean, domain, severity, g, preset="cifar", frost_dir=self.frost_dir)
+                done[start] = to_uint8(x).cpu()
+            where = np.flatnonzero((rows >= start) & (rows < start + batch_size))
+            out[torch.from_numpy(where)] = done[start][torch.from_numpy(rows[where] - start)]
+        return out
+
+    samples_note = _CIFAR_SAMPLES_NOTE
+
+    @classmethod
+    def source_samples(cls, data: DataContext) -> SourceSamples:
+        return _cifar10_test_images(data)
+
+
+def _cifar10_test_images(data: DataContext) -> SourceSamples:
+    """`n -> (images, labels)`: the first n clean CIFAR-10 test images (read when a method first asks)."""
+
+    def load(n: int) -> tuple[Tensor, Tensor]:
+        images, labels = load_cifar10(find_cifar10(data.root))
+        x = _nchw_on(images[:n], torch.device("cpu")).float().div_(255.0)
+        return x, torch.from_numpy(np.asarray(labels[:n], dtype=np.int64))
+
+    return load
 
 
 @register_source
@@ -196,29 +272,45 @@ class Cifar10CSource(Source):
         self._block: tuple[tuple[int, int], Tensor] | None = None
 
     @classmethod
-    def open(
-        cls, spec: StreamSpec, *, data_root: str | os.PathLike | None = None, num_workers: int | None = None
-    ) -> Source:
-        from ..data.cifar import load_cifar10c
-
-        root = cls.require_folder(spec, data_root)
+    def open(cls, spec: StreamSpec, data: DataContext) -> Source:
+        root = cls.require_folder(spec, data)
         first_sev = spec.segments()[0][2] if spec.order != "mixed" else spec.severities[0]
         _, labels = load_cifar10c(root, spec.domains[0], first_sev)
         return cls(root, labels)
 
     def _array(self, d: int, s: int) -> np.ndarray:
-        from ..data.cifar import load_cifar10c
-
         if (d, s) not in self._host:
-            name = self.spec.domains[d]
-            imgs, labs = load_cifar10c(self.root, name, s)
-            if len(labs) != len(self.labels) or not np.array_equal(labs, self.labels):
-                raise ValueError(
-                    f"CIFAR-10-C labels for {name} severity {s} differ from those of the first file "
-                    f"({len(labs)} vs {len(self.labels)} rows); the folder {self.root} mixes incompatible files"
-                )
-            self._host[(d, s)] = imgs
+            self._host[(d, s)] = self._file(self.spec.domains[d], s)
         return self._host[(d, s)]
+
+    def _file(self, name: str, severity: int) -> np.ndarray:
+        """The memory-mapped images of `name` at `severity`, checked to hold the rows of the first file's labels."""
+        imgs, labs = load_cifar10c(self.root, name, severity)
+        if len(labs) != len(self.labels) or not np.array_equal(labs, self.labels):
+            raise ValueError(
+                f"CIFAR-10-C labels for {name} severity {severity} differ from those of the first file "
+                f"({len(labs)} vs {len(self.labels)} rows); the folder {self.root} mixes incompatible files"
+            )
+        return imgs
+
+    def stored_images(
+        self,
+        domain: str,
+        severity: int,
+        rows: np.ndarray,
+        *,
+        seed: int = 0,
+        batch_size: int = 1000,
+        device: str | torch.device = "cpu",
+        limit: int | None = None,
+    ) -> Tensor:
+        return _nchw_on(self._file(domain, severity)[rows], torch.device("cpu"))
+
+    samples_note = _CIFAR_SAMPLES_NOTE
+
+    @classmethod
+    def source_samples(cls, data: DataContext) -> SourceSamples:
+        return _cifar10_test_images(data)
 
     def load(self, plan: BatchPlan, rows: Tensor) -> Tensor:
         groups = plan.groups()
@@ -246,6 +338,7 @@ class _ImageFolderSource(Source):
 
     default_image_size = 224
     shuffle_by_default = True  # folders are sorted by class
+    regime = "imagenet"
 
     def __init__(self, root: Path, index: ImageFolderIndex, num_workers: int | None) -> None:
         self.root = root
@@ -262,11 +355,10 @@ class _ImageFolderSource(Source):
         raise NotImplementedError
 
     def load_many(self, plans: Sequence[BatchPlan], rows: Iterable[Tensor], device: torch.device) -> Iterator[Tensor]:
-        from ..data.imagenet import load_batches
-
         if not plans:
             return iter(())
-        loader = load_batches(_PathBatches(self, plans), device=device, crop=self.crop(), num_workers=self.num_workers)
+        batches = _PathBatches(self, plans)
+        loader = imagenet.load_batches(batches, device=device, crop=self.crop(), num_workers=self.num_workers)
         return (x for x, _ in loader)
 
     def load(self, plan: BatchPlan, rows: Tensor) -> Tensor:
@@ -304,21 +396,36 @@ class ImageNetCSource(_ImageFolderSource):
     data_hint = "the ImageNet-C folder <root>/<corruption>/<severity>/<wnid>/*.JPEG (Zenodo record 2235448)"
 
     @classmethod
-    def open(
-        cls, spec: StreamSpec, *, data_root: str | os.PathLike | None = None, num_workers: int | None = None
-    ) -> Source:
-        from ..data import imagenet
-        from .spec import gradual_severities
-
-        root = cls.require_folder(spec, data_root)
+    def open(cls, spec: StreamSpec, data: DataContext) -> Source:
+        root = cls.require_folder(spec, data)
         sevs = gradual_severities(spec.severities) if spec.order == "gradual" else spec.severities
         for d in dict.fromkeys(spec.domains):  # fail now, not after an hour, when a folder is missing
             for s in sevs:
                 imagenet.imagenetc_folder(root, d, s)
-        return cls(root, imagenet.scan_imagenetc(root, spec.domains[0], sevs[0]), num_workers)
+        return cls(root, imagenet.scan_imagenetc(root, spec.domains[0], sevs[0]), data.num_workers)
 
     def base(self, d: int, s: int) -> Path:
         return self.root / self.spec.domains[d] / str(s)
+
+    def stored_images(
+        self,
+        domain: str,
+        severity: int,
+        rows: np.ndarray,
+        *,
+        seed: int = 0,
+        batch_size: int = 1000,
+        device: str | torch.device = "cpu",
+        limit: int | None = None,
+    ) -> Tensor:
+        index = imagenet.scan_imagenetc(self.root, domain, severity)
+        if index.relpaths != self.index.relpaths:
+            raise ValueError(
+                f"ImageNet-C folder {self.root}/{domain}/{severity} lists other files than the first domain's; "
+                "every corruption folder must hold the same images"
+            )
+        parts = [x.cpu() for x, _ in imagenet.iter_image_folder(index, batch_size=256, indices=rows, device="cpu")]
+        return torch.cat(parts) if parts else torch.zeros(0, 3, 224, 224, dtype=torch.uint8)
 
 
 @register_source
@@ -331,13 +438,9 @@ class ImageNetSource(_ImageFolderSource):
     data_hint = "a clean ImageNet val folder <root>/<wnid>/*.JPEG"
 
     @classmethod
-    def open(
-        cls, spec: StreamSpec, *, data_root: str | os.PathLike | None = None, num_workers: int | None = None
-    ) -> Source:
-        from ..data import imagenet
-
-        root = cls.require_folder(spec, data_root)
-        return cls(root, imagenet.scan_image_folder(root), num_workers)
+    def open(cls, spec: StreamSpec, data: DataContext) -> Source:
+        root = cls.require_folder(spec, data)
+        return cls(root, imagenet.scan_image_folder(root), data.num_workers)
 
     def crop(self) -> int | None:
         return self.spec.resolved_image_size
@@ -388,9 +491,7 @@ class MemorySource(Source):
         self._device: torch.device | None = None
 
     @classmethod
-    def open(
-        cls, spec: StreamSpec, *, data_root: str | os.PathLike | None = None, num_workers: int | None = None
-    ) -> Source:
+    def open(cls, spec: StreamSpec, data: DataContext) -> Source:
         raise ValueError(
             "stream.source 'memory' streams images given in Python: build the stream with "
             "build_stream(spec, source=MemorySource(images, labels)) (or engine.run(..., source=...)); a file or "

@@ -12,9 +12,18 @@ from typing import Any, Literal
 import numpy as np
 
 from ..corruptions.base import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS
-from .sources import SOURCES, source_class
+from ..schema import ConfigError, check_fields, from_dict, load_yaml
+from .catalog import SOURCES, source_class
 
-__all__ = ["CLEAN", "DOMAIN_SHORTHANDS", "StreamSpec", "gradual_severities", "load_stream_spec"]
+__all__ = [
+    "CLEAN",
+    "DOMAIN_SHORTHANDS",
+    "StreamSpec",
+    "gradual_severities",
+    "load_stream_file",
+    "load_stream_spec",
+    "stream_section",
+]
 
 Order = Literal["sequential", "mixed", "gradual"]
 LabelShift = Literal["none", "dirichlet"]
@@ -94,8 +103,6 @@ class StreamSpec:
 
     def __post_init__(self) -> None:
         # Imported here: the config module imports this one for its schema.
-        from ..config import check_fields
-
         self._accept_python_values()
         check_fields(self, "stream")  # the types, exactly as a YAML file or a CLI override is checked
         self._check_values()
@@ -222,8 +229,6 @@ class StreamSpec:
 
 
 def _error(message: str) -> ValueError:
-    from ..config import ConfigError
-
     return ConfigError(message)
 
 
@@ -234,13 +239,11 @@ def gradual_severities(severities: tuple[int, ...] = (1, 2, 3, 4, 5)) -> tuple[i
 
 
 def load_stream_spec(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> StreamSpec:
-    """A `StreamSpec` from a stream YAML file (one top-level `stream:` section, read exactly as
+    """A `StreamSpec` from a stream YAML file (one top-level `stream:` section, read by `load_stream_file` exactly as
     `config.load_config(stream=...)` reads it) or a mapping (that section, with or without the `stream:` key).
 
     Unknown keys and wrong types fail with the dotted key and the valid choices, prefixed with the file name.
     """
-    from ..config import ConfigError, from_dict, load_stream_file, stream_section
-
     if isinstance(path_or_dict, Mapping):
         where = "stream spec"
         section = stream_section(path_or_dict, where) if "stream" in path_or_dict else path_or_dict
@@ -251,3 +254,20 @@ def load_stream_spec(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> Str
         return from_dict(StreamSpec, section, "stream")
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def stream_section(data: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """The fields of a stream file's mapping, which holds exactly one top-level `stream:` section."""
+    if set(data) != {"stream"}:
+        extra = sorted(set(data) - {"stream"})
+        hint = f"unexpected top-level keys {extra}" if extra else "no top-level 'stream:' key"
+        raise ConfigError(f"{where}: a stream file holds exactly one top-level 'stream:' section ({hint})")
+    section = data["stream"] or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: 'stream:' must be a mapping of stream fields, got {section!r}")
+    return section
+
+
+def load_stream_file(path: str | os.PathLike) -> Mapping[str, Any]:
+    """The `stream:` section of a stream YAML (`streams/*.yaml`): the one reader of stream files."""
+    return stream_section(load_yaml(path, "stream file"), str(path))

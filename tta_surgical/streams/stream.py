@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..corruptions import corrupt, make_generator, to_uint8
+from ..data.context import DataContext, DataLike
 from .plan import BatchPlan, derive_seed, plan_fingerprint, plan_stream
 from .sources import Source, open_source
 from .spec import CLEAN, StreamSpec
@@ -105,8 +107,6 @@ class Stream:
         return Batch(x, y, p.domain, p.severity, p.batch_index, p.reset_before, p.domain_index, p)
 
     def _corrupt(self, p: BatchPlan, x: Tensor) -> Tensor:
-        from ..corruptions import corrupt, make_generator, to_uint8
-
         groups = p.groups()
         out = x if len(groups) == 1 else torch.empty_like(x)
         for d, s, pos in groups:
@@ -129,20 +129,18 @@ class Stream:
 def build_stream(
     spec: StreamSpec,
     *,
-    data_root: str | os.PathLike | None = None,
+    data: DataLike = None,
     device: str | torch.device = "cpu",
-    frost_dir: str | os.PathLike | None = None,
-    num_workers: int | None = None,
     source: Source | None = None,
 ) -> Stream:
-    """The `Stream` of `spec` on `device`, its source opened once from `spec.path` or `data_root`.
+    """The `Stream` of `spec` on `device`, its source opened once from `spec.path` or the data root.
 
-    data_root: the folder holding the datasets (`cifar-10-batches-py/`, `CIFAR-10-C/`, `ImageNet-C/`,
-        `imagenet/val/`); default $TTA_SURGICAL_DATA. `spec.path` (the dataset folder itself) wins.
-    frost_dir: frost textures for on-the-fly "frost" (default: the verified download cache).
-    num_workers: DataLoader workers for ImageNet sources (default min(8, CPUs)).
+    data: where the data lives (`DataContext`; a folder is taken as the data root holding `cifar-10-batches-py/`,
+        `CIFAR-10-C/`, `ImageNet-C/`, `imagenet/val/`; None = $TTA_SURGICAL_DATA): `spec.path` (the dataset folder
+        itself) wins; its frost textures serve on-the-fly "frost", its `num_workers` the file-reading sources.
     source: an already open source of kind `spec.source` (e.g. a `MemorySource`), used instead of opening one.
     """
+    data = DataContext.of(data)
     if source is None:
-        source = open_source(spec, data_root=data_root, num_workers=num_workers)
-    return Stream(spec, source, device=device, frost_dir=frost_dir)
+        source = open_source(spec, data)
+    return Stream(spec, source, device=device, frost_dir=data.frost_dir)

@@ -2,7 +2,7 @@
 
 `execute_cell(task, runner)` is the unit of work of all launchers (in this process, in a local worker
 subprocess, in a Ray task): it sets the thread count, sends the cell's output to `cell.log` in its folder, calls
-`runner(kind, config, out_dir, data_root=, frost_dir=)`, and writes the cell's result to `DONE` and its wall
+`runner(kind, config, out_dir, data=)`, and writes the cell's result to `DONE` and its wall
 time to `timing.json`, both atomically. The runner resumes a cell whose earlier attempt died (the engine
 checkpoints at every domain boundary; finetune skips its finished inner cells), so a retry continues.
 """
@@ -10,6 +10,7 @@ checkpoints at every domain boundary; finetune skips its finished inner cells), 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -19,10 +20,19 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
+from .. import engine
+from ..config import Config, from_dict
+from ..data.context import DataContext
 from ..fileio import atomic_write_text
+from ..finetune import FinetuneConfig, run_finetune
+from ..runfolder import FolderInUseError, folder_lock
 
 __all__ = [
+    "BUSY_WAIT_S",
     "DONE_FILE",
+    "CellBusyError",
     "ERROR_FILE",
     "LOG_FILE",
     "TIMING_FILE",
@@ -42,6 +52,13 @@ ERROR_FILE = "ERROR"  # the traceback of the last attempt that raised
 LOG_FILE = "cell.log"  # stdout and stderr of every attempt, appended
 TIMING_FILE = "timing.json"  # wall time and attempts: kept out of the merged results (they vary run to run)
 ATTEMPTS_FILE = "attempts"
+# How long a cell waits for another live process that holds its folder (an attempt of an earlier, killed sweep
+# session that is still finishing) before it is reported busy; `sweep --busy-wait` sets it.
+BUSY_WAIT_S = 60.0
+
+
+class CellBusyError(FolderInUseError):
+    """A cell's folder stayed held by another live process: the cell was not run (and is not failed)."""
 
 # Summary keys that go into the merged sweep.jsonl: numbers that a seed reproduces exactly on one machine.
 RUN_METRICS = (
@@ -77,8 +94,7 @@ class Runner(Protocol):
         config: Mapping[str, Any],
         out_dir: Path,
         *,
-        data_root: str | None = None,
-        frost_dir: str | None = None,
+        data: DataContext | None = None,
     ) -> Mapping[str, Any]: ...
 
 
@@ -87,26 +103,36 @@ def run_cell(
     config: Mapping[str, Any],
     out_dir: Path,
     *,
-    data_root: str | None = None,
-    frost_dir: str | None = None,
+    data: DataContext | None = None,
 ) -> dict[str, Any]:
     """The real runner: rebuild the frozen config from its dict and run `engine.run` or `run_finetune`.
 
     Always `resume=True`: a fresh folder starts from scratch, a folder left by a dead attempt continues from
     its last checkpoint (the config must be the same, which the cell id guarantees).
     """
-    from ..config import Config, from_dict
-
-    if kind == "run":
-        from ..engine import run
-
-        return run(from_dict(Config, config), out_dir, data_root=data_root, frost_dir=frost_dir, resume=True)
+    if kind == "run":  # `engine.run` is looked up when called, so a wrapper set on the module takes effect
+        return engine.run(from_dict(Config, config), out_dir, data=data, resume=True)
     if kind == "finetune":
-        from ..finetune import FinetuneConfig, run_finetune
-
         cfg = from_dict(FinetuneConfig, config)
-        return run_finetune(cfg, out_dir, data_root=data_root, frost_dir=frost_dir, resume=True)
+        return run_finetune(cfg, out_dir, data=data, resume=True)
     raise ValueError(f"unknown sweep kind {kind!r}; expected run or finetune")
+
+
+def data_task(data: DataContext) -> dict[str, Any]:
+    """The plain (JSON) form of a data context for a cell's task, with absolute paths (workers may run elsewhere)."""
+    return {
+        "root": str(data.root.resolve()) if data.root else None,
+        "frost_dir": str(data.frost_dir.resolve()) if data.frost_dir else None,
+        "num_workers": data.num_workers,
+    }
+
+
+def data_from_task(plain: Mapping[str, Any] | None) -> DataContext:
+    """The data context `data_task` wrote (None: the environment's, resolved in the worker)."""
+    if not plain:
+        return DataContext.resolve()
+    root, frost = plain.get("root"), plain.get("frost_dir")
+    return DataContext(Path(root) if root else None, Path(frost) if frost else None, plain.get("num_workers"))
 
 
 def key_metrics(kind: str, summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -154,8 +180,6 @@ def runner_path(runner: Callable[..., Any]) -> str | None:
 
 
 def resolve_runner(spec: str) -> Callable[..., Any]:
-    import importlib
-
     module, _, name = spec.partition(":")
     obj: Any = importlib.import_module(module)
     for part in name.split("."):
@@ -177,7 +201,6 @@ def _threads(n: int | None) -> Iterator[None]:
     if not n:
         yield
         return
-    import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -187,17 +210,62 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def execute_cell(task: Mapping[str, Any], runner: Callable[..., Any] | None = None, *, log: bool = True) -> dict:
+def execute_cell(
+    task: Mapping[str, Any],
+    runner: Callable[..., Any] | None = None,
+    *,
+    log: bool = True,
+    on_wait: Callable[[str], None] | None = None,
+) -> dict:
     """Run one cell as `task` describes it and record it; returns {"done": record, "timing": timing}.
 
-    task: {"kind", "config", "out_dir", "id", "data_root", "frost_dir", "threads"}.
+    task: {"kind", "config", "out_dir", "id", "data", "threads"}, optionally "busy_wait_s"; "data" is the plain form
+    of a `DataContext` (`data_task`), so a task crosses process and machine boundaries as JSON.
     log: redirect Python's stdout/stderr into the cell's `cell.log` (a worker subprocess redirects at the
     file-descriptor level itself and passes False).
+    The whole attempt holds the cell folder's writer lock, so DONE and ERROR are never written by two processes.
+    When another live process holds it (an attempt of an earlier session still running), the cell waits for it up
+    to `busy_wait_s` seconds (`BUSY_WAIT_S`), saying so through `on_wait(message)` (default: stderr); a cell that
+    holder finished is then not run again, and one still held raises `CellBusyError` without touching the folder.
     Raises what the runner raises, after writing its traceback to `ERROR` and the log.
     """
     runner = runner or run_cell
     out = Path(task["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    wait_s = float(task.get("busy_wait_s", BUSY_WAIT_S))
+
+    def waiting(holder: str) -> None:
+        (on_wait or _to_stderr)(
+            f"cell {task['id']}: its folder is held by a live process ({holder}); waiting up to {wait_s:g} s for it"
+        )
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock(out, "sweep cell", wait_s=wait_s, on_wait=waiting))
+        except FolderInUseError as err:
+            raise CellBusyError(
+                f"not run, still held after {wait_s:g} s by another live process: {err}; rerun with --resume once "
+                "it has ended"
+            ) from None
+        done = read_done(out)
+        if done is not None:  # the process we waited for finished the cell
+            return {"done": done, "timing": _read_json(out / TIMING_FILE)}
+        return _attempt(task, runner, out, log)
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _attempt(task: Mapping[str, Any], runner: Callable[..., Any], out: Path, log: bool) -> dict:
+    """One attempt at a cell whose folder lock this process holds: count it, run it, record DONE or ERROR."""
     attempts_path = out / ATTEMPTS_FILE
     try:
         attempts = int(attempts_path.read_text().strip() or 0) + 1
@@ -211,9 +279,7 @@ def execute_cell(task: Mapping[str, Any], runner: Callable[..., Any] | None = No
         print(f"--- cell {task['id']} attempt {attempts} (pid {os.getpid()})", flush=True)
         try:
             with _threads(task.get("threads")):
-                summary = runner(
-                    task["kind"], task["config"], out, data_root=task.get("data_root"), frost_dir=task.get("frost_dir")
-                )
+                summary = runner(task["kind"], task["config"], out, data=data_from_task(task.get("data")))
         except Exception:
             text = traceback.format_exc()
             print(text, file=sys.stderr, flush=True)
@@ -227,6 +293,7 @@ def execute_cell(task: Mapping[str, Any], runner: Callable[..., Any] | None = No
 
 
 def write_result(out: Path, done: Mapping[str, Any], timing: Mapping[str, Any]) -> None:
-    """timing.json first, DONE last: a folder with DONE is complete."""
+    """timing.json first, DONE last: a folder with DONE is complete (and an ERROR of an earlier attempt goes)."""
     atomic_write_text(out / TIMING_FILE, json.dumps(timing, indent=1, allow_nan=False) + "\n")
     atomic_write_text(out / DONE_FILE, json.dumps(done, indent=1, allow_nan=False) + "\n")
+    (out / ERROR_FILE).unlink(missing_ok=True)

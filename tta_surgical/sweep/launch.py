@@ -12,6 +12,10 @@ Launchers differ only in where `execute_cell` runs:
 
 A Python exception inside a cell is deterministic (a bug, a bad path): the cell fails at once, without retries,
 as Ray does by default. Finished cells (a `DONE` file in `OUT/cells/<id>/`) are skipped with `resume`.
+
+Local workers die with their driver (`worker.die_with_driver`). Every attempt at a cell holds the cell folder's
+lock (`cell.execute_cell`); a cell whose folder another live process still holds waits for it (bounded,
+`busy_wait_s`) and is then reported busy (`SweepResult.busy`): not run, nothing written, not failed.
 """
 
 from __future__ import annotations
@@ -29,10 +33,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
+from ..data.context import DataContext, DataLike
+from ..fileio import atomic_write_text
 from ..runfolder import folder_lock
-from .cell import DONE_FILE, LOG_FILE, execute_cell, read_done, runner_path, runner_spec, write_result
+from .cell import (
+    BUSY_WAIT_S,
+    DONE_FILE,
+    LOG_FILE,
+    CellBusyError,
+    data_task,
+    execute_cell,
+    read_done,
+    resolve_runner,
+    run_cell,
+    runner_path,
+    runner_spec,
+    write_result,
+)
 from .merge import CELLS_DIR, cell_dir, merge
 from .spec import Cell, Sweep
+from .worker import DRIVER_ENV
 
 __all__ = ["LAUNCHERS", "Failure", "SweepResult", "cell_tasks", "gpu_ids", "run_sweep"]
 
@@ -58,12 +81,13 @@ class SweepResult:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[Failure] = field(default_factory=list)
+    busy: list[Failure] = field(default_factory=list)  # not run: another live process held the cell's folder
     lines: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.busy
 
 
 def gpu_ids() -> list[str]:
@@ -72,8 +96,6 @@ def gpu_ids() -> list[str]:
     if visible is not None:
         return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
     try:
-        import torch
-
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:  # no torch CUDA build, no driver: no GPUs to hand out
         return []
@@ -84,10 +106,11 @@ def cell_tasks(
     out: Path,
     cells: Sequence[Cell],
     *,
-    data_root: str | os.PathLike | None = None,
-    frost_dir: str | os.PathLike | None = None,
+    data: DataLike = None,
+    busy_wait_s: float = BUSY_WAIT_S,
 ) -> list[dict[str, Any]]:
     """The plain-data task of each cell (what `execute_cell` takes), with absolute paths."""
+    plain = data_task(DataContext.of(data))
     return [
         {
             "id": c.id,
@@ -95,9 +118,9 @@ def cell_tasks(
             "kind": sweep.kind,
             "config": c.config,
             "out_dir": str(cell_dir(out, c).resolve()),
-            "data_root": str(Path(data_root).resolve()) if data_root else None,
-            "frost_dir": str(Path(frost_dir).resolve()) if frost_dir else None,
+            "data": plain,
             "threads": sweep.resources.threads,
+            "busy_wait_s": float(busy_wait_s),
         }
         for c in cells
     ]
@@ -105,8 +128,6 @@ def cell_tasks(
 
 def _write_plan(sweep: Sweep, out: Path) -> None:
     """OUT/plan.json: the expanded cells (index, id, axis values), for people and tools reading the folder."""
-    from .cell import atomic_write_text
-
     plan = {
         "name": sweep.name,
         "kind": sweep.kind,
@@ -130,10 +151,10 @@ def run_sweep(
     max_parallel: int | None = None,
     address: str | None = None,
     resume: bool = False,
-    data_root: str | os.PathLike | None = None,
-    frost_dir: str | os.PathLike | None = None,
+    data: DataLike = None,
     runner: Callable[..., Any] | None = None,
     progress: bool = True,
+    busy_wait_s: float = BUSY_WAIT_S,
 ) -> SweepResult:
     """Run every unfinished cell of `sweep` into `out/cells/<id>/`, then merge into `out/sweep.jsonl` etc.
 
@@ -141,8 +162,11 @@ def run_sweep(
     one per GPU when several exist, else 1 = in this process); for ray, the CPUs of a cluster started on demand
     and a cap on cells in flight. address: a running Ray cluster (`HEAD:6379` or `auto`).
     resume: skip finished cells; without it, an `out` that already holds cells is an error.
-    runner: `runner(kind, config, out_dir, data_root=, frost_dir=) -> summary` (default: `run_cell`, the real
+    data: where the data lives (`DataContext`; a folder = the data root), passed to every cell.
+    runner: `runner(kind, config, out_dir, data=DataContext) -> summary` (default: `run_cell`, the real
     engine / finetune); the local subprocess launcher needs it importable by module path.
+    busy_wait_s: how long a cell waits for another live process holding its folder (e.g. a worker of a killed
+    earlier session still finishing it) before it is reported busy (`SweepResult.busy`) rather than run.
     """
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher {launcher!r} is not valid; choose one of: {', '.join(LAUNCHERS)}")
@@ -152,25 +176,31 @@ def run_sweep(
     # One driver per sweep folder (each cell's run also locks its own folder, whichever worker or node runs it).
     with folder_lock(out, "sweep"):
         result, todo = _start(sweep, out, resume)
-        tasks = cell_tasks(sweep, out, todo, data_root=data_root, frost_dir=frost_dir)
+        tasks = cell_tasks(sweep, out, todo, data=data, busy_wait_s=busy_wait_s)
         by_id = {c.id: c for c in todo}
         bar = _progress(len(sweep.cells), len(result.skipped), sweep.name, progress)
 
-        def finished(cell_id: str, error: str | None) -> None:
+        def finished(cell_id: str, error: str | None, busy: bool = False) -> None:
             if error is None:
                 result.ran.append(cell_id)
             else:
                 cell = by_id[cell_id]
-                result.failed.append(Failure(cell, error, cell_dir(out, cell) / LOG_FILE))
+                (result.busy if busy else result.failed).append(Failure(cell, error, cell_dir(out, cell) / LOG_FILE))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(failed=len(result.failed), refresh=False)
+
+        def say(message: str) -> None:
+            if bar is not None:
+                bar.write(message, file=sys.stderr)
+            else:
+                print(message, file=sys.stderr, flush=True)
 
         t0 = time.perf_counter()
         session: dict[str, Any] = {"launcher": launcher}
         try:
             if tasks:
-                session.update(_dispatch(sweep, tasks, runner, launcher, address, max_parallel, out, finished))
+                session.update(_dispatch(sweep, tasks, runner, launcher, address, max_parallel, out, finished, say))
         finally:
             if bar is not None:
                 bar.close()
@@ -180,6 +210,7 @@ def run_sweep(
             result.lines = merge(sweep, out, failed=[f.cell.id for f in result.failed], session=session)
     # Report failures in sweep order, whatever order they happened in.
     result.failed.sort(key=lambda f: f.cell.index)
+    result.busy.sort(key=lambda f: f.cell.index)
     return result
 
 
@@ -203,10 +234,6 @@ def _start(sweep: Sweep, out: Path, resume: bool) -> tuple[SweepResult, list[Cel
 
 
 def _progress(total: int, initial: int, name: str, enabled: bool) -> Any:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress must never break a sweep
-        return None
     return tqdm(total=total, initial=initial, desc=name, unit="cell", disable=not enabled)
 
 
@@ -219,6 +246,7 @@ def _dispatch(
     max_parallel: int | None,
     out: Path,
     finished: Callable,
+    say: Callable[[str], None],
 ) -> dict[str, Any]:
     """Run the tasks with the chosen launcher; returns what the session record says about it."""
     if launcher == "ray":
@@ -226,19 +254,23 @@ def _dispatch(
     gpus = gpu_ids()
     n = max_parallel if max_parallel is not None else (len(gpus) if len(gpus) > 1 else 1)
     if n == 1 and len(gpus) <= 1:
-        _launch_inline(tasks, runner, finished)
+        _launch_inline(tasks, runner, finished, say)
         return {"workers": n}
-    _launch_pool(tasks, runner, n, gpus, sweep.retries, out, finished)
+    _WorkerPool(tasks, runner, gpus, sweep.retries, out, say).run(n, finished)
     return {"workers": n, "gpus": gpus}
 
 
 # ---------------------------------------------------------------------------------------------- local, inline
 
 
-def _launch_inline(tasks: list[dict[str, Any]], runner: Callable[..., Any] | None, finished: Callable) -> None:
+def _launch_inline(
+    tasks: list[dict[str, Any]], runner: Callable[..., Any] | None, finished: Callable, say: Callable[[str], None]
+) -> None:
     for task in tasks:
         try:
-            execute_cell(task, runner)
+            execute_cell(task, runner, on_wait=say)
+        except CellBusyError as err:
+            finished(task["id"], str(err), busy=True)
         except Exception as err:  # one failed cell must not stop the others; its traceback is in its log
             finished(task["id"], f"{type(err).__name__}: {err}")
         else:
@@ -250,6 +282,7 @@ def _launch_inline(tasks: list[dict[str, Any]], runner: Callable[..., Any] | Non
 
 def _worker_env(gpu: str | None, threads: int, extra_path: str | None) -> dict[str, str]:
     env = dict(os.environ)
+    env[DRIVER_ENV] = str(os.getpid())  # the worker dies with this process (worker.die_with_driver)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
@@ -259,32 +292,26 @@ def _worker_env(gpu: str | None, threads: int, extra_path: str | None) -> dict[s
     return env
 
 
-def _launch_pool(
-    tasks: list[dict[str, Any]],
-    runner: Callable[..., Any] | None,
-    n_workers: int,
-    gpus: list[str],
-    retries: int,
-    out: Path,
-    finished: Callable,
-) -> None:
-    """N slots, each a thread driving one worker subprocess; dead workers are replaced, their cell resubmitted."""
-    _WorkerPool(tasks, runner, gpus, retries, out).run(n_workers, finished)
-
-
 class _WorkerPool:
-    """What the slot threads of `_launch_pool` share: the queue of (task, attempt), the results, the workers."""
+    """N slots, each a thread driving one worker subprocess (`tta_surgical.sweep.worker`); dead workers are
+    replaced and their cell resubmitted. The slots share the queue of (task, attempt), the results, the workers.
+    Workers die with this process (parent-death signal and watchdog in the worker), so a killed driver leaves no
+    cell running behind it."""
 
     def __init__(
-        self, tasks: list[dict[str, Any]], runner: Callable[..., Any] | None, gpus: list[str], retries: int, out: Path
+        self,
+        tasks: list[dict[str, Any]],
+        runner: Callable[..., Any] | None,
+        gpus: list[str],
+        retries: int,
+        out: Path,
+        say: Callable[[str], None],
     ) -> None:
-        from .cell import run_cell
-
         runner = runner or run_cell
         self.spec, self.extra_path = runner_spec(runner), runner_path(runner)
-        self.tasks, self.gpus, self.retries = tasks, gpus, retries
+        self.tasks, self.gpus, self.retries, self.say = tasks, gpus, retries, say
         self.pending: deque[tuple[dict[str, Any], int]] = deque((t, 1) for t in tasks)
-        self.events: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        self.events: queue.Queue[tuple[str, str | None, bool]] = queue.Queue()
         self.cond = threading.Condition()
         self.left = len(tasks)
         self.procs: dict[int, subprocess.Popen] = {}
@@ -320,17 +347,20 @@ class _WorkerPool:
             self.cond.notify_all()
 
     def send(self, proc: subprocess.Popen, task_path: Path) -> str:
-        """Hand a task file to a worker and wait for its one-line reply ("" when the worker died mid-cell)."""
+        """Hand a task file to a worker and wait for its one-line reply ("" when the worker died mid-cell); the
+        "waiting" lines a worker sends before it (its cell's folder is held by another process) are passed on."""
         try:
             proc.stdin.write(str(task_path) + "\n")
             proc.stdin.flush()
-            return proc.stdout.readline()
+            while True:
+                line = proc.stdout.readline()
+                if not line or json.loads(line).get("status") != "waiting":
+                    return line
+                self.say(json.loads(line).get("message", ""))
         except (BrokenPipeError, OSError):
             return ""
 
     def slot_loop(self, slot: int) -> None:
-        from .cell import atomic_write_text
-
         proc: subprocess.Popen | None = None
         try:
             while (item := self.next_task()) is not None:
@@ -353,18 +383,18 @@ class _WorkerPool:
                             self.pending.append((task, attempt + 1))
                             self.cond.notify_all()
                         continue
-                    self.events.put((task["id"], f"worker died (exit code {code}) on all {attempt} attempts"))
+                    self.events.put((task["id"], f"worker died (exit code {code}) on all {attempt} attempts", False))
                 else:
                     reply = json.loads(line)
-                    self.events.put(
-                        (task["id"], None if reply.get("status") == "done" else reply.get("error", "failed"))
-                    )
+                    status = reply.get("status")
+                    error = None if status == "done" else reply.get("error", "failed")
+                    self.events.put((task["id"], error, status == "busy"))
                 self.done_one()
         except BaseException as err:  # never leave the main loop waiting on a dead slot thread
             with self.cond:
                 self.left = 0
                 self.cond.notify_all()
-            self.events.put(("", f"slot {slot} crashed: {err!r}"))
+            self.events.put(("", f"slot {slot} crashed: {err!r}", False))
         finally:
             if proc is not None and proc.poll() is None:
                 proc.stdin.close()
@@ -382,10 +412,10 @@ class _WorkerPool:
             t.start()
         try:
             for _ in range(len(self.tasks)):
-                cell_id, error = self.events.get()
+                cell_id, error, busy = self.events.get()
                 if not cell_id:
                     raise RuntimeError(error)
-                finished(cell_id, error)
+                finished(cell_id, error, busy)
         finally:
             with self.cond:
                 if self.left > 0:  # interrupted: stop the workers, the cells stay resumable
@@ -410,8 +440,6 @@ def _ray_execute(task: dict[str, Any], runner: Callable[..., Any] | dict[str, An
     worker can import only when the module is on its path).
     """
     if isinstance(runner, dict):
-        from .cell import resolve_runner
-
         if runner.get("path") and runner["path"] not in sys.path:
             sys.path.insert(0, runner["path"])
         runner = resolve_runner(runner["spec"])
@@ -478,6 +506,9 @@ def _launch_ray(
                 value = ray.get(ready[0])
             except ray.exceptions.RayError as err:
                 cause = getattr(err, "cause", None)
+                if isinstance(cause, CellBusyError):
+                    finished(task["id"], str(cause).splitlines()[0][:500], busy=True)
+                    continue
                 text = f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(err).__name__}"
                 finished(task["id"], text.splitlines()[0][:500])
                 continue

@@ -27,11 +27,24 @@ import itertools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, load_yaml, parse_override, to_dict
+from ..config import (
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    load_yaml,
+    parse_override,
+    to_dict,
+)
+from ..finetune import validate_options
+from ..finetune.config import load_finetune_config
+from ..methods.selection import candidate_blocks
+from ..models import create_model_from_config, resolve_blocks, select_params
 
 __all__ = [
     "SWEEP_KEYS",
@@ -223,15 +236,9 @@ def _expand(data: Mapping[str, Any]) -> tuple[tuple[str, ...], list[dict[str, An
 
 def _loader(kind: str, base: Path | None, stream: Path | None):
     """A function overrides -> frozen config, using the real loader of the kind (base files read once)."""
-    from ..config import apply_overrides
-
     if kind == "run":
-        from ..config import load_config
-
         base_cfg = load_config(base, stream=stream)
     else:
-        from ..finetune.config import load_finetune_config
-
         base_cfg = load_finetune_config(base)
     # apply_overrides type-checks each override and reruns every cross-field check on the result, exactly
     # what load_config(base, stream=, overrides=) does after reading the files.
@@ -351,11 +358,6 @@ def check_cells(sweep: Sweep, cells: Sequence[Cell] | None = None) -> None:
 
     Builds each distinct model once without weights (a few ms for CIFAR ResNets; no download).
     """
-    import dataclasses
-
-    from ..config import ModelConfig, from_dict
-    from ..models import create_model_from_config, resolve_blocks, select_params
-
     models: dict[str, Any] = {}
     for cell in sweep.cells if cells is None else cells:
         section = cell.config["model"]
@@ -363,7 +365,7 @@ def check_cells(sweep: Sweep, cells: Sequence[Cell] | None = None) -> None:
         key = json.dumps({k: v for k, v in section.items() if k not in ("pretrained", "checkpoint")}, sort_keys=True)
         try:
             if key not in models:
-                shape_only = dataclasses.replace(
+                shape_only = replace(
                     from_dict(ModelConfig, section, "model"), pretrained=False, checkpoint=None, allow_random=True
                 )
                 models[key] = create_model_from_config(shape_only)[0]
@@ -371,8 +373,6 @@ def check_cells(sweep: Sweep, cells: Sequence[Cell] | None = None) -> None:
             if sweep.kind == "run":
                 method = cell.config["method"]
                 if "blocks" in method and list(method["blocks"]) == ["auto"]:
-                    from ..methods.selection import candidate_blocks
-
                     candidate_blocks(model)  # auto needs stages to choose from
                 elif "blocks" in method:  # an adapting method (its settings have blocks / kind)
                     names = resolve_blocks(model, method["blocks"])
@@ -381,8 +381,6 @@ def check_cells(sweep: Sweep, cells: Sequence[Cell] | None = None) -> None:
                             f"method.blocks={method['blocks']} with method.kind={method['kind']} selects no tensors"
                         )
             else:
-                from ..finetune import validate_options
-
                 validate_options(model, cell.config["finetune"]["options"], cell.config["finetune"]["kind"])
         except (ValueError, KeyError, TypeError) as err:
             msg = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -1,4 +1,4 @@
-"""The bench's outputs: `bench.json` ({meta, cells}) and `bench.md`, latency plots, the stream-timing table."""
+"""The bench's outputs: `bench.json` ({meta, cells}) and `bench.md`, latency plots."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from ..fileio import atomic_write_text
 from ..metrics import json_safe
 from ..provenance import provenance
+from ..render import pyplot, save_figure
 from ..tables import fmt, markdown_table
 
 __all__ = [
@@ -24,7 +25,6 @@ __all__ = [
     "bench_meta",
     "plot_latency",
     "progress_line",
-    "stream_markdown",
     "write_results",
 ]
 
@@ -94,8 +94,6 @@ def bench_markdown(result: Mapping[str, Any]) -> str:
 
 def plot_latency(result: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """One PNG per model: p50 latency (ms) vs batch size, one line per method (and precision); needs matplotlib."""
-    from ..report import pyplot, save_figure
-
     plt = pyplot()
     cells = [c for c in result.get("cells", []) if not c.get("error") and c.get("latency_ms")]
     paths = []
@@ -130,48 +128,3 @@ def progress_line(i: int, n: int, c: Mapping[str, Any]) -> str:
     lat = c["latency_ms"]
     extra = f", x{c['ratio_to_inference']:.2f} inference" if c.get("ratio_to_inference") else ""
     return f"{head}: p50 {lat['p50']:.2f} ms, {c['images_per_s']:.0f} img/s{extra}"
-
-
-_STREAM_COLUMNS = (
-    "method", "stream s", "images/s", "adapt steps s", "data s", "checkpoints s", "other s", "x source",
-    "steps x source", "total s (with setup)", "online error %", "mean error %",
-)  # fmt: skip
-
-
-def stream_markdown(result: Mapping[str, Any]) -> str:
-    """A stream-timing result as Markdown: one row per method, plus the data-only pass; the target when it applies."""
-    s = result["stream"]
-    rows = [
-        [
-            r["label"], fmt(r["stream_s"]), fmt(r["images_per_s"], 0), fmt(r["step_s"]), fmt(r["data_s"]),
-            fmt(r["checkpoint_s"]), fmt(r["other_s"]), fmt(r["stream_ratio_to_source"]),
-            fmt(r["step_ratio_to_source"]), fmt(r["total_s"]), fmt(r["online_error"]), fmt(r["mean_error"]),
-        ]
-        for r in result["methods"]
-    ]  # fmt: skip
-    d = result.get("data_only")
-    if d:
-        rows.append(
-            ["(data only: generation, no model)", fmt(d["stream_s"]), fmt(d["images_per_s"], 0), fmt(None),
-             fmt(d["stream_s"]), *[fmt(None)] * 4, fmt(d["build_s"] + d["stream_s"]), fmt(None), fmt(None)]
-        )  # fmt: skip
-    lines = [
-        f"### Stream timing: {result['scenario']} ({s['n_corruptions']} corruptions x {s['n_per_corruption']} "
-        f"images, severity 5, continual, batch {s['batch_size']}, {s['image_size']}x{s['image_size']})",
-        "",
-        f"Model {result['model']} ({'pretrained' if result['model_pretrained'] else 'RANDOM INIT'}); device "
-        f"{result['device']}; images: {s['images']}. Times in seconds; x source = stream time / source's.",
-        "",
-        markdown_table(_STREAM_COLUMNS, rows),
-    ]
-    t = result.get("target")
-    if t and t.get("applies"):
-        met = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in t["met"].items())
-        lines += ["", f"Target (whole stream under {t['limit_s']:g} s): {met}."]
-    if not result["error_meaningful"]:
-        lines += [
-            "",
-            "Errors are not meaningful here (random weights and/or labels that are not the model's "
-            "classes): timing only.",
-        ]
-    return "\n".join(lines) + "\n"

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from ..metrics import BatchTimer
-from ..tables import fmt, markdown_table
+from tta_surgical.metrics import BatchTimer
+from tta_surgical.streams import StreamSpec, open_source
+from tta_surgical.tables import fmt, markdown_table
 
 __all__ = ["ByomSpec", "byom_markdown", "run_byom"]
 
@@ -42,10 +43,10 @@ class ByomSpec:
 
 
 def _stream(spec: ByomSpec, data_root: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from .. import corrupt
-    from ..data.cifar import find_cifar10, load_cifar10
+    from tta_surgical import corrupt
 
-    images, labels = load_cifar10(find_cifar10(data_root))
+    source = open_source(StreamSpec(source="cifar10"), data_root)  # the CIFAR-10 test set, as a run reads it
+    images, labels = source.images, source.labels
     x = torch.from_numpy(images[: spec.n_per_corruption]).permute(0, 3, 1, 2).float().div_(255.0)
     y = torch.as_tensor(labels[: spec.n_per_corruption], dtype=torch.long)
     if spec.image_size != 32:
@@ -60,8 +61,8 @@ def _stream(spec: ByomSpec, data_root: str | None) -> list[tuple[torch.Tensor, t
 
 
 def _one_model(name: str, spec: ByomSpec, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
-    from .. import adapt
-    from ..models import create_model
+    from tta_surgical import adapt
+    from tta_surgical.models import create_model
 
     model, _ = create_model(name, pretrained=False, num_classes=10)  # ImageNet normalisation inside, as for weights
     plain = copy.deepcopy(model).eval()
@@ -97,7 +98,7 @@ def _one_model(name: str, spec: ByomSpec, batches: Sequence[tuple[torch.Tensor, 
 
 def run_byom(spec: ByomSpec, data_root: str | None = None) -> dict[str, Any]:
     """Time every model of `spec` on the same stream; returns `{"spec", "rows", "provenance"}`."""
-    from ..provenance import provenance
+    from tta_surgical.provenance import provenance
 
     batches = _stream(spec, data_root)
     rows = [_one_model(name, spec, batches) for name in spec.models]
@@ -125,7 +126,7 @@ def byom_markdown(result: dict[str, Any]) -> str:
 def write(result: dict[str, Any], out: Path) -> None:
     import json
 
-    from ..fileio import atomic_write_text
+    from tta_surgical.fileio import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "byom.json", json.dumps(result, indent=2) + "\n")

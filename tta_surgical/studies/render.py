@@ -1,9 +1,6 @@
-"""Tables and plots of run summaries: one run as Markdown, several side by side, an optional error plot; and those of
-`tta-surgical report` (online vs supervised per option, the verdict per shift type, budget curves).
-
-Formatting (numbers, Markdown tables, the bold best value) comes from `tta_surgical.tables`; `pyplot` and
-`save_figure` are the one way this package opens and saves a matplotlib figure.
-"""
+"""The online-vs-supervised study's Markdown tables and plots (`tta-surgical report`): online vs supervised per
+option, per corruption, the verdict per shift type, the budget curves. Formatting comes from `tta_surgical.tables`,
+figures from `tta_surgical.render.pyplot` / `save_figure`."""
 
 from __future__ import annotations
 
@@ -13,129 +10,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .tables import MISSING, bold_best, fmt, markdown_table
+from ..render import pyplot, save_figure
+from ..tables import MISSING, bold_best, fmt, markdown_table
 
-# Printed under every error table: the two stream-level errors are computed differently and can differ.
-ERROR_NOTE = (
-    "mean = the unweighted mean of the per-domain errors (the number papers report); online error = the errors "
-    "over all images of the stream. They are equal (up to rounding in the last digit) when every domain has the "
-    "same number of images, and differ when the domains differ in size (a mixed stream, a run stopped early)."
-)
-
-
-def summary_markdown(summary: Mapping[str, Any]) -> str:
-    """One run: error per domain and their mean, then online error, latency, throughput and memory."""
-    title = f"### {summary.get('method', '?')} on {summary.get('model', '?')}"
-    stream = summary.get("stream")
-    if stream:
-        title += f" ({stream})"
-    if summary.get("model_pretrained") is False:
-        title += "\n\n**Warning: randomly initialised weights; these errors say nothing about the method.**"
-    rows = [[d, fmt(e)] for d, e in summary.get("errors", {}).items()]
-    rows.append(["**mean**", f"**{fmt(summary.get('mean_error'))}**"])
-    errors = markdown_table(["domain", "error %"], rows)
-    lat = summary.get("latency_ms", {})
-    by_round = summary.get("errors_by_round") or []
-    stats = [
-        ["online error %", fmt(summary.get("online_error"))],
-        *([["mean error % by round", " / ".join(fmt(e) for e in by_round)]] if len(by_round) > 1 else []),
-        ["latency p50 / p95 / p99 (ms/batch)", " / ".join(fmt(lat.get(k)) for k in ("p50", "p95", "p99"))],
-        ["images / s", fmt(summary.get("images_per_s"), 1)],
-        [f"peak memory MiB ({summary.get('peak_memory_kind', '?')})", fmt(summary.get("peak_memory_mb"), 1)],
-        ["skipped updates", fmt(summary.get("n_skipped_updates"))],
-        *([["auto: batches per choice", _choices(summary["selection_counts"])]] if summary.get("selection_counts") else []),
-        ["images", fmt(summary.get("n_images"))],
-        ["device", fmt(summary.get("device"))],
-    ]
-    return "\n\n".join([title, errors, markdown_table(["metric", "value"], stats), ERROR_NOTE]) + "\n"
-
-
-def _choices(counts: Mapping[str, int]) -> str:
-    """`blocks: auto`'s choices, most frequent first: "block1-2, batch: 140; none, source: 10"."""
-    return "; ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def compare_markdown(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """Several runs over the same stream: domains as rows, runs (named by the mapping's keys) as columns.
-
-    The mean row is the unweighted mean over domains; the best (lowest) error of each row is bold.
-    Online error, p50 latency, throughput and memory follow as extra rows.
-    """
-    names = list(summaries)
-    domains: list[str] = []
-    for s in summaries.values():
-        for d in s.get("errors", {}):
-            if d not in domains:
-                domains.append(d)
-
-    def row(label: str, values: list[float | None], lower_is_better: bool = True, digits: int = 2) -> list[str]:
-        return [label, *bold_best(values, [fmt(v, digits) for v in values], lower=lower_is_better)]
-
-    rows = [row(d, [s.get("errors", {}).get(d) for s in summaries.values()]) for d in domains]
-    rows.append(row("**mean**", [s.get("mean_error") for s in summaries.values()]))
-    rows.append(row("online error", [s.get("online_error") for s in summaries.values()]))
-    rows.append(row("latency p50 (ms)", [s.get("latency_ms", {}).get("p50") for s in summaries.values()]))
-    rows.append(row("images / s", [s.get("images_per_s") for s in summaries.values()], lower_is_better=False, digits=1))
-    rows.append(row("peak memory (MiB)", [s.get("peak_memory_mb") for s in summaries.values()], digits=1))
-    return markdown_table(["error %", *names], rows) + "\n\n" + ERROR_NOTE + "\n"
-
-
-def plot_errors(summaries: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Save a grouped bar chart of error per domain (one bar per run) to `path` (PNG/PDF/SVG by suffix)."""
-    plt = pyplot()
-    names = list(summaries)
-    domains: list[str] = []
-    for s in summaries.values():
-        domains += [d for d in s.get("errors", {}) if d not in domains]
-    domains.append("mean")
-    width = 0.8 / max(len(names), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(domains) * max(len(names), 1) + 2), 4))
-    for i, name in enumerate(names):
-        s = summaries[name]
-        vals = [s.get("errors", {}).get(d, math.nan) for d in domains[:-1]] + [s.get("mean_error", math.nan)]
-        ax.bar([j + i * width for j in range(len(domains))], vals, width=width, label=name)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(domains))])
-    ax.set_xticklabels(domains, rotation=45, ha="right")
-    ax.set_ylabel("error (%)")
-    ax.legend()
-    return save_figure(fig, path)
-
-
-def pyplot() -> Any:
-    """`matplotlib.pyplot` on the file-only Agg backend (never needs a display). matplotlib is an optional
-    dependency (`pip install tta-surgical[plot]`): without it, an ImportError that says how to get it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError(
-            "plotting needs matplotlib, which is not installed: pip install 'tta-surgical[plot]' "
-            "(or pip install matplotlib); the tables were written without it"
-        ) from None
-    return plt
-
-
-def save_figure(fig: Any, path: str | Path) -> Path:
-    """Lay out, save (creating the folder) and close a matplotlib figure; return the path."""
-    plt = pyplot()
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
-
-
-# ------------------------------------------------------------------------------------ online vs supervised (report)
+__all__ = [
+    "budgets_markdown",
+    "per_corruption_markdown",
+    "plot_budgets",
+    "plot_study",
+    "study_markdown",
+    "verdict_markdown",
+]
 
 
 def _yes_no(value: bool | None) -> str:
     return "–" if value is None else ("yes" if value else "**no**")
 
 
-def comparison_markdown(task: Mapping[str, Any]) -> str:
+def study_markdown(task: Mapping[str, Any]) -> str:
     """One task of `tta-surgical report`: per option the online error on its stream, the online-adapted model's
     accuracy on the supervised test split and the supervised accuracy there (means over corruptions and seeds),
     then the same per corruption."""
@@ -206,7 +98,7 @@ VERDICT_HEADER = [
 
 
 def verdict_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The paper's Table 1 in our setting, one line per corruption and per shift level (see `finetune.compare`)."""
+    """The paper's Table 1 in our setting, one line per corruption and per shift level (see `studies.verdict`)."""
     body = [
         [
             r["shift"],
@@ -237,7 +129,7 @@ def verdict_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return markdown_table(VERDICT_HEADER, body) + "\n\n" + note + "\n"
 
 
-def plot_comparison(task: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def plot_study(task: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Grouped bars per option: the online-adapted and the supervised accuracy on the test split."""
     plt = pyplot()
     opts = list(task["options"])
@@ -256,9 +148,6 @@ def plot_comparison(task: Mapping[str, Any], path: str | os.PathLike) -> Path:
     # Below the axes: inside, it would cover the first bars (accuracies fill the whole height).
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     return save_figure(fig, path)
-
-
-# ------------------------------------------------------------------------------------------------ budget curves
 
 
 def budgets_markdown(b: Mapping[str, Any]) -> str:

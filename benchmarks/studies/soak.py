@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..tables import fmt, markdown_table
+from tta_surgical.tables import fmt, markdown_table
+
 from .sweep_cells import finished_cells
 
 __all__ = ["plot_soak", "soak_markdown", "soak_rows"]
@@ -78,7 +79,7 @@ def soak_markdown(rows: list[dict[str, Any]], reference: str = "norm") -> str:
 
 def plot_soak(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Online error per round, one line per configuration (needs matplotlib)."""
-    from ..report import pyplot
+    from tta_surgical.render import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..corruptions import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, corrupt, make_generator
-from ..fileio import atomic_write_text
-from ..provenance import provenance
+from tta_surgical.corruptions import ALL_CORRUPTIONS, BENCHMARK_CORRUPTIONS, corrupt, make_generator
+from tta_surgical.fileio import atomic_write_text
+from tta_surgical.provenance import provenance
+from tta_surgical.streams import StreamSpec, open_source
 
 __all__ = ["SpeedOptions", "run_corruption_speed", "sample_images", "time_ours", "time_reference"]
 
@@ -115,9 +116,7 @@ def time_reference(images: np.ndarray, name: str, severity: int) -> float | None
 def sample_images(n: int, size: int, data_root: str | None, seed: int = 0) -> torch.Tensor:
     """Natural images when CIFAR-10 is at hand (upscaled for 224), else smooth random images; float (n, 3, s, s)."""
     if data_root:
-        from ..data.cifar import load_cifar10
-
-        imgs, _ = load_cifar10(data_root)
+        imgs = open_source(StreamSpec(source="cifar10"), data_root).images  # the test set, uint8 NHWC
         x = torch.from_numpy(imgs[:n]).permute(0, 3, 1, 2).float() / 255
     else:
         g = torch.Generator().manual_seed(seed)
@@ -129,7 +128,7 @@ def sample_images(n: int, size: int, data_root: str | None, seed: int = 0) -> to
 
 def run_corruption_speed(opts: SpeedOptions, log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Time every corruption of `opts`; write the JSON ({meta, summary, rows}) to `opts.out`; return it."""
-    from ..corruptions.textures import default_frost_dir
+    from tta_surgical.corruptions.textures import default_frost_dir
 
     opts = opts.sized()
     frost_dir = default_frost_dir(opts.frost_dir, opts.data_root)

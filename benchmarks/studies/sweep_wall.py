@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from ..fileio import atomic_write_text
-from ..provenance import provenance
+from tta_surgical.data.context import DataContext
+from tta_surgical.fileio import atomic_write_text
+from tta_surgical.provenance import provenance
 
 __all__ = ["time_sweep"]
 
@@ -37,22 +38,18 @@ def time_sweep(
 ) -> dict[str, Any]:
     """Run the sweep `file` once per worker count; return (and write to `json_path`) the walls and whether the
     merged `sweep.jsonl` files are identical. A failed cell raises RuntimeError naming it and its log."""
-    from ..corruptions.textures import default_frost_dir
-    from ..sweep import load_sweep, run_sweep
+    from tta_surgical.sweep import load_sweep, run_sweep
 
     say = log or (lambda _: None)
     sweep = load_sweep(file, overrides=list(overrides))
-    data_root = data_root if data_root and Path(data_root).is_dir() else None
-    frost = default_frost_dir(None, data_root)
+    data = DataContext.resolve(data_root if data_root and Path(data_root).is_dir() else None)
     say(f"sweep {sweep.name}: {len(sweep.cells)} cells, launcher {launcher}, workers {list(workers)}")
     rows, merged, summary_md = [], {}, ""
     with tempfile.TemporaryDirectory(prefix="sweep_wall_") as tmp:
         for n in workers:
             out = Path(tmp) / f"w{n}"
             t0 = time.perf_counter()
-            result = run_sweep(
-                sweep, out, launcher=launcher, max_parallel=n, data_root=data_root, frost_dir=frost, progress=False
-            )
+            result = run_sweep(sweep, out, launcher=launcher, max_parallel=n, data=data, progress=False)
             wall = time.perf_counter() - t0
             if not result.ok:
                 failed = "; ".join(f"cell {f.cell.index}: {f.reason} (log {f.log})" for f in result.failed)

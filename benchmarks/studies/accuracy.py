@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..corruptions import BENCHMARK_CORRUPTIONS, corrupt, make_generator, to_uint8
-from ..fileio import atomic_write_text
-from ..provenance import provenance
-from ..tables import fmt, markdown_table
+from tta_surgical.corruptions import BENCHMARK_CORRUPTIONS, corrupt, make_generator, to_uint8
+from tta_surgical.fileio import atomic_write_text
+from tta_surgical.provenance import provenance
+from tta_surgical.streams import StreamSpec, open_source
+from tta_surgical.tables import fmt, markdown_table
 
 __all__ = ["AccuracyOptions", "accuracy_markdown", "error_rate", "generate", "run_cifar10c_accuracy"]
 
@@ -73,7 +74,7 @@ def generate(
     frost_dir: str | None = None,
 ) -> np.ndarray:
     """Our corruption of `clean` (uint8 NHWC), batch for batch as make-cifar10c writes it (its seeds, its rounding)."""
-    from ..data.make_cifar10c import batch_seed
+    from tta_surgical.data.make_cifar10c import batch_seed
 
     out = np.empty_like(clean)
     for start in range(0, len(clean), batch_size):
@@ -87,7 +88,7 @@ def generate(
 def _reference_rows(folder: str, name: str, severity: int, severities: tuple[int, ...], n: int) -> np.ndarray:
     """Severity `severity`'s first `n` images of `<folder>/<name>.npy`: our layout (only `severities`, stacked in
     order) when the file has exactly that many rows, else the official 5-severity layout."""
-    ref = np.load(Path(folder) / f"{name}.npy", mmap_mode="r")
+    ref = np.load(Path(folder) / f"{name}.npy", mmap_mode="r", allow_pickle=False)
     if len(ref) == len(severities) * n:
         i = severities.index(severity)
         return ref[i * n : (i + 1) * n]
@@ -99,19 +100,22 @@ def run_cifar10c_accuracy(opts: AccuracyOptions, log: Callable[[str], None] | No
     """Evaluate, log the table, write the JSON to `opts.out_path()`, return the result."""
     from tqdm.auto import tqdm
 
-    from ..corruptions.textures import default_frost_dir
-    from ..data.cifar import find_cifar10, load_cifar10, load_cifar10c
-    from ..models import create_model
+    from tta_surgical.corruptions.textures import default_frost_dir
+    from tta_surgical.models import create_model
 
     say = log or (lambda _: None)
     device = torch.device(opts.device)
     frost_dir = default_frost_dir(opts.frost_dir, opts.data_root)
-    model, info = create_model(opts.model, data_root=opts.data_root)
+    model, info = create_model(opts.model, data=opts.data_root)
     model.eval().to(device)
-    clean, labels = load_cifar10(find_cifar10(opts.data_root))
-    n = opts.limit or len(clean)
-    clean, labels = clean[:n], labels[:n]
+    source = open_source(StreamSpec(source="cifar10"), opts.data_root)  # the CIFAR-10 test set, as a run reads it
+    n = opts.limit or len(source.images)
+    clean, labels = source.images[:n], source.labels[:n]
     sevs = tuple(opts.severities)
+    files = None  # the CIFAR-10-C folder, read by the stream source a run with stream.source cifar10c uses
+    if opts.cifar10c:
+        spec = StreamSpec(source="cifar10c", path=opts.cifar10c, domains=tuple(opts.corruptions), severities=sevs)
+        files = open_source(spec, opts.data_root)
     result: dict[str, Any] = {
         "model": opts.model, "weights": str(info.weights), "n_images": n, "device": str(device),
         "clean_error": error_rate(model, clean, labels, device), "errors": {}, "reference_errors": {},
@@ -120,9 +124,9 @@ def run_cifar10c_accuracy(opts: AccuracyOptions, log: Callable[[str], None] | No
     t0 = time.perf_counter()
     for name in tqdm(opts.corruptions, desc="corruptions"):
         for s in sevs:
-            if opts.cifar10c:
-                imgs, lab = load_cifar10c(opts.cifar10c, name, s)
-                imgs, lab = imgs[:n], lab[:n]
+            if files is not None:
+                imgs = files.stored_images(name, s, np.arange(min(n, len(files)))).permute(0, 2, 3, 1).numpy()
+                lab = files.labels[:n]
             else:
                 imgs, lab = generate(clean, name, s, opts.seed, device, frost_dir=frost_dir), labels
             result["errors"].setdefault(name, {})[str(s)] = error_rate(model, imgs, lab, device)

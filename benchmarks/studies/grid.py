@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..tables import bold_best, fmt, markdown_table
+from tta_surgical.tables import bold_best, fmt, markdown_table
+
 from .sweep_cells import finished_cells
 
 __all__ = ["grid_markdown", "grid_rows"]

@@ -41,19 +41,28 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import engine
-from ..config import Config, apply_overrides, load_config
-from ..fileio import atomic_write_text
-from ..metrics import json_safe
-from ..provenance import provenance
-from .labels import STREAM_BASELINE, STREAM_METHODS, baseline_first, parse_method, safe_label, valid_labels
-from .report import stream_markdown
+from tta_surgical import engine
+from tta_surgical.bench.labels import (
+    SURGICAL_BLOCK1,
+    baseline_first,
+    parse_method,
+    registered_labels,
+    safe_label,
+    valid_labels,
+)
+from tta_surgical.config import Config, apply_overrides, load_config
+from tta_surgical.data.context import DataContext
+from tta_surgical.fileio import atomic_write_text
+from tta_surgical.metrics import json_safe
+from tta_surgical.provenance import provenance
+from tta_surgical.streams import StreamSpec, build_stream, open_source
+from tta_surgical.tables import fmt, markdown_table
 
 __all__ = [
     "SCENARIOS",
@@ -66,10 +75,14 @@ __all__ = [
     "plan_stream_timing",
     "run_stream_timing",
     "shorten",
+    "stream_markdown",
     "stage_cifar_images",
     "resolve_method",
 ]
 
+# The stream timing divides by the unadapted `source` model's times; it times the methods the engine runs.
+STREAM_BASELINE = "source"
+STREAM_METHODS = baseline_first((*registered_labels(), SURGICAL_BLOCK1), STREAM_BASELINE)
 STREAMS_DIR = Path(__file__).resolve().parents[2] / "streams"  # the checkout's stream scenarios
 TARGET_S = 10.0  # issue 5: the full continual CIFAR-10-C stream with resnet20 on an H100
 STAGE_QUALITY = 90  # JPEG quality of the staged CIFAR images (ImageNet val files are ~quality 90-96)
@@ -227,15 +240,14 @@ def stage_cifar_images(data_root: str | None, folder: Path, n: int, size: int) -
     import torch.nn.functional as F
     from torchvision.io import encode_jpeg, write_file
 
-    from ..data.cifar import find_cifar10, load_cifar10
-
     marker = folder / "staged.json"
     if marker.is_file():
         meta = json.loads(marker.read_text())
         if meta.get("size") == size and meta.get("n", 0) >= n and meta.get("quality") == STAGE_QUALITY:
             return folder, 0.0
     t0 = time.perf_counter()
-    images, labels = load_cifar10(find_cifar10(data_root))
+    source = open_source(StreamSpec(source="cifar10"), data_root)  # the CIFAR-10 test set, as a run reads it
+    images, labels = source.images, source.labels
     if n > len(images):
         raise ValueError(
             f"the CIFAR-10 test set has {len(images)} images, fewer than --n-per-corruption {n}; lower it or give "
@@ -261,7 +273,7 @@ def stage_cifar_images(data_root: str | None, folder: Path, n: int, size: int) -
 
 def clean_images(opts: StreamTimingOptions, data_root: str | None, n: int) -> dict[str, Any]:
     """Where the `imagenet` scenario's clean images come from: `image_folder`, <data-root>/imagenet/val, or staged."""
-    from ..data.imagenet import resize_size
+    from tta_surgical.data.imagenet import resize_size
 
     if opts.image_folder:
         path, kind = Path(opts.image_folder).expanduser(), "image folder (--image-folder)"
@@ -292,11 +304,9 @@ def _sync(device: torch.device) -> None:
 
 def time_data_only(cfg: Config, data_root: str | None, frost_dir: Any, device: torch.device) -> dict[str, Any]:
     """Iterate the stream with no model (corruption generation, reading, copies only), device-synchronised."""
-    from ..streams import build_stream
-
     _sync(device)
     t0 = time.perf_counter()
-    stream = build_stream(cfg.stream, data_root=data_root, device=device, frost_dir=frost_dir)
+    stream = build_stream(cfg.stream, data=DataContext.resolve(data_root, frost_dir), device=device)
     _sync(device)
     t1 = time.perf_counter()
     n = 0
@@ -321,7 +331,7 @@ def time_method(
     """One engine run of `cfg` into `out_dir`, timed and broken down (see the module docstring)."""
     _sync(device)
     t0 = time.perf_counter()
-    summary = engine.run(cfg, out_dir, data_root=data_root, frost_dir=frost_dir, overwrite=True)
+    summary = engine.run(cfg, out_dir, data=DataContext.resolve(data_root, frost_dir), overwrite=True)
     _sync(device)
     total_s = time.perf_counter() - t0
     if not keep_state:  # after the clock: a resnet50 checkpoint is ~100-300 MB per run, results stay
@@ -398,8 +408,8 @@ class StreamPlan:
 def plan_stream_timing(opts: StreamTimingOptions) -> StreamPlan:
     """Data, device, corruptions, the imagenet scenario's images and every method's config: everything that can
     fail on bad options (ValueError, FileNotFoundError) before a clock starts."""
-    from ..corruptions import BENCHMARK_CORRUPTIONS
-    from ..corruptions.textures import default_frost_dir
+    from tta_surgical.corruptions import BENCHMARK_CORRUPTIONS
+    from tta_surgical.corruptions.textures import default_frost_dir
 
     data_root = opts.data_root if opts.data_root and Path(opts.data_root).is_dir() else None
     scenario = SCENARIOS[opts.scenario]
@@ -424,7 +434,7 @@ def _warm_up(run: StreamPlan) -> None:
     time_data_only(shorten(first, 1, len(run.domains)), run.data_root, run.frost_dir, run.device)
     for m, cfg in run.configs.items():
         warm = run.work / "warmup" / safe_label(m)
-        engine.run(shorten(cfg, 2, 1), warm, data_root=run.data_root, frost_dir=run.frost_dir, overwrite=True)
+        engine.run(shorten(cfg, 2, 1), warm, data=DataContext.resolve(run.data_root, run.frost_dir), overwrite=True)
         if not run.opts.keep_state:
             (warm / engine.STATE_FILE).unlink(missing_ok=True)
 
@@ -533,3 +543,48 @@ def _result(run: StreamPlan, rows: list[dict[str, Any]], data_only: dict[str, An
         },
         **provenance(run.device),
     }
+
+
+_STREAM_COLUMNS = (
+    "method", "stream s", "images/s", "adapt steps s", "data s", "checkpoints s", "other s", "x source",
+    "steps x source", "total s (with setup)", "online error %", "mean error %",
+)  # fmt: skip
+
+
+def stream_markdown(result: Mapping[str, Any]) -> str:
+    """A stream-timing result as Markdown: one row per method, plus the data-only pass; the target when it applies."""
+    s = result["stream"]
+    rows = [
+        [
+            r["label"], fmt(r["stream_s"]), fmt(r["images_per_s"], 0), fmt(r["step_s"]), fmt(r["data_s"]),
+            fmt(r["checkpoint_s"]), fmt(r["other_s"]), fmt(r["stream_ratio_to_source"]),
+            fmt(r["step_ratio_to_source"]), fmt(r["total_s"]), fmt(r["online_error"]), fmt(r["mean_error"]),
+        ]
+        for r in result["methods"]
+    ]  # fmt: skip
+    d = result.get("data_only")
+    if d:
+        rows.append(
+            ["(data only: generation, no model)", fmt(d["stream_s"]), fmt(d["images_per_s"], 0), fmt(None),
+             fmt(d["stream_s"]), *[fmt(None)] * 4, fmt(d["build_s"] + d["stream_s"]), fmt(None), fmt(None)]
+        )  # fmt: skip
+    lines = [
+        f"### Stream timing: {result['scenario']} ({s['n_corruptions']} corruptions x {s['n_per_corruption']} "
+        f"images, severity 5, continual, batch {s['batch_size']}, {s['image_size']}x{s['image_size']})",
+        "",
+        f"Model {result['model']} ({'pretrained' if result['model_pretrained'] else 'RANDOM INIT'}); device "
+        f"{result['device']}; images: {s['images']}. Times in seconds; x source = stream time / source's.",
+        "",
+        markdown_table(_STREAM_COLUMNS, rows),
+    ]
+    t = result.get("target")
+    if t and t.get("applies"):
+        met = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in t["met"].items())
+        lines += ["", f"Target (whole stream under {t['limit_s']:g} s): {met}."]
+    if not result["error_meaningful"]:
+        lines += [
+            "",
+            "Errors are not meaningful here (random weights and/or labels that are not the model's "
+            "classes): timing only.",
+        ]
+    return "\n".join(lines) + "\n"

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import OptimConfig, method_config
-from ..methods import MethodContext, build_method
-from ..methods.augment import augmix_views, cotta_views
-from ..methods.bn import set_bn_stats
-from ..methods.memo import marginal_entropy
-from ..models import create_model
+from tta_surgical.config import OptimConfig, method_config
+from tta_surgical.methods import MethodContext, build_method
+from tta_surgical.methods.augment import augmix_views, cotta_views
+from tta_surgical.methods.bn import set_bn_stats
+from tta_surgical.methods.memo import marginal_entropy
+from tta_surgical.models import create_model
+from tta_surgical.streams import StreamSpec, open_source
 
 __all__ = ["run_augment_cost", "table"]
 
@@ -125,9 +126,7 @@ class LoopMEMO:
 
 def load_inputs(data_root: str | None, n: int, device: torch.device) -> Tensor:
     if data_root is not None:
-        from tta_surgical.data.cifar import load_cifar10
-
-        images, _ = load_cifar10(data_root, "test")
+        images = open_source(StreamSpec(source="cifar10"), data_root).images  # the test set, uint8 NHWC
         x = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).float() / 255.0
     else:
         x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -135,7 +134,7 @@ def load_inputs(data_root: str | None, n: int, device: torch.device) -> Tensor:
 
 
 def fresh_model(data_root: str | None, device: torch.device) -> nn.Module:
-    model, _ = create_model("resnet20", pretrained=data_root is not None, data_root=data_root, allow_random=True)
+    model, _ = create_model("resnet20", pretrained=data_root is not None, data=data_root, allow_random=True)
     return model.to(device).to(memory_format=torch.channels_last)
 
 
@@ -218,7 +217,7 @@ def table(rows: list[dict]) -> str:
 
 def run_augment_cost(args: argparse.Namespace) -> dict[str, Any]:
     """Time every variant (`build_variants`) interleaved; returns the record the script writes (rows, timings)."""
-    from ..provenance import provenance
+    from tta_surgical.provenance import provenance
 
     if args.quick:
         args.repeats, args.memo_batch = 2, 4
