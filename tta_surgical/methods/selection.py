@@ -10,13 +10,13 @@ The rule (the evidence is in README "Choosing what to adapt" and `benchmarks/aut
    Unshifted: **adapt nothing and keep the source statistics** (the source model's prediction; a label-shifted
    clean stream is where test-batch statistics hurt most). Entering this state restores the source model
    (`method_reset` `auto_source`), so nothing learnt under other statistics is used with source statistics.
-2. **Are the batches i.i.d.?** The drift of the source model's predicted class prior (`signals.prior_drift`: the
-   KL of a probed batch's mean prediction from a running average of them, in units of its i.i.d. sampling noise (C - 1) / 2B) is large
-   when batches hold a few classes at a time. Then single-batch statistics are biased by the classes present, and
-   BatchNorm normalises with **running target statistics** (`bn.TargetStatistics`, an EMA over test batches)
-   instead of the **batch**'s own (hysteresis as above).
-3. **Which blocks?** Shifted: adapt the candidate the block rule picks (`_ADAPT`), all parameters of the chosen
-   blocks, with the method's own objective.
+2. **Which statistics?** Shifted: the method normalises with the test batch's statistics (its own BatchNorm
+   regime for RoTTA, whose robust BatchNorm is its algorithm). A running-target-statistics option for non-i.i.d.
+   batches was measured and left out: the label-free class-prior drift that would switch it on fires at every
+   domain change of an i.i.d. continual stream too (README "Choosing what to adapt").
+3. **Which blocks?** Shifted: all parameters of the first two stages while the current domain is young (the first
+   `young` batches after a detected domain change: a change of the per-layer shift profile by more than
+   `change_on`), then the first stage alone (`_adapt_choice`), with the method's own objective.
 
 A new choice must win `confirm` consecutive decisions before it is taken (no flapping on one odd batch); the first
 decision of a stream (or after a reset) is taken at once. The reference probe runs before every step while the
@@ -26,7 +26,7 @@ stream counts as unshifted (then its prediction *is* the step's prediction: no s
 Mechanics: the optimiser holds the union of every candidate's parameters; a step enables `requires_grad` on the
 chosen ones only, so autograd stops at the earliest chosen block, torch's optimisers skip tensors without a
 gradient (their Adam moments and steps are untouched) and the other tensors stay bit-identical. Everything the
-policy carries (its choice, running scores, the target statistics) is registered method state: `reset`,
+policy carries (its choice, running scores, the domain's age) is registered method state: `reset`,
 checkpoints and `--resume` cover it exactly. Each step reports `adapted` and `bn_stats` for the results line.
 """
 
@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from ..models import block_names, select_params
 from ..models.blocks import norm_layers
-from .bn import TargetStatistics, batchnorm_layers, set_bn_stats, use_target_statistics
-from .signals import SourceReference, prior_drift
+from .bn import batchnorm_layers, set_bn_stats
+from .signals import SourceReference
 
 __all__ = ["AUTO", "AutoPolicy", "Selector", "candidate_blocks", "is_auto"]
 
@@ -60,26 +60,22 @@ def is_auto(blocks: Iterable[str] | str) -> bool:
 
 @dataclass(frozen=True)
 class AutoPolicy:
-    """The selector's constants (measured on resnet20 / CIFAR-10-C: `benchmarks/autopilot_signals.py`).
+    """The selector's constants (measured on resnet20 / CIFAR-10-C: README "Choosing what to adapt").
 
     shift_on / shift_off: covariate score (mean Gaussian KL per BatchNorm layer of the source reference) above which
-    the stream counts as shifted / below which as unshifted again. drift_on / drift_off: class-prior drift, in units
-    of its i.i.d. sampling noise (C - 1) / (2B), above which batches count as non-i.i.d. / below which as i.i.d.
-    again. momentum: weight of the newest batch in the running scores. confirm: consecutive decisions a new choice
-    needs. probe_every: reference probes while adapting (every N steps). target_momentum: weight of a batch in the
-    running target statistics.
+    the stream counts as shifted / below which as unshifted again. momentum: weight of the newest probe in the running
+    score and profile. change_on: mean |log ratio| between a probe's per-layer shifts and the running profile above
+    which a new domain begins. young: batches after a domain change that adapt both early stages. confirm:
+    consecutive decisions a new choice needs. probe_every: reference probes while adapting (every N steps).
     """
 
     shift_on: float = 0.032
     shift_off: float = 0.028
-    drift_on: float = 8.0
-    drift_off: float = 4.0
     momentum: float = 0.3
-    confirm: int = 2
-    probe_every: int = 4
-    target_momentum: float = 0.1
     change_on: float = 0.4
     young: int = 10
+    confirm: int = 2
+    probe_every: int = 4
 
 
 DEFAULT_POLICY = AutoPolicy()
@@ -154,14 +150,8 @@ class Selector:
                 value = getattr(m, name)
                 if isinstance(value, nn.Module) and batchnorm_layers(value):
                     self.normalised[name] = value
-        m.target_stats = nn.ModuleDict(
-            {
-                name: TargetStatistics(batchnorm_layers(module), self.policy.target_momentum)
-                for name, module in self.normalised.items()
-            }
-        )
         m.selection = self._initial_state()
-        m.register_state("selection", "target_stats")
+        m.register_state("selection")
         self._apply(("none", "source"))
 
     def _initial_state(self) -> dict[str, Any]:
@@ -170,10 +160,7 @@ class Selector:
             "pending": None,
             "pending_count": 0,
             "shift": None,
-            "drift": 0.0,
-            "prior": None,
             "shifted": False,
-            "non_iid": False,
             "steps": 0,
             "since_probe": 0,
             "pristine": True,
@@ -195,16 +182,11 @@ class Selector:
             logits, shifts = self.reference.probe(x)
             self._source_logits = logits
             self._update_shift(state, shifts)
-            # the prior drift reads the source model's prediction: under test-batch statistics a batch of one class
-            # is normalised to look like any other, so the adapted model's prediction would hide the drift
-            self._update_drift(state, logits)
             state["since_probe"] = 0
         else:
             state["since_probe"] += 1
         if state["changed"]:
             state["domain_age"] = 0  # a new domain: the young-domain block rule starts again
-            for store in m.target_stats.values():
-                store.clear()  # and the running target statistics follow the new domain from its first batch
         choice = self._decide(state)
         if choice != tuple(state["choice"]):
             self._switch(state, choice)
@@ -214,13 +196,7 @@ class Selector:
             self._source_logits = None
         else:
             self._apply((adapted, bn))
-            for store in m.target_stats.values():
-                store.start_step()
-            try:
-                out = m.adapt_step(x)
-            finally:
-                for store in m.target_stats.values():
-                    store.end_step()
+            out = m.adapt_step(x)
         state["steps"] += 1
         state["domain_age"] += 1
         m.last.adapted, m.last.bn_stats = adapted, bn if self.own_norm or bn == "source" else "robust"
@@ -258,33 +234,16 @@ class Selector:
             state["shift"] = (1.0 - k) * state["shift"] + k * value
             state["profile"] = (1.0 - k) * state["profile"] + k * profile
 
-    def _update_drift(self, state: dict[str, Any], logits: Tensor) -> None:
-        probs = logits.detach().float().softmax(1)
-        if not bool(torch.isfinite(probs).all()):
-            return
-        batch_mean = probs.mean(0)
-        prior = state["prior"]
-        k = self.policy.momentum
-        if prior is not None:
-            noise = (probs.shape[1] - 1) / (2.0 * probs.shape[0])
-            drift = float(prior_drift(probs, prior)) / noise
-            state["drift"] = (1.0 - k) * state["drift"] + k * drift
-            state["prior"] = 0.9 * prior + 0.1 * batch_mean
-        else:
-            state["prior"] = batch_mean
-
     # ------------------------------------------------------------------------------------------- the rule
     def _decide(self, state: dict[str, Any]) -> tuple[str, str]:
         p = self.policy
         shift = state["shift"]
         if shift is not None:
             state["shifted"] = shift > (p.shift_off if state["shifted"] else p.shift_on)
-        state["non_iid"] = state["drift"] > (p.drift_off if state["non_iid"] else p.drift_on)
         if not state["shifted"]:
             proposal = ("none", "source")
         else:
-            bn = "ema" if state["non_iid"] else "batch"
-            proposal = (_adapt_choice(list(self.candidates), state["domain_age"], p.young), bn)
+            proposal = (_adapt_choice(list(self.candidates), state["domain_age"], p.young), "batch")
         current = tuple(state["choice"])
         if proposal == current:
             state["pending"], state["pending_count"] = None, 0
@@ -303,11 +262,8 @@ class Selector:
     def _switch(self, state: dict[str, Any], choice: tuple[str, str]) -> None:
         """Take `choice`; entering the unshifted state restores the source model (all but the policy's state)."""
         if choice == ("none", "source") and not state["pristine"]:
-            self.method.self_reset("auto_source", keep=("rng", "selection", "target_stats"))
+            self.method.self_reset("auto_source", keep=("rng", "selection"))
             state["pristine"] = True
-        if choice[1] != state["choice"][1]:
-            for store in self.method.target_stats.values():
-                store.clear()  # new statistics regime: the running target estimates start from the next batch
         state["choice"] = list(choice)
 
     # ------------------------------------------------------------------------------------------- applying
@@ -319,8 +275,5 @@ class Selector:
         self.adapting = bool(ids)
         if not self.own_norm:
             return
-        for name, module in self.normalised.items():
-            if bn == "ema":
-                use_target_statistics(module, self.method.target_stats[name])
-            else:
-                set_bn_stats(module, bn)
+        for module in self.normalised.values():
+            set_bn_stats(module, bn)
