@@ -11,13 +11,18 @@ import copy
 import dataclasses
 import functools
 import io
+import math
 
 import pytest
 import torch
 from _toy_methods import N_CLASSES, TinyNet
+from test_engine import Crash, read_lines, tiny_cfg
+from test_method_contracts import CONTEXT, assert_equal, snapshot
 
+import tta_surgical
 from tta_surgical.config import ConfigError, OptimConfig, method_config
-from tta_surgical.methods import build_method, selection
+from tta_surgical.engine import run
+from tta_surgical.methods import build_method, selection, signals
 from tta_surgical.methods.selection import Selector, candidate_blocks, is_auto
 from tta_surgical.models import select_params
 
@@ -82,8 +87,6 @@ def source_net(seed: int = 0) -> TinyNet:
 
 
 def make(name: str = "eta", seed: int = 0, **settings):
-    from test_method_contracts import CONTEXT
-
     cfg = method_config(name, **{**TINY.get(name, {}), "blocks": ["auto"], **settings})
     return build_method(source_net(seed), cfg, OptimConfig(lr=5e-3), context=CONTEXT)
 
@@ -119,8 +122,6 @@ def test_memo_refuses_auto_with_a_clear_error():
 
 
 def test_api_adapt_takes_blocks_auto():
-    import tta_surgical
-
     adapted = tta_surgical.adapt(source_net(), "eta", blocks="auto", d_margin=0.999)
     adapted(shifted(0))
     assert adapted.last.adapted in {"block1", "block2", "block1-2", "none"}
@@ -128,6 +129,14 @@ def test_api_adapt_takes_blocks_auto():
 
 
 # ---------------------------------------------------------------------------------------------------- mechanics
+
+
+def test_a_model_without_stages_is_a_clear_error():
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 5))
+    tta_surgical.blocks(net, block_map={"input": ["0", "1"], "head": ["3"]})
+    with pytest.raises(ValueError, match="blocks: auto needs a block map with stages"):
+        candidate_blocks(net)
 
 
 def test_candidates_and_union_are_the_first_two_stages():
@@ -284,8 +293,6 @@ def test_auto_reset_restores_the_policy_and_replays_exactly(name):
 
 
 def test_nan_batch_reports_nothing_adapted_and_changes_no_state():
-    from test_method_contracts import assert_equal, snapshot
-
     method = make()
     method.step(shifted(0))
     state = snapshot(method)
@@ -303,10 +310,6 @@ def test_engine_records_every_decision_counts_them_and_resumes_exactly(tmp_path,
     """A real run (resnet20, 2 corruptions x 2 batches, continual): every results line says what was adapted and
     with which statistics, summary.json counts the choices, and a run resumed after a crash equals an uninterrupted
     one, decisions included."""
-    from test_engine import Crash, read_lines, tiny_cfg
-
-    from tta_surgical.engine import run
-
     cfg = tiny_cfg("eta", "method.blocks=[auto]", "stream.reset=never")
     full = run(cfg, tmp_path / "full", data=data_root, record_predictions=True)
     lines = read_lines(tmp_path / "full")
@@ -333,10 +336,37 @@ def test_engine_records_every_decision_counts_them_and_resumes_exactly(tmp_path,
 
 
 def test_fixed_selections_write_no_decision_fields(tmp_path, data_root):
-    from test_engine import read_lines, tiny_cfg
-
-    from tta_surgical.engine import run
-
     summary = run(tiny_cfg("tent", "stream.n_examples=16"), tmp_path / "t", data=data_root)
     assert summary["selection_counts"] is None
     assert all("adapted" not in r for r in read_lines(tmp_path / "t"))
+
+
+# ---------------------------------------------------------------------------------------------------- the signals
+
+
+def test_gaussian_kl_is_zero_on_the_source_statistics_and_grows_with_the_shift():
+    mean, var = torch.zeros(4), torch.ones(4)
+    assert float(signals.gaussian_kl(mean, var, mean, var)) == pytest.approx(0.0, abs=1e-6)
+    small = float(signals.gaussian_kl(mean + 0.1, var, mean, var))
+    large = float(signals.gaussian_kl(mean + 1.0, 2 * var, mean, var))
+    assert small == pytest.approx(0.5 * 0.01, rel=1e-3) and large > small
+
+
+def test_source_reference_is_frozen_and_measures_the_input_shift():
+    net = source_net()
+    reference = signals.SourceReference(net)
+    _, clean_shift = reference.probe(clean(0))
+    logits, noisy_shift = reference.probe(shifted(0))
+    assert torch.allclose(logits, net.eval()(shifted(0)), atol=1e-6)
+    assert clean_shift.shape == noisy_shift.shape and float(noisy_shift.mean()) > 3 * float(clean_shift.mean())
+    assert all(not p.requires_grad for p in reference.model.parameters())
+
+
+def test_prior_drift_agreement_and_block_rgn():
+    probs = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert float(signals.prior_drift(probs, torch.tensor([1.0, 0.0]))) == pytest.approx(0.0, abs=1e-5)
+    assert float(signals.prior_drift(probs, torch.tensor([0.5, 0.5]))) == pytest.approx(math.log(2), rel=1e-3)
+    a, b = torch.tensor([[2.0, 1.0], [0.0, 1.0]]), torch.tensor([[2.0, 1.0], [1.0, 0.0]])
+    assert float(signals.agreement(a, b)) == 0.5
+    p = torch.ones(4)
+    assert signals.block_rgn({"block1": [(p, 0.5 * p)], "block2": [(p, None)]}) == {"block1": 0.5, "block2": 0.0}
