@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -289,8 +290,6 @@ def cost_table(rows: dict[str, dict[str, Any]]) -> str:
 
 def read_runs(folders: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
     """{method: {selection: {domain: error %}}} of finished run folders (a sweep's `cells/*` folders work too)."""
-    import yaml
-
     out: dict[str, dict[str, dict[str, float]]] = {}
     for folder in folders:
         summary, config = folder / "summary.json", folder / "config.yaml"
@@ -305,18 +304,27 @@ def read_runs(folders: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def part_b_table(runs: dict[str, dict[str, float]], signals: dict[str, dict[str, Any]]) -> str:
-    """Per domain: each selection's error, the best in hindsight, and the block the block-level signals pick."""
+    """Per domain: each selection's error, the best fixed one in hindsight, the better of block1 / block2, and the
+    block the block-level signals pick (the last row: how often a signal picked the better of the two)."""
     labels = sorted(runs)
-    header = ["domain", *labels, "best", "shift picks", "rgn picks"]
-    body = []
+    header = ["domain", *labels, "best fixed", "better of 1 / 2", "shift picks", "rgn picks"]
+    body, hits, n = [], {"shift": 0, "rgn": 0}, 0
     for domain in [*CORRUPTIONS, "mean"]:
         errs = {k: runs[k].get(domain) for k in labels}
-        finite = {k: v for k, v in errs.items() if v is not None}
-        best = min(finite, key=finite.get) if finite else "-"
+        fixed = {k: v for k, v in errs.items() if v is not None and k != "auto"}
+        best = min(fixed, key=fixed.get) if fixed else "-"
+        pair = {k: fixed[k] for k in CANDIDATE_BLOCKS if k in fixed}
+        better = min(pair, key=pair.get) if len(pair) == 2 else "-"
         sig = signals.get(f"iid/{domain}")
-        picks = ["-", "-"] if sig is None else [
-            _argmax(sig["shift_by_block"], CANDIDATE_BLOCKS), _argmax(sig["rgn"], CANDIDATE_BLOCKS)]
-        body.append([domain, *[fmt(errs[k], 1) for k in labels], best, *picks])
+        picks = {} if sig is None else {
+            "shift": _argmax(sig["shift_by_block"], CANDIDATE_BLOCKS), "rgn": _argmax(sig["rgn"], CANDIDATE_BLOCKS)}
+        if picks and better != "-":
+            n += 1
+            for key, pick in picks.items():
+                hits[key] += pick == better
+        body.append([domain, *[fmt(errs[k], 1) for k in labels], best, better, picks.get("shift", "-"),
+                     picks.get("rgn", "-")])
+    body.append(["signal picked the better", *[""] * len(labels), "", "", f"{hits['shift']}/{n}", f"{hits['rgn']}/{n}"])
     return markdown_table(header, body, left=1, right=len(labels))
 
 
