@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -27,6 +26,7 @@ from tta_surgical.methods.losses import entropy_per_sample
 from tta_surgical.methods.signals import SourceReference, agreement, block_rgn, prior_drift
 from tta_surgical.models import block_map, create_model
 from tta_surgical.models.blocks import norm_layers
+from tta_surgical.schema import read_yaml
 from tta_surgical.streams import build_stream, load_stream_spec
 from tta_surgical.tables import fmt, markdown_table
 
@@ -295,7 +295,7 @@ def read_runs(folders: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
         summary, config = folder / "summary.json", folder / "config.yaml"
         if not (summary.is_file() and config.is_file()):
             continue
-        method = yaml.safe_load(config.read_text())["method"]
+        method = read_yaml(config)["method"]
         blocks = list(method.get("blocks", []))
         label = "auto" if blocks == ["auto"] else "default" if blocks == ["all"] else "+".join(blocks)
         errors = json.loads(summary.read_text())["errors"]
