@@ -209,6 +209,7 @@ class _Tally:
     time: TimeMeter = field(default_factory=TimeMeter)
     nonfinite: int = 0
     alarms: list[Alarm] = field(default_factory=list)
+    selections: dict[str, int] = field(default_factory=dict)  # `blocks: auto`: "adapted, bn_stats" -> batches
     n_lines: int = 0
     pending_reset: bool = False
 
@@ -227,6 +228,9 @@ class _Tally:
         self.latency.update(float(rec["latency_ms"]), int(rec["count"]), warmup=bool(rec.get("warmup", False)))
         self.ledger.add(rec)
         self.time.update(rec)
+        if rec.get("adapted") is not None:
+            choice = f"{rec['adapted']}, {rec['bn_stats']}"
+            self.selections[choice] = self.selections.get(choice, 0) + 1
         self.pending_reset = False
         if policy == "off":
             return []
@@ -281,6 +285,8 @@ def _record(batch: Any, logits: torch.Tensor, method: Any, ms: float, spec: Any,
         "reset": bool(batch.reset_before),
         "finite": finite,
     }
+    if last.adapted is not None:  # `blocks: auto`: what this batch adapted, with which BatchNorm statistics
+        rec["adapted"], rec["bn_stats"] = last.adapted, last.bn_stats
     keys = _item_keys(batch, spec, multi)
     if keys is not None:
         ok = (logits.argmax(dim=1) == batch.y.to(logits.device)).tolist()
@@ -639,6 +645,7 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "n_resets": int(method.n_resets),
         "n_method_resets": int(method.n_method_resets),
         "method_resets_by_kind": dict(sorted(method.method_resets_by_kind.items())),
+        "selection_counts": dict(sorted(tally.selections.items())) if tally.selections else None,
         "n_nonfinite_batches": tally.nonfinite,
         "n_collapse_warnings": len(tally.collapses),
         "collapse_batches": list(tally.collapses),

@@ -61,6 +61,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         ["images / s", fmt(summary.get("images_per_s"), 1)],
         [f"peak memory MiB ({summary.get('peak_memory_kind', '?')})", fmt(summary.get("peak_memory_mb"), 1)],
         ["skipped updates", fmt(summary.get("n_skipped_updates"))],
+        *_selection_rows(summary),
         ["collapse warnings", _collapses(summary)],
         *_guard_rows(summary),
         ["batches", _batches_run(summary)],
@@ -113,6 +114,15 @@ def time_markdown(summary: Mapping[str, Any]) -> str:
              f"{fmt(amort['utility'], 4)} ({amort['batches_cleared']} batches cleared)"]
         )  # fmt: skip
     return "#### Time\n\n" + markdown_table(["metric", "value"], rows)
+
+
+def _selection_rows(summary: Mapping[str, Any]) -> list[list[str]]:
+    """`blocks: auto`'s choices, most frequent first ("block1, batch: 140; none, source: 10"); none for fixed ones."""
+    counts = summary.get("selection_counts") or {}
+    if not counts:
+        return []
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [["auto: batches per choice", "; ".join(f"{k}: {v}" for k, v in ranked)]]
 
 
 def _flagged_batches(summary: Mapping[str, Any], show: int = 10) -> str:

@@ -6,7 +6,8 @@ A label is one of
   any method registered later, with no change here): that method with its default settings;
 - `<method>:<block>[+<block>...]` for a registered method that adapts (`METHODS.get(name).adapts`): the method
   on every parameter (kind all) of the named blocks, e.g. `surgical:block1`, `surgical:block1+block2`,
-  `surgical:block1.0` (block names as in `tta-surgical blocks MODEL`);
+  `surgical:block1.0` (block names as in `tta-surgical blocks MODEL`); `<method>:auto` is the method with
+  `blocks: auto` (the runtime's label-free choice, `methods.selection`);
 - one of the bench's own pseudo-methods: `inference` (the plain model forward under `inference_mode`, the
   baseline of every `ratio_to_inference`), `reference_tent` (`PlainTent`, Tent written as a plain loop; the
   package's `tent` is compared with it), `autorgn` (surgical entropy minimisation of every block with online

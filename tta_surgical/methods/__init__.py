@@ -22,7 +22,7 @@ from .bn import batchnorm_layers, mixed_batch_norm, set_bn_stats
 from .losses import entropy, entropy_per_sample
 
 # Modules that hold shared machinery rather than a method.
-_NOT_METHODS = {"base", "bn", "losses", "augment"}
+_NOT_METHODS = {"base", "bn", "losses", "augment", "selection", "signals"}
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):  # noqa: F405 - the package path
     if _info.name not in _NOT_METHODS and not _info.name.startswith("_"):

@@ -50,6 +50,7 @@ from ..models.partition import matches
 from ..registry import Registry
 from .bn import set_bn_stats
 from .optim import OptimConfig, build_optimizer
+from .selection import Selector, is_auto
 from .settings import SETTINGS, AdaptSettings, MethodSettings, method_config
 
 __all__ = [
@@ -217,6 +218,8 @@ class StepInfo:
     n_updates: int = 0  # optimiser steps taken in this step
     skipped: bool = False  # an update (or the whole batch) was skipped for a non-finite input/loss/gradient
     method_reset: str | None = None  # a reset the method did on its own (e.g. "recovery", "stochastic_restore")
+    adapted: str | None = None  # `blocks: auto` only: what this step adapted ("block1", "none", ...)
+    bn_stats: str | None = None  # `blocks: auto` only: the BatchNorm statistics of this step ("batch", "source", ...)
     _losses: list[float] = field(default_factory=list, repr=False)
 
 
@@ -310,6 +313,8 @@ class Method:
     # True for methods whose algorithm updates normalisation statistics held in model buffers (RoTTA's robust BN);
     # every other method leaves all buffers of the model (the source BN statistics) bit-identical.
     updates_norm_statistics: ClassVar[bool] = False
+    # False for adapting methods that cannot take `blocks: auto` (their update is not a step on shared parameters).
+    supports_auto: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -331,6 +336,7 @@ class Method:
         self.autocast_dtype = resolve_autocast_dtype(autocast_dtype)
         self.device = _module_device(model)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.selector: Selector | None = None  # the `blocks: auto` policy (`selection.Selector`), else None
         self._params: NamedParams = []
         self._state_names: list[str] = []
         self.warnings: list[str] = []
@@ -346,6 +352,8 @@ class Method:
         self.configure(model)
         if self.optimizer is not None:
             self.register_state("optimizer")
+        if self.selector is not None:
+            self.selector.setup()
         self._initial = self._capture(clone=True)
 
     # ------------------------------------------------------------------------------------------------ the verbs
@@ -372,13 +380,22 @@ class Method:
             # A corrupt input must not reach any state (BN statistics, memory banks, teachers): predict only.
             self.n_skipped += 1
             self.last.skipped = True
+            if self.selector is not None:
+                self.selector.note_skipped()
             logits = self.predict(x)
+        elif self.selector is not None:
+            logits = self.selector.step(x)  # decides what to adapt, then calls `adapt_step`
         else:
-            with torch.enable_grad():  # adapts even when the caller's loop runs under no_grad
-                logits = self.forward_and_adapt(x)
-            if self.last._losses:
-                self.last.loss = sum(self.last._losses) / len(self.last._losses)
+            logits = self.adapt_step(x)
         self.n_steps += 1  # counted once the step is done: a call that raised is no step
+        return logits
+
+    def adapt_step(self, x: Tensor) -> Tensor:
+        """The method's forward and update on a finite batch, with gradients on; records the mean loss in `last`."""
+        with torch.enable_grad():  # adapts even when the caller's loop runs under no_grad
+            logits = self.forward_and_adapt(x)
+        if self.last._losses:
+            self.last.loss = sum(self.last._losses) / len(self.last._losses)
         return logits
 
     @torch.no_grad()
@@ -467,10 +484,20 @@ class Method:
 
     # ------------------------------------------------------------------------------------------------ helpers
     def select_adapted(self, blocks: Iterable[str] | None = None, kind: str | None = None) -> NamedParams:
-        """Freeze the model and enable `blocks` x `kind` (default: the settings'); they become `params()`."""
+        """Freeze the model and enable `blocks` x `kind` (default: the settings'); they become `params()`.
+
+        `blocks: auto`: the union of the selector's candidates becomes `params()` (the optimiser's tensors); each
+        step enables the chosen ones only (`selection.Selector`)."""
         cfg = self.cfg
         blocks = blocks if blocks is not None else cfg.blocks  # type: ignore[attr-defined]
         kind = kind if kind is not None else cfg.kind  # type: ignore[attr-defined]
+        if is_auto(blocks):
+            if not self.supports_auto:
+                raise ValueError(f"method {cfg.name} does not support blocks: auto; name its blocks instead")
+            self.selector = Selector(self)
+            self.model.requires_grad_(False)
+            self._params = list(self.selector.union)
+            return self._params
         self._params = select_adapted(self.model, blocks, kind, owner=f"method {cfg.name}")
         return self._params
 
@@ -524,6 +551,8 @@ class Method:
         """
         opt = optimizer if optimizer is not None else self.optimizer
         assert opt is not None, "update() needs an adapting method (one with an optimiser)"
+        if self.selector is not None and not self.selector.adapting:
+            return UpdateResult(False, None)  # `auto` chose to adapt nothing on this batch
         first = self._backward(objective, count_filtered=True, optimizer=opt)
         if first is None:
             return UpdateResult(False, None)

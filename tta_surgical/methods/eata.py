@@ -161,15 +161,23 @@ def fisher_diagonal(
     device = params[0].device
     total = [torch.zeros_like(p) for p in params]
     n_batches = 0
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size].to(device)
-        precision = autocast(x) if autocast is not None else contextlib.nullcontext()
-        with torch.enable_grad(), precision:
-            logits = model(x).float()
-        loss = F.cross_entropy(logits, logits.detach().argmax(1))
-        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-        torch._foreach_addcmul_(total, grads, grads)
-        n_batches += 1
+    # every tensor needs a gradient here, even those a step leaves frozen for now (`blocks: auto` enables its choice)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device)
+            precision = autocast(x) if autocast is not None else contextlib.nullcontext()
+            with torch.enable_grad(), precision:
+                logits = model(x).float()
+            loss = F.cross_entropy(logits, logits.detach().argmax(1))
+            grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+            torch._foreach_addcmul_(total, grads, grads)
+            n_batches += 1
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
     torch._foreach_div_(total, float(max(n_batches, 1)))
     return total
 

@@ -124,6 +124,7 @@ class MEMO(Method):
 
     Settings = MEMOSettings
     adapts = True
+    supports_auto = False  # per image from the source weights: there is no stream-level choice to make
 
     def configure(self, model: nn.Module) -> None:
         model.eval()

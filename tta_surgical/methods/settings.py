@@ -86,7 +86,8 @@ class MethodSettings:
 class AdaptSettings(MethodSettings):
     """Settings of every method that updates parameters: which ones (`blocks` x `kind`, see `models.select_params`).
 
-    `blocks`: block names (`input`, `block1`, ..., `head`, `all`, ranges `block1-2`, units `block1.0`); `kind`:
+    `blocks`: block names (`input`, `block1`, ..., `head`, `all`, ranges `block1-2`, units `block1.0`), or `auto`
+    (alone): the runtime chooses per batch, without labels (`methods.selection`; `kind` then does not apply); `kind`:
     `all` parameters of those blocks, `norm` (their norm layers' affines) or `conv` (everything else). The defaults
     are each method's authors' choice; subclasses override them.
     """
@@ -104,6 +105,11 @@ class AdaptSettings(MethodSettings):
         check_choice("method", "kind", self.kind, PARAM_KINDS)
         if not self.blocks or not all(isinstance(b, str) and b for b in self.blocks):
             raise ConfigError(f"method.blocks must be a non-empty list of block names, got {list(self.blocks)!r}")
+        if "auto" in self.blocks and len(self.blocks) > 1:
+            raise ConfigError(
+                f"method.blocks: auto chooses the blocks itself and cannot be combined with others, got "
+                f"{list(self.blocks)!r}; write blocks: auto, or list the blocks to adapt"
+            )
 
 
 def method_config(name: str, **settings: Any) -> MethodSettings:

@@ -43,6 +43,7 @@ from ..config import (
 )
 from ..finetune import validate_options
 from ..finetune.config import load_finetune_config
+from ..methods.selection import candidate_blocks
 from ..models import create_model_from_config, resolve_blocks, select_params
 
 __all__ = [
@@ -371,7 +372,9 @@ def check_cells(sweep: Sweep, cells: Sequence[Cell] | None = None) -> None:
             model = models[key]
             if sweep.kind == "run":
                 method = cell.config["method"]
-                if "blocks" in method:  # an adapting method (its settings have blocks / kind)
+                if "blocks" in method and list(method["blocks"]) == ["auto"]:
+                    candidate_blocks(model)  # auto needs stages to choose from
+                elif "blocks" in method:  # an adapting method (its settings have blocks / kind)
                     names = resolve_blocks(model, method["blocks"])
                     if not select_params(model, names, method["kind"]):
                         raise ValueError(

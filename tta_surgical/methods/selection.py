@@ -1,0 +1,279 @@
+"""`method.blocks: auto`: the runtime chooses, batch by batch and without labels, what to adapt and with which
+BatchNorm statistics.
+
+The rule (the evidence is in README "Choosing what to adapt" and `benchmarks/autopilot_signals.py`):
+
+1. **Did the inputs move away from the source?** A frozen copy of the source model (`signals.SourceReference`)
+   measures, on the test batch, how far the input statistics of its BatchNorm layers are from the source running
+   statistics (`covariate score`: the mean over layers of a per-channel Gaussian KL; a running average over
+   batches). Below `shift_off` the stream counts as unshifted, above `shift_on` as shifted (hysteresis between).
+   Unshifted: **adapt nothing and keep the source statistics** (the source model's prediction; a label-shifted
+   clean stream is where test-batch statistics hurt most). Entering this state restores the source model
+   (`method_reset` `auto_source`), so nothing learnt under other statistics is used with source statistics.
+2. **Which statistics?** Shifted: the method normalises with the test batch's statistics (its own BatchNorm
+   regime for RoTTA, whose robust BatchNorm is its algorithm). A running-target-statistics option for non-i.i.d.
+   batches was measured and left out: the label-free class-prior drift that would switch it on fires at every
+   domain change of an i.i.d. continual stream too (README "Choosing what to adapt").
+3. **Which blocks?** Shifted: all parameters of the first two stages while the current domain is young (the first
+   `young` batches after a detected domain change: a change of the per-layer shift profile by more than
+   `change_on`), then the first stage alone (`_adapt_choice`), with the method's own objective.
+
+A new choice must win `confirm` consecutive decisions before it is taken (no flapping on one odd batch); the first
+decision of a stream (or after a reset) is taken at once. The reference probe runs before every step while the
+stream counts as unshifted (then its prediction *is* the step's prediction: no second forward) and every
+`probe_every` steps while adapting.
+
+Mechanics: the optimiser holds the union of every candidate's parameters; a step enables `requires_grad` on the
+chosen ones only, so autograd stops at the earliest chosen block, torch's optimisers skip tensors without a
+gradient (their Adam moments and steps are untouched) and the other tensors stay bit-identical. Everything the
+policy carries (its choice, running scores, the domain's age) is registered method state: `reset`,
+checkpoints and `--resume` cover it exactly. Each step reports `adapted` and `bn_stats` for the results line.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..models import block_names, select_params
+from ..models.blocks import norm_layers
+from .bn import batchnorm_layers, set_bn_stats
+from .signals import SourceReference
+
+__all__ = ["AUTO", "AutoPolicy", "Selector", "candidate_blocks", "is_auto"]
+
+AUTO = "auto"
+NamedParams = list[tuple[str, nn.Parameter]]
+
+
+def is_auto(blocks: Iterable[str] | str) -> bool:
+    """True for the block selection `auto` (given as "auto" or ["auto"])."""
+    items = [blocks] if isinstance(blocks, str) else list(blocks)
+    return items == [AUTO]
+
+
+@dataclass(frozen=True)
+class AutoPolicy:
+    """The selector's constants (measured on resnet20 / CIFAR-10-C: README "Choosing what to adapt").
+
+    shift_on / shift_off: covariate score (mean Gaussian KL per BatchNorm layer of the source reference) above which
+    the stream counts as shifted / below which as unshifted again. momentum: weight of the newest probe in the running
+    score and profile. change_on: mean |log ratio| between a probe's per-layer shifts and the running profile above
+    which a new domain begins. young: batches after a domain change that adapt both early stages. confirm:
+    consecutive decisions a new choice needs. probe_every: reference probes while adapting (every N steps).
+    """
+
+    shift_on: float = 0.032
+    shift_off: float = 0.028
+    momentum: float = 0.3
+    change_on: float = 0.4
+    young: int = 10
+    confirm: int = 2
+    probe_every: int = 4
+
+
+DEFAULT_POLICY = AutoPolicy()
+
+
+def candidate_blocks(model: nn.Module) -> dict[str, list[str]]:
+    """The selections `auto` chooses from, by name -> block list: the first stage, the second, and both."""
+    stages = [b for b in block_names(model) if re.fullmatch(r"block\d+", b)]
+    if not stages:
+        raise ValueError("blocks: auto needs a block map with stages (block1, block2, ...); this model has none")
+    if len(stages) == 1:
+        return {stages[0]: [stages[0]]}
+    first, second = stages[0], stages[1]
+    both = f"{first}-{second[len('block'):]}"
+    return {first: [first], second: [second], both: [first, second]}
+
+
+def _score_layers(model: nn.Module) -> list[int]:
+    """Indices (in `batchnorm_layers` order, those with running statistics) of the BatchNorm layers of the input
+    block and of every stage but the last; all of them when the model has a single stage."""
+    names = block_names(model)
+    stages = [b for b in names if re.fullmatch(r"block\d+", b)]
+    keep = [b for b in names if b == "input" or (b in stages[:-1])] if len(stages) > 1 else ["input", *stages]
+    chosen = {id(m) for _, m in norm_layers(model, keep)}
+    layers = [bn for bn in batchnorm_layers(model) if bn.running_mean is not None and bn.running_var is not None]
+    index = [i for i, bn in enumerate(layers) if id(bn) in chosen]
+    return index or list(range(len(layers)))
+
+
+def _adapt_choice(names: list[str], domain_age: int, young: int) -> str:
+    """The block rule while the stream is shifted (see README for the evidence): both early stages while the
+    current domain is young (the first `young` batches after a detected change), then the first stage alone."""
+    if len(names) == 1:
+        return names[0]
+    return names[-1] if domain_age < young else names[0]
+
+
+class Selector:
+    """The `auto` policy of one method: candidates, running scores, the current choice, and applying it."""
+
+    def __init__(self, method: Any, policy: AutoPolicy | None = None) -> None:
+        # `method`: the owning `base.Method` (not imported: base imports this module)
+        self.method = method
+        self.policy = policy if policy is not None else DEFAULT_POLICY
+        model = method.model
+        self.blocks = candidate_blocks(model)
+        self.candidates: dict[str, NamedParams] = {n: select_params(model, b, "all") for n, b in self.blocks.items()}
+        seen: dict[int, tuple[str, nn.Parameter]] = {}
+        for params in self.candidates.values():
+            for name, p in params:
+                seen.setdefault(id(p), (name, p))
+        order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
+        self.union: NamedParams = sorted(seen.values(), key=lambda item: order[id(item[1])])
+        self._chosen_ids = {n: {id(p) for _, p in ps} for n, ps in self.candidates.items()}
+        # The frozen source reference, copied before the method changes modes or patches layers. Its covariate score
+        # reads the layers of the input block and of every stage but the last: their statistics follow the inputs,
+        # while the last stage's follow the classes present (label shift moves them, corruptions hardly more).
+        self.reference = SourceReference(model)
+        self.score_layers = _score_layers(self.reference.model)
+        self._source_logits: Tensor | None = None
+        self.normalised: dict[str, nn.Module] = {}
+        self.adapting = False
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """After the method's `configure`: find the models whose BatchNorm the choice switches, register state."""
+        m = self.method
+        self.own_norm = not m.updates_norm_statistics
+        if self.own_norm:
+            names = ["model"] + [n for n in m._state_names if n != "model"]
+            for name in names:
+                value = getattr(m, name)
+                if isinstance(value, nn.Module) and batchnorm_layers(value):
+                    self.normalised[name] = value
+        m.selection = self._initial_state()
+        m.register_state("selection")
+        self._apply(("none", "source"))
+
+    def _initial_state(self) -> dict[str, Any]:
+        return {
+            "choice": ["none", "source"],
+            "pending": None,
+            "pending_count": 0,
+            "shift": None,
+            "shifted": False,
+            "steps": 0,
+            "since_probe": 0,
+            "pristine": True,
+            "profile": None,
+            "changed": False,
+            "domain_age": 0,
+        }
+
+    # ------------------------------------------------------------------------------------------- a step
+    def step(self, x: Tensor) -> Tensor:
+        """Decide (with this batch's probe when one is due), apply the choice, run the method's step, report."""
+        m = self.method
+        state = m.selection
+        if state["pristine"] and tuple(state["choice"]) != ("none", "source"):
+            state["pristine"] = False
+        probed = self._probe_due(state)
+        state["changed"] = False
+        if probed:
+            logits, shifts = self.reference.probe(x)
+            self._source_logits = logits
+            self._update_shift(state, shifts)
+            state["since_probe"] = 0
+        else:
+            state["since_probe"] += 1
+        if state["changed"]:
+            state["domain_age"] = 0  # a new domain: the young-domain block rule starts again
+        choice = self._decide(state)
+        if choice != tuple(state["choice"]):
+            self._switch(state, choice)
+        adapted, bn = tuple(state["choice"])
+        if adapted == "none" and bn == "source" and state["pristine"]:
+            out = self._source_logits if probed else self.reference.probe(x)[0]
+            self._source_logits = None
+        else:
+            self._apply((adapted, bn))
+            out = m.adapt_step(x)
+        state["steps"] += 1
+        state["domain_age"] += 1
+        m.last.adapted, m.last.bn_stats = adapted, bn if self.own_norm or bn == "source" else "robust"
+        return out
+
+    def note_skipped(self) -> None:
+        """A batch that was not adapted on (non-finite input): report the current statistics, nothing adapted."""
+        bn = self.method.selection["choice"][1]
+        self.method.last.adapted = "none"
+        self.method.last.bn_stats = bn if self.own_norm or bn == "source" else "robust"
+
+    def _probe_due(self, state: dict[str, Any]) -> bool:
+        """Every step while serving the source model or while a new choice waits for confirmation; else every
+        `probe_every` steps."""
+        if state["choice"][0] == "none" or state["pending"] is not None:
+            return True
+        return state["since_probe"] + 1 >= self.policy.probe_every
+
+    # ------------------------------------------------------------------------------------------- scores
+    def _update_shift(self, state: dict[str, Any], shifts: Tensor | None) -> None:
+        if shifts is None:
+            return
+        shifts = shifts[self.score_layers]
+        profile = torch.log(shifts.float() + 0.01)  # the floor keeps tiny, noisy layer shifts from faking a change
+        value, finite = (float(v) for v in torch.stack([shifts.mean(), torch.isfinite(profile).all()]).tolist())
+        if not (finite and math.isfinite(value)):
+            return
+        k = self.policy.momentum
+        if state["profile"] is not None:
+            # a new domain: the layers' shifts moved away from their running profile (mean |log ratio|)
+            state["changed"] = float((profile - state["profile"]).abs().mean()) > self.policy.change_on
+        if state["profile"] is None or state["changed"]:  # the running scores restart with the new domain
+            state["shift"], state["profile"] = value, profile
+        else:
+            state["shift"] = (1.0 - k) * state["shift"] + k * value
+            state["profile"] = (1.0 - k) * state["profile"] + k * profile
+
+    # ------------------------------------------------------------------------------------------- the rule
+    def _decide(self, state: dict[str, Any]) -> tuple[str, str]:
+        p = self.policy
+        shift = state["shift"]
+        if shift is not None:
+            state["shifted"] = shift > (p.shift_off if state["shifted"] else p.shift_on)
+        if not state["shifted"]:
+            proposal = ("none", "source")
+        else:
+            proposal = (_adapt_choice(list(self.candidates), state["domain_age"], p.young), "batch")
+        current = tuple(state["choice"])
+        if proposal == current:
+            state["pending"], state["pending_count"] = None, 0
+            return current
+        if state["steps"] == 0:
+            return proposal  # the first decision of a stream is taken at once
+        if state["pending"] == list(proposal):
+            state["pending_count"] += 1
+        else:
+            state["pending"], state["pending_count"] = list(proposal), 1
+        if state["pending_count"] >= p.confirm:
+            state["pending"], state["pending_count"] = None, 0
+            return proposal
+        return current
+
+    def _switch(self, state: dict[str, Any], choice: tuple[str, str]) -> None:
+        """Take `choice`; entering the unshifted state restores the source model (all but the policy's state)."""
+        if choice == ("none", "source") and not state["pristine"]:
+            self.method.self_reset("auto_source", keep=("rng", "selection"))
+            state["pristine"] = True
+        state["choice"] = list(choice)
+
+    # ------------------------------------------------------------------------------------------- applying
+    def _apply(self, choice: tuple[str, str]) -> None:
+        adapted, bn = choice
+        ids = self._chosen_ids.get(adapted, set())
+        for _, p in self.union:
+            p.requires_grad_(id(p) in ids)
+        self.adapting = bool(ids)
+        if not self.own_norm:
+            return
+        for module in self.normalised.values():
+            set_bn_stats(module, bn)
