@@ -313,11 +313,11 @@ def test_engine_records_every_decision_counts_them_and_resumes_exactly(tmp_path,
     cfg = tiny_cfg("eta", "method.blocks=[auto]", "stream.reset=never")
     full = run(cfg, tmp_path / "full", data=data_root, record_predictions=True)
     lines = read_lines(tmp_path / "full")
-    assert all(r["adapted"] in {"none", "block1", "block2", "block1-2"} for r in lines)
+    assert all(r["selected"] in {"none", "block1", "block2", "block1-2"} for r in lines)
     assert all(r["bn_stats"] in {"source", "batch"} for r in lines)
     counts: dict[str, int] = {}
     for r in lines:
-        key = f"{r['adapted']}, {r['bn_stats']}"
+        key = f"{r['selected']}, {r['bn_stats']}"
         counts[key] = counts.get(key, 0) + 1
     assert full["selection_counts"] == counts and sum(counts.values()) == full["n_batches"] == 4
     assert "auto: batches per choice" in (tmp_path / "full" / "summary.md").read_text()
@@ -330,15 +330,29 @@ def test_engine_records_every_decision_counts_them_and_resumes_exactly(tmp_path,
         run(cfg, tmp_path / "crashy", data=data_root, on_batch=crash, record_predictions=True)
     resumed = run(cfg, tmp_path / "crashy", data=data_root, resume=True, record_predictions=True)
     again = read_lines(tmp_path / "crashy")
-    keys = ("batch_index", "correct", "pred", "adapted", "bn_stats", "method_reset")
+    keys = ("batch_index", "correct", "pred", "selected", "bn_stats", "method_reset")
     assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in lines]
     assert resumed["selection_counts"] == full["selection_counts"] and resumed["errors"] == full["errors"]
 
 
+
+def test_auto_under_time_pressure_keeps_both_records(tmp_path, data_root):
+    """`blocks: auto` on a stream that does not wait: a line says whether the batch got an update (`adapted`, the
+    time machinery's) and, separately, what auto chose (`selected`); one key must not overwrite the other."""
+    time_keys = ("stream.arrival.kind=constant", "stream.arrival.speed=1", "runtime.cost_mode=fixed",
+                 "runtime.cost_ratio=2.5", "runtime.forward_ms=10")  # fmt: skip
+    cfg = tiny_cfg("eta", "method.blocks=[auto]", "stream.reset=never", *time_keys)
+    summary = run(cfg, tmp_path / "t", data=data_root)
+    lines = read_lines(tmp_path / "t")
+    assert all(isinstance(r["adapted"], bool) for r in lines)
+    assert all(r["selected"] in {"none", "block1", "block2", "block1-2"} for r in lines)
+    assert summary["n_adapted_batches"] == sum(r["adapted"] for r in lines) < len(lines)
+    assert all(r["selected"] == "none" for r in lines if not r["adapted"])  # predicted only: nothing adapted
+
 def test_fixed_selections_write_no_decision_fields(tmp_path, data_root):
     summary = run(tiny_cfg("tent", "stream.n_examples=16"), tmp_path / "t", data=data_root)
     assert summary["selection_counts"] is None
-    assert all("adapted" not in r for r in read_lines(tmp_path / "t"))
+    assert all("selected" not in r for r in read_lines(tmp_path / "t"))
 
 
 # ---------------------------------------------------------------------------------------------------- the signals

@@ -228,8 +228,8 @@ class _Tally:
         self.latency.update(float(rec["latency_ms"]), int(rec["count"]), warmup=bool(rec.get("warmup", False)))
         self.ledger.add(rec)
         self.time.update(rec)
-        if rec.get("adapted") is not None:
-            choice = f"{rec['adapted']}, {rec['bn_stats']}"
+        if rec.get("selected") is not None:
+            choice = f"{rec['selected']}, {rec['bn_stats']}"
             self.selections[choice] = self.selections.get(choice, 0) + 1
         self.pending_reset = False
         if policy == "off":
@@ -285,8 +285,9 @@ def _record(batch: Any, logits: torch.Tensor, method: Any, ms: float, spec: Any,
         "reset": bool(batch.reset_before),
         "finite": finite,
     }
-    if last.adapted is not None:  # `blocks: auto`: what this batch adapted, with which BatchNorm statistics
-        rec["adapted"], rec["bn_stats"] = last.adapted, last.bn_stats
+    if last.adapted is not None:  # `blocks: auto`: what this batch adapted, with which BatchNorm statistics (not
+        # `adapted`: under time pressure that key says whether the batch got an update at all)
+        rec["selected"], rec["bn_stats"] = last.adapted, last.bn_stats
     keys = _item_keys(batch, spec, multi)
     if keys is not None:
         ok = (logits.argmax(dim=1) == batch.y.to(logits.device)).tolist()

@@ -154,6 +154,8 @@ class Pacer:
             method.last = StepInfo()
         with BatchTimer(self.device) as timer:
             logits = method.step(x) if sync_step else method.predict(x)
+        if not sync_step and getattr(method, "selector", None) is not None:
+            method.selector.note_skipped()  # `blocks: auto`: the line says nothing was adapted, and which statistics
         if slot.adapt and self.schedule.async_mode:
             self.pending_x = x
         self.schedule.done(slot, timer.ms)

@@ -401,6 +401,8 @@ class Method:
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """Logits with the current parameters and the method's normalisation statistics; changes nothing."""
+        if self.selector is not None:  # `blocks: auto`: as its current choice predicts (maybe the source model)
+            return self.selector.predict(x)
         with self.autocast(x):
             return self.model(x)
 

@@ -202,6 +202,18 @@ class Selector:
         m.last.adapted, m.last.bn_stats = adapted, bn if self.own_norm or bn == "source" else "robust"
         return out
 
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits without a step, as the current choice predicts them (a batch the time machinery only predicts):
+        the source model while it is served, else the method's model under the chosen statistics; changes no
+        state of the policy or the model."""
+        adapted, bn = tuple(self.method.selection["choice"])
+        with torch.no_grad():
+            if adapted == "none" and bn == "source" and self.method.selection["pristine"]:
+                return self.reference.model(x)
+            self._apply((adapted, bn))
+            with self.method.autocast(x):
+                return self.method.model(x)
+
     def note_skipped(self) -> None:
         """A batch that was not adapted on (non-finite input): report the current statistics, nothing adapted."""
         bn = self.method.selection["choice"][1]
