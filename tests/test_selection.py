@@ -349,6 +349,18 @@ def test_auto_under_time_pressure_keeps_both_records(tmp_path, data_root):
     assert summary["n_adapted_batches"] == sum(r["adapted"] for r in lines) < len(lines)
     assert all(r["selected"] == "none" for r in lines if not r["adapted"])  # predicted only: nothing adapted
 
+
+def test_guard_judges_nothing_while_auto_serves_the_source_model(tmp_path, data_root):
+    """Clean images with Dirichlet-ordered labels: auto serves the source model (nothing adapted), so the drift
+    guard has nothing to judge; its `norm` reference would see only the label shift and call it drift."""
+    shift = ("stream.label_shift=dirichlet", "stream.dirichlet_delta=0.1", "stream.reset=never")
+    cfg = tiny_cfg("eta", "method.blocks=[auto]", *shift, "stream.domains=[none]", n=96)
+    summary = run(cfg, tmp_path / "t", data=data_root)
+    assert set(summary["selection_counts"]) == {"none, source"}
+    assert summary["guard_reference"] == "norm" and summary["n_guard_checks"] == 0 == summary["n_guard_alarms"]
+    fixed = run(tiny_cfg("eta", *shift, "stream.domains=[none]", n=96), tmp_path / "f", data=data_root)
+    assert fixed["n_guard_checks"] > 0  # the same stream with a fixed selection is checked
+
 def test_fixed_selections_write_no_decision_fields(tmp_path, data_root):
     summary = run(tiny_cfg("tent", "stream.n_examples=16"), tmp_path / "t", data=data_root)
     assert summary["selection_counts"] is None

@@ -565,7 +565,7 @@ class _Loop:
         self.cpu_step_s += time.process_time() - cpu
         self.timing["step_s"] += float(ms) / 1000.0
         ref_logits, guard_ms = None, 0.0
-        if built.reference is not None and int(batch.batch_index) % self.guard_every == 0:
+        if built.reference is not None and int(batch.batch_index) % self.guard_every == 0 and _adapted(built.method):
             with BatchTimer(built.device) as guard_timer:
                 ref_logits = built.reference.step(x)
             guard_ms = float(guard_timer.ms)
@@ -677,6 +677,13 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
     }
     return json_safe(summary)
 
+
+
+def _adapted(method: Any) -> bool:
+    """Whether the model that predicted may have moved from the source: not while `blocks: auto` serves the source
+    model itself (nothing can drift; a `norm` reference would only see label shift there and call it drift)."""
+    selector = getattr(method, "selector", None)
+    return selector is None or not selector.serving_source()
 
 def _reference_name(built: Built) -> str | None:
     return built.reference.cfg.name if built.reference is not None else None

@@ -214,6 +214,12 @@ class Selector:
             with self.method.autocast(x):
                 return self.method.model(x)
 
+    def serving_source(self) -> bool:
+        """True while the policy serves the source model itself (nothing adapted, source statistics, source
+        weights): the guard has nothing to judge then."""
+        state = self.method.selection
+        return tuple(state["choice"]) == ("none", "source") and bool(state["pristine"])
+
     def note_skipped(self) -> None:
         """A batch that was not adapted on (non-finite input): report the current statistics, nothing adapted."""
         bn = self.method.selection["choice"][1]
