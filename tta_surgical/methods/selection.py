@@ -191,7 +191,7 @@ class Selector:
         if choice != tuple(state["choice"]):
             self._switch(state, choice)
         adapted, bn = tuple(state["choice"])
-        if adapted == "none" and bn == "source" and state["pristine"]:
+        if self.serving_source():
             out = self._source_logits if probed else self.reference.probe(x)[0]
             self._source_logits = None
         else:
@@ -208,7 +208,7 @@ class Selector:
         state of the policy or the model."""
         adapted, bn = tuple(self.method.selection["choice"])
         with torch.no_grad():
-            if adapted == "none" and bn == "source" and self.method.selection["pristine"]:
+            if self.serving_source():
                 return self.reference.model(x)
             self._apply((adapted, bn))
             with self.method.autocast(x):
