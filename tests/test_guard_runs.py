@@ -129,7 +129,66 @@ def test_checks_every_kth_batch_and_picks_the_reference_per_method(tmp_path, dat
     assert off["guard_reference"] is None and not any("ref_flip" in r for r in lines(tmp_path / "off"))
 
 
+@pytest.fixture(scope="module")
+def drifting_fallback(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("guard") / "fallback"
+    return out, run(cfg_for(*DRIFTING, "runtime.on_collapse=fallback"), out, data=data_root)
+
+
+def test_fallback_serves_the_reference_after_an_alarm_and_judges_the_adapted_model(drifting_warn, drifting_fallback):
+    """After the first alarm the method is reset and the reference's predictions are served (the detectors go on
+    judging the adapted model in the shadow): the served error falls far below the unguarded run's."""
+    (_, warned), (out, summary) = drifting_warn, drifting_fallback
+    recs = lines(out)
+    first = next(r["batch_index"] for r in recs if r.get("alarms"))
+    assert recs[first + 1]["reset"] and not any(r.get("served") for r in recs[: first + 1])
+    served = [r for r in recs if r.get("served") == "reference"]
+    assert served and served[0]["batch_index"] == first + 1
+    assert all(r["correct"] == r["ref_correct"] and "adapted_correct" in r for r in served)
+    assert any(r["adapted_correct"] < r["correct"] for r in served)  # the shadow model is worse: it is not served
+    assert summary["n_batches_served_by_reference"] == len(served) and summary["n_fallbacks"] >= 1
+    assert sum(summary["false_alarms_by_detector"].values()) == 0  # judged on the adapted model, not the served one
+    assert summary["mean_error"] < warned["mean_error"] - 20  # ~33% against ~70% left alone
+    assert "served by the reference" in (out / "summary.md").read_text()
+
+
+def test_fallback_leaves_a_stable_configuration_as_reset_does(tmp_path, data_root):
+    reset = run(cfg_for("tent", "runtime.on_collapse=reset", n=200), tmp_path / "reset", data=data_root)
+    fallback = run(cfg_for("tent", "runtime.on_collapse=fallback", n=200), tmp_path / "fb", data=data_root)
+    assert fallback["errors"] == reset["errors"] and fallback["n_batches_served_by_reference"] == 0
+    assert not any("served" in r for r in lines(tmp_path / "fb"))
+
+
+def test_fallback_resume_equals_the_live_run(drifting_fallback, tmp_path, data_root):
+    """The trust state is rebuilt from the kept lines: a crash while the reference is served resumes exactly."""
+    _, live = drifting_fallback
+
+    class Crash(Exception):
+        pass
+
+    def crash(i: int, _rec: dict) -> None:
+        if i == 5:
+            raise Crash
+
+    cfg = cfg_for(*DRIFTING, "runtime.on_collapse=fallback")
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "part", data=data_root, on_batch=crash)
+    resumed = run(cfg, tmp_path / "part", data=data_root, resume=True)
+    for key in ("errors", "guard_alarms", "n_batches_served_by_reference", "n_fallbacks", "n_trust_returns"):
+        assert resumed[key] == live[key], key
+
+
+def test_fallback_gives_a_stateless_method_a_reference_but_not_the_references(tmp_path, data_root):
+    lame = run(cfg_for("lame", "runtime.on_collapse=fallback", n=100), tmp_path / "lame", data=data_root)
+    assert lame["guard_reference"] == "source"  # LAME refines the source model's predictions: judged against it
+    for config in ("source", "norm"):
+        s = run(cfg_for(config, "runtime.on_collapse=fallback", n=100), tmp_path / config, data=data_root)
+        assert s["guard_reference"] is None and "n_fallbacks" not in s
+
+
 def test_guard_settings_are_checked():
+    with pytest.raises(ConfigError, match="on_collapse=fallback serves the guard's reference"):
+        cfg_for("tent", "runtime.on_collapse=fallback", "runtime.guard_reference=none")
     with pytest.raises(ConfigError, match="guard_every must be >= 1"):
         cfg_for("tent", "runtime.guard_every=0")
     with pytest.raises(ConfigError, match="guard_flip must lie in"):

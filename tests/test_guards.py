@@ -15,6 +15,7 @@ from tta_surgical.guards import (
     Alarm,
     CollapseMonitor,
     DriftMonitor,
+    Fallback,
     Guard,
     Ledger,
     describe_alarm,
@@ -135,6 +136,45 @@ def test_ledger_judges_an_alarm_by_both_models_on_the_batches_it_judged():
     false_alarm = ledger.judge(Alarm(5, "uncertain_drift", 4, 5, {}))  # only batch 5 is checked in 4-5
     assert false_alarm["false_alarm"] is True and false_alarm["adapted_error"] == pytest.approx(5.0)
     assert ledger.judge(Alarm(9, "collapse", 7, 9, {}))["false_alarm"] is None  # no checked batch: not judged
+
+
+def test_ledger_judges_the_adapted_model_where_the_reference_was_served():
+    """Under `on_collapse: fallback` `correct` is the served (reference's) count: the ledger must judge the adapted
+    model by `adapted_correct`, or every alarm in an untrusted stretch would look false (both counts equal)."""
+    ledger = Ledger()
+    ledger.add({**line(0, 0.3, 0.1, 0.3, correct=150, ref_correct=150), "adapted_correct": 80, "served": "reference"})
+    assert ledger.judge(Alarm(0, "confident_drift", 0, 0, {}))["adapted_error"] == pytest.approx(60.0)
+
+
+# ------------------------------------------------------------------------------------------------ fallback
+
+
+def test_fallback_turns_untrusted_at_an_alarm_and_trust_returns_below_half_the_threshold():
+    """Pure function of the lines: an alarm makes the next batches served by the reference; trust returns only once a
+    full window (600 images, 3 checks since the reset) overrules less than half the alarm threshold (0.05)."""
+    guard = Guard(CollapseMonitor(), DriftMonitor(window_images=600, flip=0.1))
+    fb = Fallback(guard.drift)
+    served = []
+    flips = [0.3, 0.3, 0.3, 0.0, 0.06, 0.06, 0.06, 0.02, 0.02, 0.02, 0.0]
+    for i, f in enumerate(flips):
+        served.append(fb.active)
+        rec = line(i, f, 0.1, 0.3, reset=i == 3)  # the policy resets the batch after the alarm
+        if fb.active:
+            rec["served"] = "reference"
+        fb.observe(rec, bool(guard.observe(rec)))
+    # alarm at batch 2; untrusted from 3; window 3-5 (mean 0.04 < 0.05) returns trust after batch 5
+    assert served == [False] * 3 + [True] * 3 + [False] * 5
+    assert (fb.entries, fb.returns, fb.served) == (1, 1, 3)
+    hovering = Fallback(DriftMonitor(window_images=600, flip=0.1))  # at 0.06-0.09: no alarm, and no return either
+    hovering.active = True
+    for i in range(9):
+        rec = line(i, 0.06 + 0.01 * (i % 4), 0.1, 0.3)
+        hovering.drift.observe(rec)
+        hovering.observe(rec, False)
+    assert hovering.active and hovering.returns == 0
+    assert Fallback(guard.drift).summary() == {
+        "n_fallbacks": 0, "n_trust_returns": 0, "n_batches_served_by_reference": 0, "serving_reference_at_end": False,
+    }  # fmt: skip
 
 
 def test_alarm_in_words_names_the_evidence():

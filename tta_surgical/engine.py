@@ -43,6 +43,7 @@ from .guards import (
     Alarm,
     CollapseMonitor,
     DriftMonitor,
+    Fallback,
     Guard,
     Ledger,
     describe_alarm,
@@ -168,7 +169,10 @@ def reference_kind(cfg: Config, model: torch.nn.Module) -> str | None:
     if rt.on_collapse == "off" or rt.guard_reference == "none":
         return None
     method = METHODS.get(cfg.method.name)
-    if not (method.adapts or method.updates_norm_statistics):
+    stateless = not (method.adapts or method.updates_norm_statistics)
+    # Under `fallback` a method that rewrites predictions without state (LAME) gets a reference to fall back to; the
+    # references themselves (source, norm) never do.
+    if stateless and (rt.on_collapse != "fallback" or cfg.method.name in ("source", "norm")):
         return None
     has_bn, batches = bool(batchnorm_layers(model)), cfg.stream.batch_size >= 2
     kind = rt.guard_reference
@@ -212,6 +216,7 @@ class _Tally:
     selections: dict[str, int] = field(default_factory=dict)  # `blocks: auto`: "adapted, bn_stats" -> batches
     n_lines: int = 0
     pending_reset: bool = False
+    fallback: Fallback | None = None  # `on_collapse: fallback`: whether the next batch is served by the reference
 
     @property
     def collapses(self) -> list[int]:
@@ -236,8 +241,15 @@ class _Tally:
             return []
         alarms = self.guard.observe(rec)
         self.alarms += alarms
-        self.pending_reset = bool(alarms) and policy == "reset"
+        self.pending_reset = bool(alarms) and policy in ("reset", "fallback")
+        if self.fallback is not None:
+            self.fallback.observe(rec, bool(alarms))
         return alarms
+
+    @property
+    def serve_reference(self) -> bool:
+        """Whether the next batch's served predictions are the reference's (`on_collapse: fallback`, untrusted)."""
+        return self.fallback is not None and self.fallback.active
 
 
 def _guard(cfg: Config, reference: Any) -> Guard:
@@ -262,6 +274,19 @@ def _segment_ends(plan: list[Any], spec: Any, multi: bool) -> list[bool]:
     return [
         i + 1 == len(plan) or bool(plan[i + 1].reset_before) or keys[i + 1] != keys[i] for i in range(len(plan))
     ]
+
+
+def _serve_reference(rec: dict[str, Any], batch: Any, ref_logits: torch.Tensor, spec: Any, multi: bool) -> None:
+    """Make `rec` count the reference's predictions as the served ones (`on_collapse: fallback`): `correct` (and
+    `by_domain`) become the reference's, the adapted model's count moves to `adapted_correct`; its signals (entropy,
+    class shares, `ref_flip`) stay on the line, for the detectors judge the adapted model in the shadow."""
+    rec["adapted_correct"] = rec["correct"]
+    rec["correct"] = rec["ref_correct"]
+    rec["served"] = "reference"
+    keys = _item_keys(batch, spec, multi)
+    if keys is not None:
+        ok = (ref_logits.argmax(dim=1) == batch.y.to(ref_logits.device)).tolist()
+        rec["by_domain"] = {k: list(v) for k, v in group_correct(ok, keys).items()}
 
 
 def _record(batch: Any, logits: torch.Tensor, method: Any, ms: float, spec: Any, multi: bool) -> dict[str, Any]:
@@ -428,6 +453,8 @@ class _Loop:
         self.cfg, self.folder, self.built = cfg, folder, built
         self.policy = cfg.runtime.on_collapse
         self.tally = _Tally(_guard(cfg, built.reference))
+        if self.policy == "fallback" and built.reference is not None:
+            self.tally.fallback = Fallback(self.tally.guard.drift)
         self.guard_every = int(cfg.runtime.guard_every)
         self.start = 0
         self.peak_before = 0.0
@@ -565,7 +592,9 @@ class _Loop:
         self.cpu_step_s += time.process_time() - cpu
         self.timing["step_s"] += float(ms) / 1000.0
         ref_logits, guard_ms = None, 0.0
-        if built.reference is not None and int(batch.batch_index) % self.guard_every == 0 and _adapted(built.method):
+        serve_reference = self.tally.serve_reference
+        checked = int(batch.batch_index) % self.guard_every == 0 and _adapted(built.method)
+        if built.reference is not None and (checked or serve_reference):
             with BatchTimer(built.device) as guard_timer:
                 ref_logits = built.reference.step(x)
             guard_ms = float(guard_timer.ms)
@@ -574,6 +603,9 @@ class _Loop:
         rec = _record(batch, logits, report, ms + guard_ms, self.cfg.stream, built.multi_severity)
         if ref_logits is not None:
             rec.update(json_safe(reference_stats(logits, ref_logits, batch.y)))
+        if serve_reference and ref_logits is not None:
+            _serve_reference(rec, batch, ref_logits, self.cfg.stream, built.multi_severity)
+            logits = ref_logits
         rec["reset"] = reset
         rec["segment_end"] = self.segment_ends[int(batch.batch_index)]
         rec["warmup"] = first
@@ -592,7 +624,13 @@ class _Loop:
 
     def _on_alarm(self, alarm: Alarm, rec: dict[str, Any], bar: Any) -> None:
         """Say it on stderr (a progress bar shares stderr: write through it), then act on the policy."""
-        action = {"warn": "", "reset": "; resetting the method", "stop": "; stopping the run"}[self.policy]
+        action = {
+            "warn": "",
+            "reset": "; resetting the method",
+            "fallback": f"; resetting the method and serving the reference ({_reference_name(self.built)}) until the "
+            "adapted model agrees with it again",
+            "stop": "; stopping the run",
+        }[self.policy]
         what = describe_alarm(alarm, _reference_name(self.built))
         msg = f"warning: {what[0]} suspected at batch {alarm.batch} ({rec['domain']}): {what[1]}"
         msg += f"{action} (runtime.on_collapse={self.policy})"
@@ -652,6 +690,7 @@ def summarize(cfg: Config, built: Built, loop: _Loop, wall_s: float) -> dict[str
         "collapse_batches": list(tally.collapses),
         "on_collapse": cfg.runtime.on_collapse,
         **guard_summary(tally.alarms, tally.ledger, _reference_name(built), cfg.runtime.on_collapse),
+        **(tally.fallback.summary() if tally.fallback is not None else {}),
         "stopped_on_collapse_at_batch": loop.stopped_at,
         "status": COMPLETE if loop.stopped_at is None else STOPPED,
         "n_images": tally.errors.n_images,

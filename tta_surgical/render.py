@@ -178,6 +178,16 @@ def _guard_rows(summary: Mapping[str, Any]) -> list[list[str]]:
                 f"alarm judged)" + (f"; {unjudged} not judged (no checked batch)" if unjudged else ""),
             ]
         )
+    if summary.get("n_fallbacks") is not None:  # runtime.on_collapse=fallback
+        end = "; still served by it at the end" if summary.get("serving_reference_at_end") else ""
+        rows.append(
+            [
+                "fallback",
+                f"{fmt(summary.get('n_batches_served_by_reference'))} of {fmt(summary.get('n_batches'))} batches "
+                f"served by the reference ({fmt(summary.get('n_fallbacks'))} fallbacks, trust returned "
+                f"{fmt(summary.get('n_trust_returns'))} times{end})",
+            ]
+        )
     return rows
 
 

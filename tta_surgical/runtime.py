@@ -69,9 +69,10 @@ class RuntimeConfig:
     seed: int = 0
     progress: bool = True
     # The guard (`tta_surgical.guards`): what to do when a detector fires (warn: a warning on stderr and a count in
-    # summary.json / summary.md; reset: also restore the method's source state before the next batch; stop: end the
-    # run there, status stopped_on_collapse; off: no monitoring and no reference). The policy acts on every detector:
-    # one-class collapse, confident drift and uncertain drift.
+    # summary.json / summary.md; reset: also restore the method's source state before the next batch; fallback: reset,
+    # and serve the reference's predictions until the adapted model agrees with it again (`guards.fallback`); stop:
+    # end the run there, status stopped_on_collapse; off: no monitoring and no reference). The policy acts on every
+    # detector: one-class collapse, confident drift and uncertain drift.
     on_collapse: str = "warn"
     # One-class collapse: over a window of `collapse_window` images and over each domain at its end, with the share
     # and entropy-ratio thresholds of the module. 1,000 images = 5 default batches: a window longer than the run
@@ -121,6 +122,12 @@ class RuntimeConfig:
         if not 0.0 < self.collapse_entropy_ratio <= 1.0:
             raise ConfigError(f"runtime.collapse_entropy_ratio must lie in (0, 1], got {self.collapse_entropy_ratio}")
         check_choice("runtime", "guard_reference", self.guard_reference, GUARD_REFERENCES)
+        if self.on_collapse == "fallback" and self.guard_reference == "none":
+            raise ConfigError(
+                "runtime.on_collapse=fallback serves the guard's reference after an alarm, but "
+                "runtime.guard_reference=none asks for none; use guard_reference auto, norm or source (or "
+                "on_collapse=reset)"
+            )
         if self.guard_every < 1:
             raise ConfigError(f"runtime.guard_every must be >= 1 batch (1 = check every batch), got {self.guard_every}")
         if self.guard_window < 1:

@@ -109,6 +109,12 @@ class DriftMonitor:
         self._clear()
         return str(flag["kind"])
 
+    def window_flip(self) -> float | None:
+        """The image-weighted mean flip share of the current window, once it is full (else None)."""
+        if len(self._items) < self.min_checks or self._images < self.window_images:
+            return None
+        return sum(f * n for f, _, _, n, _ in self._items) / self._images
+
     def _clear(self) -> None:
         self._items.clear()
         self._images = 0

@@ -2,9 +2,9 @@
 
 `Guard.observe(line)` feeds one results line to each detector (`collapse`: one class; `confident_drift` and
 `uncertain_drift`: overruling a frozen reference, `guards.drift`) and returns the alarms it completes. The policy
-(`runtime.on_collapse`: warn | reset | stop | off) acts on every alarm alike; the engine applies it. The guard reads
-nothing but the lines, so `replay_alarms` over a finished results.jsonl gives the alarms the run raised, and a
-resumed run rebuilds the guard exactly by replaying its kept lines.
+(`runtime.on_collapse`: warn | reset | fallback | stop | off) acts on every alarm alike; the engine applies it. The
+guard reads nothing but the lines, so `replay_alarms` over a finished results.jsonl gives the alarms the run raised,
+and a resumed run rebuilds the guard exactly by replaying its kept lines.
 
 **False alarms.** An alarm judged a set of batches (`first_batch`..`last_batch`). After the fact, with labels, it is
 *false* when over the checked batches of that span (those with the reference's signals) the adapted model was not
@@ -27,7 +27,7 @@ from .drift import DRIFT_KINDS, DriftMonitor
 
 __all__ = ["DETECTORS", "POLICIES", "Alarm", "Guard", "Ledger", "describe_alarm", "guard_summary", "replay_alarms"]
 
-POLICIES = ("warn", "reset", "stop", "off")
+POLICIES = ("warn", "reset", "fallback", "stop", "off")
 DETECTORS = ("collapse", *DRIFT_KINDS)
 
 
@@ -78,7 +78,8 @@ class Ledger:
         if record.get("ref_correct") is None:
             return
         self.batches.append(int(record["batch_index"]))
-        self.correct.append(int(record["correct"]))
+        # the adapted model's own count where the reference's predictions were served (`on_collapse: fallback`)
+        self.correct.append(int(record.get("adapted_correct", record["correct"])))
         self.ref_correct.append(int(record["ref_correct"]))
         self.images.append(int(record["count"]))
 
