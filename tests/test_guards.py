@@ -151,24 +151,24 @@ def test_ledger_judges_the_adapted_model_where_the_reference_was_served():
 
 def test_fallback_turns_untrusted_at_an_alarm_and_trust_returns_below_half_the_threshold():
     """Pure function of the lines: an alarm makes the next batches served by the reference; trust returns only once a
-    full window (600 images, 3 checks since the reset) overrules less than half the alarm threshold (0.05)."""
+    full window (600 images, 3 checks since the reset) overrules less than a quarter of the alarm threshold (0.025)."""
     guard = Guard(CollapseMonitor(), DriftMonitor(window_images=600, flip=0.1))
     fb = Fallback(guard.drift)
     served = []
-    flips = [0.3, 0.3, 0.3, 0.0, 0.06, 0.06, 0.06, 0.02, 0.02, 0.02, 0.0]
+    flips = [0.3, 0.3, 0.3, 0.0, 0.03, 0.03, 0.03, 0.02, 0.02, 0.02, 0.0]
     for i, f in enumerate(flips):
         served.append(fb.active)
         rec = line(i, f, 0.1, 0.3, reset=i == 3)  # the policy resets the batch after the alarm
         if fb.active:
             rec["served"] = "reference"
         fb.observe(rec, bool(guard.observe(rec)))
-    # alarm at batch 2; untrusted from 3; window 3-5 (mean 0.04 < 0.05) returns trust after batch 5
+    # alarm at batch 2; untrusted from 3; window 3-5 (mean 0.02 < 0.025) returns trust after batch 5
     assert served == [False] * 3 + [True] * 3 + [False] * 5
     assert (fb.entries, fb.returns, fb.served) == (1, 1, 3)
-    hovering = Fallback(DriftMonitor(window_images=600, flip=0.1))  # at 0.06-0.09: no alarm, and no return either
+    hovering = Fallback(DriftMonitor(window_images=600, flip=0.1))  # at 0.03-0.06: no alarm, and no return either
     hovering.active = True
     for i in range(9):
-        rec = line(i, 0.06 + 0.01 * (i % 4), 0.1, 0.3)
+        rec = line(i, 0.03 + 0.01 * (i % 4), 0.1, 0.3)
         hovering.drift.observe(rec)
         hovering.observe(rec, False)
     assert hovering.active and hovering.returns == 0
