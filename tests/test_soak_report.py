@@ -89,4 +89,4 @@ def test_guard_report_rows_and_flip_profile(tmp_path):
     rows = guard_rows([tmp_path / "norm", tmp_path / "sall_reset"])
     assert rows[1]["guard_share"] == pytest.approx(0.15) and rows[1]["alarms"]["confident_drift"] == 2
     table = guard_markdown(rows)
-    assert "| sall_reset | 31.00 | +1.00 | 2 | 0 / 2 / 0 | 1 | 0.150 | 3 | 0.100 / 0.200 | 0.50-0.50 |" in table
+    assert "| sall_reset | 31.00 | +1.00 | 2 | 0 / 2 / 0 | 1 | – | 0.150 | 3 | 0.100 / 0.200 | 0.50-0.50 |" in table

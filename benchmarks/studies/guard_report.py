@@ -67,6 +67,9 @@ def guard_rows(folders: Iterable[str | Path], window: int = 600) -> list[dict[st
                 "alarms": dict(s.get("guard_alarms_by_detector") or {}),
                 "false_alarms": dict(s.get("false_alarms_by_detector") or {}),
                 "guard_share": float(timing.get("guard_s", 0.0)) / step if step else None,
+                # `on_collapse: fallback`: batches whose served predictions were the reference's (None: another policy)
+                "served_by_reference": s.get("n_batches_served_by_reference"),
+                "n_batches": s.get("n_batches"),
                 **flip_profile(peek_jsonl(folder / "results.jsonl"), window),
             }
         )
@@ -75,13 +78,14 @@ def guard_rows(folders: Iterable[str | Path], window: int = 600) -> list[dict[st
 
 def guard_markdown(rows: list[dict[str, Any]], reference: str = "norm") -> str:
     """Error per round (%), last round vs `reference`'s (the row whose label starts with it), resets, alarms per
-    detector (c / cd / ud: collapse, confident drift, uncertain drift), false alarms, the guard's time share and its
-    signal's profile."""
+    detector (c / cd / ud: collapse, confident drift, uncertain drift), false alarms, the batches the reference served
+    (`on_collapse: fallback`), the guard's time share and its signal's profile."""
     n = max((len(r["rounds"]) for r in rows), default=0)
     ref = next((r["rounds"][-1] for r in rows if r["label"].startswith(reference)), None)
     header = [
         "run", *(f"r{i + 1}" for i in range(n)), f"last - {reference}", "resets", "alarms c / cd / ud",
-        "false alarms", "guard s / step s", "windows", "median / max flip", "entropy ratio min-max",
+        "false alarms", "served by reference", "guard s / step s", "windows", "median / max flip",
+        "entropy ratio min-max",
     ]  # fmt: skip
     body = []
     for r in rows:
@@ -95,6 +99,7 @@ def guard_markdown(rows: list[dict[str, Any]], reference: str = "norm") -> str:
                 str(r["n_resets"]),
                 " / ".join(str(r["alarms"].get(d, 0)) for d in DETECTORS),
                 str(sum(r["false_alarms"].values())),
+                fmt(None) if r.get("served_by_reference") is None else f"{r['served_by_reference']} / {r['n_batches']}",
                 fmt(r["guard_share"], 3),
                 str(r["windows"]),
                 f"{fmt(r['median_flip'], 3)} / {fmt(r['max_flip'], 3)}" if r["windows"] else fmt(None),
