@@ -235,11 +235,10 @@ def other_shift(seed: int, n: int = 32) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(clean(seed, n), 3, stride=1, padding=1)
 
 
-def test_a_shift_that_moves_restarts_the_young_domain_rule(monkeypatch):
+def test_a_shift_that_moves_restarts_the_young_domain_rule():
     """Noise for a while (both early stages, then the first alone once the domain is old), then another shift: the
     selector sees the per-layer shift profile move and adapts both early stages again, then block1 again."""
-    monkeypatch.setattr(selection, "DEFAULT_POLICY", dataclasses.replace(selection.DEFAULT_POLICY, young=3))
-    method = make()
+    method = make(auto_young=3)
     seen = choices(method, [shifted(i) for i in range(8)] + [other_shift(i) for i in range(12)])
     first, second = [c[0] for c in seen[:8]], [c[0] for c in seen[8:]]
     assert first[:3] == ["block1-2"] * 3 and first[-1] == "block1", seen
@@ -250,10 +249,9 @@ def test_a_shift_that_moves_restarts_the_young_domain_rule(monkeypatch):
     assert old >= 3 and all(c[1] == "batch" for c in seen), seen
 
 
-def test_a_steady_shift_never_restarts(monkeypatch):
+def test_a_steady_shift_never_restarts():
     """The same shift throughout: one young period at the start, then block1 to the end (no false domain change)."""
-    monkeypatch.setattr(selection, "DEFAULT_POLICY", dataclasses.replace(selection.DEFAULT_POLICY, young=3))
-    seen = [c[0] for c in choices(make(), [shifted(i) for i in range(20)])]
+    seen = [c[0] for c in choices(make(auto_young=3), [shifted(i) for i in range(20)])]
     switch = seen.index("block1")
     assert set(seen[:switch]) == {"block1-2"} and set(seen[switch:]) == {"block1"}, seen
 
