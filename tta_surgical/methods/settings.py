@@ -95,8 +95,8 @@ class AdaptSettings(MethodSettings):
     batches after a detected domain change that adapt both early stages before the first stage alone takes over
     (`domain`: the whole shifted domain, never the first stage alone); `auto_young_restore`, when a domain ages out
     of that phase, put the parameters only the phase adapts (the second stage) and their optimiser state back to the
-    source values, so their adaptation never outlives its domain. The defaults are measured per method (benchmarks/
-    RESULTS.md 15j); subclasses override them.
+    source values, so their adaptation never outlives its domain (with `domain` nothing ages out). The defaults are
+    measured per method (benchmarks/RESULTS.md 15j); subclasses override them.
     """
 
     optimizers: ClassVar[Mapping[str, Mapping[str, Any]]] = {
@@ -135,11 +135,6 @@ class AdaptSettings(MethodSettings):
             raise ConfigError(
                 f"method.{changed[0]} applies to blocks: auto only (this config adapts {list(self.blocks)!r}); "
                 f"drop it or set blocks: auto"
-            )
-        if self.auto_young_restore and self.auto_young == "domain":
-            raise ConfigError(
-                "method.auto_young_restore restores the second stage when a domain ages out of its young phase, "
-                "but auto_young=domain never ages out; set auto_young to a number of batches or drop the restore"
             )
 
 
