@@ -235,11 +235,10 @@ def other_shift(seed: int, n: int = 32) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(clean(seed, n), 3, stride=1, padding=1)
 
 
-def test_a_shift_that_moves_restarts_the_young_domain_rule(monkeypatch):
+def test_a_shift_that_moves_restarts_the_young_domain_rule():
     """Noise for a while (both early stages, then the first alone once the domain is old), then another shift: the
     selector sees the per-layer shift profile move and adapts both early stages again, then block1 again."""
-    monkeypatch.setattr(selection, "DEFAULT_POLICY", dataclasses.replace(selection.DEFAULT_POLICY, young=3))
-    method = make()
+    method = make(auto_young=3)
     seen = choices(method, [shifted(i) for i in range(8)] + [other_shift(i) for i in range(12)])
     first, second = [c[0] for c in seen[:8]], [c[0] for c in seen[8:]]
     assert first[:3] == ["block1-2"] * 3 and first[-1] == "block1", seen
@@ -250,27 +249,121 @@ def test_a_shift_that_moves_restarts_the_young_domain_rule(monkeypatch):
     assert old >= 3 and all(c[1] == "batch" for c in seen), seen
 
 
-def test_a_steady_shift_never_restarts(monkeypatch):
+def test_a_steady_shift_never_restarts():
     """The same shift throughout: one young period at the start, then block1 to the end (no false domain change)."""
-    monkeypatch.setattr(selection, "DEFAULT_POLICY", dataclasses.replace(selection.DEFAULT_POLICY, young=3))
-    seen = [c[0] for c in choices(make(), [shifted(i) for i in range(20)])]
+    seen = [c[0] for c in choices(make(auto_young=3), [shifted(i) for i in range(20)])]
     switch = seen.index("block1")
     assert set(seen[:switch]) == {"block1-2"} and set(seen[switch:]) == {"block1"}, seen
+
+
+# ---------------------------------------------------------------------------------------- the per-method young phase
+
+
+def test_deyo_adapts_both_early_stages_for_the_whole_shifted_domain():
+    """DeYO's young phase is the whole domain: it never switches to block1 while shifted (eta, on the same stream,
+    does after its 10 young batches), and a clean stream still serves the source model."""
+    assert method_config("deyo", blocks=["auto"]).auto_young == "domain"
+    batches = [shifted(i) for i in range(16)]
+    assert {c[0] for c in choices(make("deyo"), batches)} == {"block1-2"}
+    eta = [c[0] for c in choices(make("eta"), batches)]
+    assert eta[:10] == ["block1-2"] * 10 and eta[-1] == "block1", eta
+    assert choices(make("deyo"), stream(3, 0, 0)) == [("none", "source")] * 3
+
+
+@pytest.mark.parametrize("name", ("tent", "eta", "deyo"))
+def test_each_method_leaves_the_young_phase_after_its_own_length(name):
+    """`auto_young=N` overrides the method's default: N batches of block1-2 (plus the `confirm` batches a new
+    choice waits), then block1 to the end of a steady shift."""
+    seen = [c[0] for c in choices(make(name, auto_young=4), [shifted(i) for i in range(12)])]
+    switch = seen.index("block1")
+    assert set(seen[:switch]) == {"block1-2"} and set(seen[switch:]) == {"block1"}, seen
+    assert switch == 4 + selection.DEFAULT_POLICY.confirm - 1, seen
+
+
+def _stage(method, stage: str) -> dict[str, torch.nn.Parameter]:
+    return dict(select_params(method.model, [stage], "all"))
+
+
+def test_young_restore_puts_the_second_stage_back_to_the_source_with_its_optimiser_state():
+    """`auto_young_restore`: when the domain ages out, the second stage's parameters equal the source again and
+    Adam holds no state for them (the first stage keeps what it learnt); the results line reports the restore; a
+    new domain adapts block2 from the source."""
+    method = make("tent", auto_young=3)  # Tent restores by default
+    source = {n: p.detach().clone() for n, p in method.model.named_parameters()}
+    block1, block2 = _stage(method, "block1"), _stage(method, "block2")
+    seen = []
+    for i in range(8):
+        method.step(shifted(i))
+        seen.append((method.last.adapted, method.last.method_reset))
+        if method.last.adapted == "block1-2":
+            assert any(not torch.equal(p, source[n]) for n, p in block2.items())  # block2 is adapting
+            learnt = {n: p.detach().clone() for n, p in block1.items()}
+    switch = [a for a, _ in seen].index("block1")
+    assert seen[switch] == ("block1", "auto_young_restore") and seen[-1] == ("block1", None), seen
+    assert all(torch.equal(p, source[n]) for n, p in block2.items())
+    assert all(p not in method.optimizer.state for p in block2.values())
+    assert any(not torch.equal(p, learnt[n]) for n, p in block1.items())  # block1 kept adapting after the switch
+    assert any(not torch.equal(learnt[n], source[n]) for n in block1)  # ... from what it had learnt, not the source
+    assert method.method_resets_by_kind == {"auto_young_restore": 1}
+    method.step(other_shift(0))  # a new domain: block2 adapts again, from the source
+    method.step(other_shift(1))
+    assert method.last.adapted == "block1-2" and all(p in method.optimizer.state for p in block2.values())
+
+
+def test_without_restore_block2_keeps_its_adaptation_after_the_young_phase():
+    """The default of ETA and the others (and Tent's with `auto_young_restore=false`): block2 stays as adapted."""
+    assert method_config("tent", blocks=["auto"]).auto_young_restore and method_config("surgical").auto_young_restore
+    assert not method_config("eta", blocks=["auto"]).auto_young_restore
+    method = make("tent", auto_young=3, auto_young_restore=False)
+    source = {n: p.detach().clone() for n, p in method.model.named_parameters()}
+    for i in range(8):
+        method.step(shifted(i))
+    assert method.last.adapted == "block1" and method.n_method_resets == 0
+    assert any(not torch.equal(p, source[n]) for n, p in _stage(method, "block2").items())
+
+
+def test_auto_young_settings_are_validated():
+    with pytest.raises(ConfigError, match="auto_young must be >= 0"):
+        method_config("eta", blocks=["auto"], auto_young=-1)
+    with pytest.raises(ConfigError, match="expected int | 'domain'"):
+        method_config("eta", blocks=["auto"], auto_young="always")
+    with pytest.raises(ConfigError, match="applies to blocks: auto only"):
+        method_config("eta", blocks=["block1"], auto_young=5)
+    with pytest.raises(ConfigError, match="applies to blocks: auto only"):
+        method_config("tent", blocks=["block1"], auto_young_restore=not method_config("tent").auto_young_restore)
+    with pytest.raises(ConfigError, match="unknown key|not a valid key|valid keys"):
+        method_config("eta", blocks=["auto"], auto_yuong=3)
+    with pytest.raises(ValueError, match="auto_young_restore restores the second stage"):
+        make("cotta", auto_young_restore=True)  # a teacher holds another copy of the blocks
+    assert method_config("eta", blocks=["auto"], auto_young="domain").auto_young == "domain"
+    assert method_config("deyo", blocks=["auto"], auto_young=10).auto_young == 10
+
+
+def test_auto_young_override_from_the_command_line_and_yaml(tmp_path):
+    from tta_surgical.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("method: {name: eta, blocks: [auto], auto_young: domain}\n")
+    cfg = load_config(path, overrides=["method.auto_young=4"])
+    assert cfg.method.auto_young == 4
 
 
 # ---------------------------------------------------------------------------------------------------- state
 
 
-@pytest.mark.parametrize("name", ADAPTING)
+@pytest.mark.parametrize("name", [*ADAPTING, "tent-restore"])
 def test_auto_resume_equals_uninterrupted(name):
     batches = stream(2, 5, 3)
-    full = make(name)
+    settings = {}
+    if name == "tent-restore":  # the checkpoint falls in the young phase, the restore after it (batch 6)
+        name, settings = "tent", {"auto_young": 2}
+    full = make(name, **settings)
     for x in batches[:4]:
         full.step(x)
     buffer = io.BytesIO()
     torch.save(full.state_dict(), buffer)
     expected = [(full.step(x), full.last.adapted, full.last.bn_stats) for x in batches[4:]]
-    resumed = make(name)
+    resumed = make(name, **settings)
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     for x, (logits, adapted, bn) in zip(batches[4:], expected):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,10 @@ class DeYOSettings(AdaptSettings):
 
     name: str = "deyo"
     kind: str = "norm"
+    # `blocks: auto`: both early stages for the whole shifted domain; DeYO's sample selection (PLPD and entropy
+    # filters) damps the drift that adapting more blocks brings, and block1-2 is its best fixed selection at every
+    # stream length measured (benchmarks/RESULTS.md 15a-15c, 15h, 15j).
+    auto_young: int | Literal["domain"] = "domain"
     margin: float = 0.5
     margin_e0: float = 0.4
     plpd_threshold: float = 0.2

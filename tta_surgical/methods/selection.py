@@ -16,7 +16,11 @@ The rule (the evidence is in README "Choosing what to adapt" and `benchmarks/aut
    domain change of an i.i.d. continual stream too (README "Choosing what to adapt").
 3. **Which blocks?** Shifted: all parameters of the first two stages while the current domain is young (the first
    `young` batches after a detected domain change: a change of the per-layer shift profile by more than
-   `change_on`), then the first stage alone (`_adapt_choice`), with the method's own objective.
+   `change_on`), then the first stage alone (`_adapt_choice`), with the method's own objective. The young-domain
+   phase is the method's own (its settings `auto_young`, `auto_young_restore`; README "Choosing what to adapt"):
+   how many batches (or the whole domain, `domain`), and whether the second stage goes back to its source values
+   (parameters and optimiser state, `_restore_second_stage`) when the domain ages out of it, so that its
+   adaptation never carries into later domains.
 
 A new choice must win `confirm` consecutive decisions before it is taken (no flapping on one odd batch); the first
 decision of a stream (or after a reset) is taken at once. The reference probe runs before every step while the
@@ -65,15 +69,15 @@ class AutoPolicy:
     shift_on / shift_off: covariate score (mean Gaussian KL per BatchNorm layer of the source reference) above which
     the stream counts as shifted / below which as unshifted again. momentum: weight of the newest probe in the running
     score and profile. change_on: mean |log ratio| between a probe's per-layer shifts and the running profile above
-    which a new domain begins. young: batches after a domain change that adapt both early stages. confirm:
-    consecutive decisions a new choice needs. probe_every: reference probes while adapting (every N steps).
+    which a new domain begins. confirm: consecutive decisions a new choice needs. probe_every: reference probes
+    while adapting (every N steps). The young-domain phase differs by method: it is in each method's settings
+    (`auto_young`, `auto_young_restore`), not here.
     """
 
     shift_on: float = 0.032
     shift_off: float = 0.028
     momentum: float = 0.3
     change_on: float = 0.4
-    young: int = 10
     confirm: int = 2
     probe_every: int = 4
 
@@ -105,12 +109,13 @@ def _score_layers(model: nn.Module) -> list[int]:
     return index or list(range(len(layers)))
 
 
-def _adapt_choice(names: list[str], domain_age: int, young: int) -> str:
+def _adapt_choice(names: list[str], domain_age: int, young: int | None) -> str:
     """The block rule while the stream is shifted (see README for the evidence): both early stages while the
-    current domain is young (the first `young` batches after a detected change), then the first stage alone."""
+    current domain is young (the first `young` batches after a detected change; None: the whole domain), then the
+    first stage alone."""
     if len(names) == 1:
         return names[0]
-    return names[-1] if domain_age < young else names[0]
+    return names[-1] if young is None or domain_age < young else names[0]
 
 
 class Selector:
@@ -120,6 +125,10 @@ class Selector:
         # `method`: the owning `base.Method` (not imported: base imports this module)
         self.method = method
         self.policy = policy if policy is not None else DEFAULT_POLICY
+        # the method's own young-domain phase (its settings; None = the whole domain)
+        young = method.cfg.auto_young
+        self.young: int | None = None if young == "domain" else int(young)
+        self.restore_second = bool(method.cfg.auto_young_restore)
         model = method.model
         self.blocks = candidate_blocks(model)
         self.candidates: dict[str, NamedParams] = {n: select_params(model, b, "all") for n, b in self.blocks.items()}
@@ -150,6 +159,13 @@ class Selector:
                 value = getattr(m, name)
                 if isinstance(value, nn.Module) and batchnorm_layers(value):
                     self.normalised[name] = value
+        if self.restore_second:
+            others = [n for n in m._state_names if n != "model" and isinstance(getattr(m, n), nn.Module)]
+            if others or m.optimizer is None:
+                raise ValueError(
+                    f"method {m.cfg.name}: auto_young_restore restores the second stage of the adapted model and its "
+                    f"optimiser state, but this method also keeps {others or 'no optimiser'}; drop auto_young_restore"
+                )
         m.selection = self._initial_state()
         m.register_state("selection")
         self._apply(("none", "source"))
@@ -261,7 +277,7 @@ class Selector:
         if not state["shifted"]:
             proposal = ("none", "source")
         else:
-            proposal = (_adapt_choice(list(self.candidates), state["domain_age"], p.young), "batch")
+            proposal = (_adapt_choice(list(self.candidates), state["domain_age"], self.young), "batch")
         current = tuple(state["choice"])
         if proposal == current:
             state["pending"], state["pending_count"] = None, 0
@@ -278,11 +294,35 @@ class Selector:
         return current
 
     def _switch(self, state: dict[str, Any], choice: tuple[str, str]) -> None:
-        """Take `choice`; entering the unshifted state restores the source model (all but the policy's state)."""
+        """Take `choice`; entering the unshifted state restores the source model (all but the policy's state); with
+        `auto_young_restore`, leaving the young phase (both stages -> the first) restores the second stage."""
         if choice == ("none", "source") and not state["pristine"]:
             self.method.self_reset("auto_source", keep=("rng", "selection"))
             state["pristine"] = True
+        names = list(self.candidates)
+        if self.restore_second and len(names) > 1 and (state["choice"][0], choice[0]) == (names[-1], names[0]):
+            self._restore_second_stage()
         state["choice"] = list(choice)
+
+    def _restore_second_stage(self) -> None:
+        """The parameters that only the young phase adapts (the second stage) back to their values after
+        `configure` (the source), with their optimiser state, so their adaptation never outlives its domain."""
+        m = self.method
+        names = list(self.candidates)
+        first = self._chosen_ids[names[0]]
+        second = [(n, p) for n, p in self.candidates[names[-1]] if id(p) not in first]
+        saved_model, saved_opt = m._initial["model"], m._initial["optimizer"]
+        order = [p for group in m.optimizer.param_groups for p in group["params"]]
+        index = {id(p): i for i, p in enumerate(order)}
+        with torch.no_grad():
+            for name, p in second:
+                p.copy_(saved_model[name])
+                p.grad = None
+                m.optimizer.state.pop(p, None)
+                saved = saved_opt["state"].get(index[id(p)]) if id(p) in index else None
+                if saved:  # state right after configure (usually none: no step yet)
+                    m.optimizer.state[p] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in saved.items()}
+        m.note_method_reset("auto_young_restore")
 
     # ------------------------------------------------------------------------------------------- applying
     def _apply(self, choice: tuple[str, str]) -> None:

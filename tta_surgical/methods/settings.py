@@ -10,8 +10,8 @@ else: its own fields' defaults and, in `optimizers`, its authors' optimiser per 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Literal
 
 from ..models.blocks import KINDS
 from ..registry import Registry, UnknownNameError
@@ -90,6 +90,13 @@ class AdaptSettings(MethodSettings):
     (alone): the runtime chooses per batch, without labels (`methods.selection`; `kind` then does not apply); `kind`:
     `all` parameters of those blocks, `norm` (their norm layers' affines) or `conv` (everything else). The defaults
     are each method's authors' choice; subclasses override them.
+
+    `blocks: auto` only (the method's own young-domain phase, README "Choosing what to adapt"): `auto_young`, the
+    batches after a detected domain change that adapt both early stages before the first stage alone takes over
+    (`domain`: the whole shifted domain, never the first stage alone); `auto_young_restore`, when a domain ages out
+    of that phase, put the parameters only the phase adapts (the second stage) and their optimiser state back to the
+    source values, so their adaptation never outlives its domain (with `domain` nothing ages out). The defaults are
+    measured per method (benchmarks/RESULTS.md 15j); subclasses override them.
     """
 
     optimizers: ClassVar[Mapping[str, Mapping[str, Any]]] = {
@@ -99,16 +106,35 @@ class AdaptSettings(MethodSettings):
 
     blocks: tuple[str, ...] = ("all",)
     kind: str = "norm"
+    auto_young: int | Literal["domain"] = 10
+    auto_young_restore: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("method", "kind", self.kind, PARAM_KINDS)
+        if isinstance(self.auto_young, int) and self.auto_young < 0:
+            raise ConfigError(
+                f"method.auto_young must be >= 0 (batches of a new domain that adapt both early stages) or 'domain' "
+                f"(the whole domain), got {self.auto_young!r}"
+            )
+        self._check_auto_fields()
         if not self.blocks or not all(isinstance(b, str) and b for b in self.blocks):
             raise ConfigError(f"method.blocks must be a non-empty list of block names, got {list(self.blocks)!r}")
         if "auto" in self.blocks and len(self.blocks) > 1:
             raise ConfigError(
                 f"method.blocks: auto chooses the blocks itself and cannot be combined with others, got "
                 f"{list(self.blocks)!r}; write blocks: auto, or list the blocks to adapt"
+            )
+
+
+    def _check_auto_fields(self) -> None:
+        """The `auto_*` fields steer `blocks: auto` only: set with named blocks they would do nothing, so refuse."""
+        defaults = {f.name: f.default for f in fields(self) if f.name.startswith("auto_")}
+        changed = [k for k, v in defaults.items() if getattr(self, k) != v]
+        if changed and "auto" not in self.blocks:
+            raise ConfigError(
+                f"method.{changed[0]} applies to blocks: auto only (this config adapts {list(self.blocks)!r}); "
+                f"drop it or set blocks: auto"
             )
 
 
