@@ -30,8 +30,9 @@ stream counts as unshifted (then its prediction *is* the step's prediction: no s
 Mechanics: the optimiser holds the union of every candidate's parameters; a step enables `requires_grad` on the
 chosen ones only, so autograd stops at the earliest chosen block, torch's optimisers skip tensors without a
 gradient (their Adam moments and steps are untouched) and the other tensors stay bit-identical. Everything the
-policy carries (its choice, running scores, the domain's age) is registered method state: `reset`,
-checkpoints and `--resume` cover it exactly. Each step reports `adapted` and `bn_stats` for the results line.
+policy carries (its choice, running scores, the domain's age, the label-shift evidence; the running target
+statistics as the method's `target_stats`) is registered method state: `reset`, checkpoints and `--resume` cover it
+exactly. Each step reports `adapted` and `bn_stats` for the results line.
 """
 
 from __future__ import annotations
