@@ -360,7 +360,7 @@ def test_set_bn_stats_round_trip():
     set_bn_stats(model, "source")
     with torch.no_grad():
         assert torch.equal(model(batch()), TinyNet().eval()(batch()))
-    with pytest.raises(ValueError, match="batch' or 'source"):
+    with pytest.raises(ValueError, match="must be one of batch, source, ema"):
         set_bn_stats(model, "running")
 
 

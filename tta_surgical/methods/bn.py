@@ -8,6 +8,12 @@
   mu = N/(N+n) mu_source + n/(N+n) mu_batch and var = N/(N+n) var_source + n/(N+n) var_batch, with n the
   batch size and the biased batch variance (the one BatchNorm normalises with). Implemented as a
   per-instance forward on the layer (so parameter names, buffers and `state_dict` keys are unchanged).
+- `ema`: running target statistics (`TargetStats`): per channel, mu = (1 - w) mu_running + w mu_batch and likewise the
+  variance, with w = max(momentum, 1/n) on the n-th batch since the last restart (a plain average until 1/n falls
+  below the momentum, so a restart does not rest on one batch), the running part detached: the gradient flows
+  through the current batch's share. For streams whose batches hold few classes, where one batch's statistics are
+  biased by the classes present. The running values live in the `TargetStats` module (a method registers it as
+  state), not in the layer.
 """
 
 from __future__ import annotations
@@ -20,7 +26,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["batch_stats_per_group", "batchnorm_layers", "mixed_batch_norm", "set_bn_stats", "uses_batch_statistics"]
+__all__ = [
+    "STATS",
+    "TargetStats",
+    "batch_stats_per_group",
+    "batchnorm_layers",
+    "mixed_batch_norm",
+    "set_bn_stats",
+    "uses_batch_statistics",
+]
+
+STATS = ("batch", "source", "ema")
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
@@ -75,15 +91,82 @@ def _grouped_forward(self: _BatchNorm, x: Tensor) -> Tensor:
     return mixed_batch_norm(self, x, self._tta_group_prior, self._tta_groups)
 
 
+class TargetStats(nn.Module):
+    """Running target statistics for the BatchNorm layers of one model (`set_bn_stats` "ema"), as buffers.
+
+    Per layer (in `batchnorm_layers` order): the running per-channel mean and biased variance and the number of batches
+    they hold since the last `restart`. A step `arm`s it, the first forward of each layer in that step proposes its
+    blended statistics and `commit` writes them, so a method's later forwards in the same step (augmented views, a
+    second SAM pass) normalise against the same running values and do not count as batches. Forwards outside an armed
+    step (predictions) read and never write. A module, so a method registers it as state and `reset`, checkpoints
+    and resume restore it in place (the layers' forwards keep pointing at it).
+    """
+
+    def __init__(self, model: nn.Module, momentum: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"running-statistics momentum must be in (0, 1], got {momentum}")
+        self.momentum = float(momentum)
+        layers = batchnorm_layers(model)
+        self.channels = [int(bn.num_features) for bn in layers]
+        device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+        for i, c in enumerate(self.channels):
+            self.register_buffer(f"mean{i}", torch.zeros(c, device=device))
+            self.register_buffer(f"var{i}", torch.ones(c, device=device))
+        self.register_buffer("counts", torch.zeros(len(layers), dtype=torch.long, device=device))
+        self._pending: dict[int, tuple[Tensor, Tensor]] | None = None
+
+    def restart(self) -> None:
+        """Forget the running values: the next batch's statistics start them again (a new domain)."""
+        self.counts.zero_()
+
+    def arm(self) -> None:
+        self._pending = {}
+
+    def disarm(self) -> None:
+        self._pending = None
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Write the statistics the armed step's first forward proposed (one batch more per layer), then disarm."""
+        for i, (mean, var) in (self._pending or {}).items():
+            getattr(self, f"mean{i}").copy_(mean)
+            getattr(self, f"var{i}").copy_(var)
+            self.counts[i] += 1
+        self._pending = None
+
+    def blend(self, index: int, mean_b: Tensor, var_b: Tensor) -> tuple[Tensor, Tensor]:
+        """The statistics layer `index` normalises with: (1 - w) running + w batch, w = max(momentum, 1/(n + 1)) with n
+        batches held (w = 1 right after a restart); differentiable in the batch share only. No host sync."""
+        w = (1.0 / (self.counts[index] + 1).float()).clamp(min=self.momentum)
+        mean = (1.0 - w) * getattr(self, f"mean{index}") + w * mean_b
+        var = (1.0 - w) * getattr(self, f"var{index}") + w * var_b
+        if self._pending is not None and index not in self._pending:
+            self._pending[index] = (mean.detach(), var.detach())
+        return mean, var
+
+
+def _ema_forward(self: _BatchNorm, x: Tensor) -> Tensor:
+    self._check_input_dim(x)
+    xf = x.float()
+    var_b, mean_b = torch.var_mean(xf, dim=[0] + list(range(2, x.dim())), correction=0)
+    mean, var = self.__dict__["_tta_target"].blend(self._tta_target_index, mean_b, var_b)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+    if self.affine:
+        y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+    return y.to(x.dtype)
+
+
 @contextlib.contextmanager
 def batch_stats_per_group(model: nn.Module, groups: int) -> Iterator[None]:
     """Inside the block, every BatchNorm layer of `model` that normalises with test-batch statistics (`set_bn_stats`
     "batch", with or without a prior) splits its input into `groups` equal consecutive slices and normalises each
     with its own statistics, as `groups` separate forwards would: several batches (e.g. CoTTA's augmented views, one
-    batch per view) in one forward. Layers on source statistics are left alone; groups <= 1 changes nothing."""
-    layers = [
-        bn for bn in batchnorm_layers(model) if "forward" in bn.__dict__ or (bn.training and not bn.track_running_stats)
-    ]
+    batch per view) in one forward. Layers on source or running ("ema") statistics are left alone; groups <= 1 changes
+    nothing."""
+    on_batch = [bn for bn in batchnorm_layers(model) if "_tta_target" not in bn.__dict__]
+    layers = [bn for bn in on_batch if "forward" in bn.__dict__ or (bn.training and not bn.track_running_stats)]
     if groups <= 1 or not layers:
         yield
         return
@@ -103,25 +186,36 @@ def batch_stats_per_group(model: nn.Module, groups: int) -> Iterator[None]:
                 bn.forward = forward
 
 
-def set_bn_stats(model: nn.Module, stats: str, prior_strength: float = 0.0) -> int:
-    """Make every BatchNorm layer of `model` normalise with `stats` ("batch" or "source"); returns how many.
+def set_bn_stats(model: nn.Module, stats: str, prior_strength: float = 0.0, target: TargetStats | None = None) -> int:
+    """Make every BatchNorm layer of `model` normalise with `stats` ("batch", "source" or "ema"); returns how many.
 
-    Other modules' modes are not touched (call `model.eval()` first so dropout is off). Idempotent: the
-    original `track_running_stats` flag is remembered on the layer and restored by `stats="source"`.
+    "ema" needs `target`, the `TargetStats` built for this model, which holds the running values. Other modules'
+    modes are not touched (call `model.eval()` first so dropout is off). Idempotent: the original
+    `track_running_stats` flag is remembered on the layer and restored by `stats="source"`.
     """
-    if stats not in ("batch", "source"):
-        raise ValueError(f"BatchNorm statistics must be 'batch' or 'source', got {stats!r}")
+    if stats not in STATS:
+        raise ValueError(f"BatchNorm statistics must be one of {', '.join(STATS)}; got {stats!r}")
     if prior_strength < 0:
         raise ValueError(f"prior_strength must be >= 0, got {prior_strength}")
     layers = batchnorm_layers(model)
-    for bn in layers:
+    if stats == "ema" and (target is None or target.channels != [int(bn.num_features) for bn in layers]):
+        raise ValueError("BatchNorm statistics 'ema' need the TargetStats built for this model (target=...)")
+    for i, bn in enumerate(layers):
         if not hasattr(bn, "_tta_track_running_stats"):
             bn._tta_track_running_stats = bn.track_running_stats
-        if "forward" in bn.__dict__:  # drop an earlier prior forward
+        if "forward" in bn.__dict__:  # drop an earlier prior or running-statistics forward
             del bn.forward
+        bn.__dict__.pop("_tta_target", None)
         if stats == "source":
             bn.track_running_stats = bn._tta_track_running_stats
             bn.train(False)
+        elif stats == "ema":
+            # in __dict__ directly: as a module attribute the target would become a submodule (state_dict keys)
+            bn.__dict__["_tta_target"] = target
+            bn._tta_target_index = i
+            bn.forward = types.MethodType(_ema_forward, bn)
+            bn.track_running_stats = False
+            bn.train(False)  # as for the prior forward: eval keeps any stray call read-only
         elif prior_strength > 0:
             bn._tta_prior_strength = float(prior_strength)
             bn.forward = types.MethodType(_prior_forward, bn)

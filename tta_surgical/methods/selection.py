@@ -11,9 +11,13 @@ The rule (the evidence is in README "Choosing what to adapt" and `benchmarks/aut
    clean stream is where test-batch statistics hurt most). Entering this state restores the source model
    (`method_reset` `auto_source`), so nothing learnt under other statistics is used with source statistics.
 2. **Which statistics?** Shifted: the method normalises with the test batch's statistics (its own BatchNorm
-   regime for RoTTA, whose robust BatchNorm is its algorithm). A running-target-statistics option for non-i.i.d.
-   batches was measured and left out: the label-free class-prior drift that would switch it on fires at every
-   domain change of an i.i.d. continual stream too (README "Choosing what to adapt").
+   regime for RoTTA, whose robust BatchNorm is its algorithm), unless the batches hold few classes at a time (label
+   shift): then with running target statistics (`bn.TargetStats`, "ema": an average of the batches' statistics,
+   restarted at a detected domain change), which few-class batches do not bias. The label-shift signal
+   (`signals.overdispersion`, `_update_label_shift`): how far the source copy's last-stage batch means of two
+   consecutive probes are apart in units of their sampling noise; about 1 (or less) for i.i.d. batches, several
+   times more for few-class ones. Pairs across a detected domain change, or far apart (an undetected change), are
+   left out; the median of the last `label_window` pairs switches it on above `label_on`, off below `label_off`.
 3. **Which blocks?** Shifted: all parameters of the first two stages while the current domain is young (the first
    `young` batches after a detected domain change: a change of the per-layer shift profile by more than
    `change_on`), then the first stage alone (`_adapt_choice`), with the method's own objective. The young-domain
@@ -30,15 +34,18 @@ stream counts as unshifted (then its prediction *is* the step's prediction: no s
 Mechanics: the optimiser holds the union of every candidate's parameters; a step enables `requires_grad` on the
 chosen ones only, so autograd stops at the earliest chosen block, torch's optimisers skip tensors without a
 gradient (their Adam moments and steps are untouched) and the other tensors stay bit-identical. Everything the
-policy carries (its choice, running scores, the domain's age) is registered method state: `reset`,
-checkpoints and `--resume` cover it exactly. Each step reports `adapted` and `bn_stats` for the results line.
+policy carries (its choice, running scores, the domain's age, the label-shift evidence; the running target
+statistics as the method's `target_stats`) is registered method state: `reset`, checkpoints and `--resume` cover it
+exactly. Each step reports `adapted` and `bn_stats` for the results line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Iterable
+import statistics
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +54,8 @@ from torch import Tensor, nn
 
 from ..models import block_names, select_params
 from ..models.blocks import norm_layers
-from .bn import batchnorm_layers, set_bn_stats
-from .signals import SourceReference
+from .bn import TargetStats, batchnorm_layers, set_bn_stats
+from .signals import BatchMeans, SourceReference, overdispersion
 
 __all__ = ["AUTO", "AutoPolicy", "Selector", "candidate_blocks", "is_auto"]
 
@@ -72,6 +79,9 @@ class AutoPolicy:
     which a new domain begins. confirm: consecutive decisions a new choice needs. probe_every: reference probes
     while adapting (every N steps). The young-domain phase differs by method: it is in each method's settings
     (`auto_young`, `auto_young_restore`), not here.
+    label_on / label_off: median overdispersion of the last `label_window` probe pairs above which the batches count
+    as label-shifted (running target statistics) / below which as i.i.d. again. label_cap: a pair at or above it is
+    a change of domain, not evidence. ema_momentum: weight of the newest batch in the running target statistics.
     """
 
     shift_on: float = 0.032
@@ -80,6 +90,11 @@ class AutoPolicy:
     change_on: float = 0.4
     confirm: int = 2
     probe_every: int = 4
+    label_on: float = 2.0
+    label_off: float = 1.5
+    label_cap: float = 20.0
+    label_window: int = 5
+    ema_momentum: float = 0.1
 
 
 DEFAULT_POLICY = AutoPolicy()
@@ -104,6 +119,16 @@ def _score_layers(model: nn.Module) -> list[int]:
     stages = [b for b in names if re.fullmatch(r"block\d+", b)]
     keep = [b for b in names if b == "input" or (b in stages[:-1])] if len(stages) > 1 else ["input", *stages]
     chosen = {id(m) for _, m in norm_layers(model, keep)}
+    layers = [bn for bn in batchnorm_layers(model) if bn.running_mean is not None and bn.running_var is not None]
+    index = [i for i, bn in enumerate(layers) if id(bn) in chosen]
+    return index or list(range(len(layers)))
+
+
+def _dispersion_layers(model: nn.Module) -> list[int]:
+    """Indices (as in `_score_layers`) of the BatchNorm layers of the last stage, whose batch means follow the classes
+    a batch holds (the label-shift signal); all of them when the model has no stages."""
+    stages = [b for b in block_names(model) if re.fullmatch(r"block\d+", b)]
+    chosen = {id(m) for _, m in norm_layers(model, stages[-1:])} if stages else set()
     layers = [bn for bn in batchnorm_layers(model) if bn.running_mean is not None and bn.running_var is not None]
     index = [i for i, bn in enumerate(layers) if id(bn) in chosen]
     return index or list(range(len(layers)))
@@ -142,7 +167,7 @@ class Selector:
         # The frozen source reference, copied before the method changes modes or patches layers. Its covariate score
         # reads the layers of the input block and of every stage but the last: their statistics follow the inputs,
         # while the last stage's follow the classes present (label shift moves them, corruptions hardly more).
-        self.reference = SourceReference(model)
+        self.reference = SourceReference(model, _dispersion_layers)
         self.score_layers = _score_layers(self.reference.model)
         self._source_logits: Tensor | None = None
         self.normalised: dict[str, nn.Module] = {}
@@ -166,7 +191,11 @@ class Selector:
                     f"method {m.cfg.name}: auto_young_restore restores the second stage of the adapted model and its "
                     f"optimiser state, but this method also keeps {others or 'no optimiser'}; drop auto_young_restore"
                 )
-        m.selection = self._initial_state()
+        if self.own_norm:  # the running target statistics ("ema"), one per normalised model
+            targets = {name: TargetStats(module, self.policy.ema_momentum) for name, module in self.normalised.items()}
+            m.target_stats = nn.ModuleDict(targets)
+            m.register_state("target_stats")
+        m.selection = {**self._initial_state(), **_initial_label_state()}
         m.register_state("selection")
         self._apply(("none", "source"))
 
@@ -198,11 +227,13 @@ class Selector:
             logits, shifts = self.reference.probe(x)
             self._source_logits = logits
             self._update_shift(state, shifts)
+            self._update_label_shift(state)
             state["since_probe"] = 0
         else:
             state["since_probe"] += 1
         if state["changed"]:
             state["domain_age"] = 0  # a new domain: the young-domain block rule starts again
+            self._restart_targets()  # and the running target statistics with it
         choice = self._decide(state)
         if choice != tuple(state["choice"]):
             self._switch(state, choice)
@@ -212,7 +243,8 @@ class Selector:
             self._source_logits = None
         else:
             self._apply((adapted, bn))
-            out = m.adapt_step(x)
+            with self._running_stats(bn):
+                out = m.adapt_step(x)
         state["steps"] += 1
         state["domain_age"] += 1
         m.last.adapted, m.last.bn_stats = adapted, bn if self.own_norm or bn == "source" else "robust"
@@ -277,7 +309,10 @@ class Selector:
         if not state["shifted"]:
             proposal = ("none", "source")
         else:
-            proposal = (_adapt_choice(list(self.candidates), state["domain_age"], self.young), "batch")
+            proposal = (
+                _adapt_choice(list(self.candidates), state["domain_age"], self.young),
+                self._shifted_stats(state),
+            )
         current = tuple(state["choice"])
         if proposal == current:
             state["pending"], state["pending_count"] = None, 0
@@ -302,6 +337,8 @@ class Selector:
         names = list(self.candidates)
         if self.restore_second and len(names) > 1 and (state["choice"][0], choice[0]) == (names[-1], names[0]):
             self._restore_second_stage()
+        if choice[1] == "ema" and state["choice"][1] != "ema":
+            self._restart_targets()  # running statistics start from the batches they will serve
         state["choice"] = list(choice)
 
     def _restore_second_stage(self) -> None:
@@ -333,5 +370,57 @@ class Selector:
         self.adapting = bool(ids)
         if not self.own_norm:
             return
-        for module in self.normalised.values():
-            set_bn_stats(module, bn)
+        for name, module in self.normalised.items():
+            set_bn_stats(module, bn, target=self.method.target_stats[name] if bn == "ema" else None)
+
+    # ------------------------------------------------------------------------------------------- label shift
+    def _update_label_shift(self, state: dict[str, Any]) -> None:
+        """The label-shift evidence of this probe: its overdispersion against the previous probe (`signals`), left out
+        across a detected domain change or at `label_cap` and above (an undetected one); the median of the last
+        `label_window` pairs (three at least) against `label_on` / `label_off` sets `label_shift`."""
+        p = self.policy
+        means = self.reference.stats.means()
+        if means is None:
+            return
+        prev = state["batch_means"]
+        state["batch_means"] = {"means": list(means.means), "noise": list(means.noise)}
+        if prev is None or state["changed"]:
+            return
+        value = float(overdispersion(BatchMeans(prev["means"], prev["noise"]), means))
+        if not math.isfinite(value) or value >= p.label_cap:
+            return
+        evidence = (list(state["dispersion"]) + [value])[-p.label_window :]
+        state["dispersion"] = evidence
+        if len(evidence) >= min(3, p.label_window):
+            level = statistics.median(evidence)
+            state["label_shift"] = level > (p.label_off if state["label_shift"] else p.label_on)
+
+    def _shifted_stats(self, state: dict[str, Any]) -> str:
+        """The statistics a shifted stream adapts with: running target statistics under label shift, else the test
+        batch's (a method with its own BatchNorm regime, RoTTA, keeps it: "batch" stands for it)."""
+        return "ema" if self.own_norm and state["label_shift"] else "batch"
+
+    def _restart_targets(self) -> None:
+        for target in getattr(self.method, "target_stats", {}).values():
+            target.restart()
+
+    @contextlib.contextmanager
+    def _running_stats(self, bn: str) -> Iterator[None]:
+        """Around the method's step under "ema": the step's first forward per layer updates the running statistics
+        (committed when the step is done; a step that raised leaves them as they were)."""
+        targets = list(self.method.target_stats.values()) if bn == "ema" else []
+        for target in targets:
+            target.arm()
+        try:
+            yield
+        except BaseException:
+            for target in targets:
+                target.disarm()
+            raise
+        for target in targets:
+            target.commit()
+
+
+def _initial_label_state() -> dict[str, Any]:
+    """The label-shift part of the policy's state: the verdict, the recent evidence, the last probe's batch means."""
+    return {"label_shift": False, "dispersion": [], "batch_means": None}

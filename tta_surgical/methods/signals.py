@@ -8,6 +8,12 @@ other (what each would pick per corruption, and what it costs) and README explai
   per layer, the Gaussian KL divergence of the batch's per-channel statistics from the layer's source running
   statistics, averaged over channels. Where the distribution moved, by how much. The copy never changes, so the
   signal does not depend on what the adapted model has learnt so far.
+- **Overdispersion of batch means** (`BatchMeans`, `overdispersion`): for two batches of the same distribution the
+  difference of a layer's per-channel batch means varies with the sampling noise, (var_1 / n_1 + var_2 / n_2) with
+  var the variance of the images' own channel means; batches that hold few classes at a time (label shift) differ
+  by more. The squared difference in units of that noise is about 1 for i.i.d. batches and several times larger
+  for few-class batches in the layers that carry class information (the last stage). A change of domain between
+  the two batches gives far larger values (the selector leaves those out).
 - **Class-prior drift** (`prior_drift`): the KL divergence of a batch's mean prediction from a running average of
   the mean predictions. Batches drawn i.i.d. stay close to the average (sampling noise only); batches that hold a
   few classes at a time (label shift, temporally correlated streams) move far from it.
@@ -20,7 +26,8 @@ other (what each would pick per corruption, and what it costs) and README explai
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +37,12 @@ from .bn import batchnorm_layers, set_bn_stats
 
 __all__ = [
     "BNInputStats",
+    "BatchMeans",
     "SourceReference",
     "agreement",
     "block_rgn",
     "gaussian_kl",
+    "overdispersion",
     "prior_drift",
 ]
 
@@ -51,27 +60,37 @@ class BNInputStats:
 
     Only the first forward after `arm()` is recorded (a method's later forwards in the same step, e.g. augmented
     views, are left out); `shifts()` gives, per layer, `gaussian_kl` of the recorded statistics from the layer's
-    source running statistics. Statistics are computed without gradient and without a host sync.
+    source running statistics. For the layers (indices into `self.layers`) in `dispersion`, `means()` also gives the
+    batch means with their sampling noise (`BatchMeans`). Computed without gradient and without a host sync.
     """
 
-    def __init__(self, layers: Sequence[_BatchNorm]) -> None:
+    def __init__(self, layers: Sequence[_BatchNorm], dispersion: Iterable[int] = ()) -> None:
         self.layers = [bn for bn in layers if bn.running_mean is not None and bn.running_var is not None]
+        self.dispersion = sorted(set(dispersion))
         self._stats: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        self._noise: dict[int, Tensor] = {}
         self._armed = False
         self._handles = [bn.register_forward_pre_hook(self._hook(i)) for i, bn in enumerate(self.layers)]
 
     def _hook(self, index: int):
+        keep_noise = index in self.dispersion
+
         def record(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
             if self._armed and self._stats[index] is None:
                 with torch.no_grad():
                     x = args[0].detach().float()
                     var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), correction=0)
+                    if keep_noise and x.shape[0] > 1:
+                        # variance over the batch of the images' own channel means, / n: the batch mean's noise
+                        own = x.mean(dim=list(range(2, x.dim()))) if x.dim() > 2 else x
+                        self._noise[index] = own.var(dim=0, correction=1) / x.shape[0]
                 self._stats[index] = (mean, var)
 
         return record
 
     def arm(self) -> None:
         self._stats = [None] * len(self.layers)
+        self._noise = {}
         self._armed = True
 
     def disarm(self) -> None:
@@ -89,22 +108,55 @@ class BNInputStats:
                 ]
             )
 
+    def means(self) -> BatchMeans | None:
+        """The recorded batch means and their sampling noise in the `dispersion` layers, or None if the forward did
+        not reach them all (or the batch held one image)."""
+        if not self.dispersion or any(self._stats[i] is None or i not in self._noise for i in self.dispersion):
+            return None
+        means = [self._stats[i][0] for i in self.dispersion]  # type: ignore[index]
+        return BatchMeans(means, [self._noise[i] for i in self.dispersion])
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
 
+class BatchMeans(NamedTuple):
+    """Per layer: a batch's per-channel means of the layer's input and their sampling noise (the variance of the
+    images' own channel means over the batch, divided by the batch size)."""
+
+    means: list[Tensor]
+    noise: list[Tensor]
+
+
+def overdispersion(a: BatchMeans, b: BatchMeans, eps: float = 1e-8) -> Tensor:
+    """How far two batches' means are apart in units of their sampling noise: per layer, the mean over channels of
+    (mean_a - mean_b)^2 / (noise_a + noise_b); the geometric mean over layers (a 0-dim float32 tensor). About 1 for
+    two i.i.d. batches of one distribution (less when a finite pool is drawn without replacement), several times
+    more for batches holding different few classes."""
+    per_layer = torch.stack(
+        [
+            ((ma.float() - mb.float()).square() / (na.float() + nb.float() + eps)).mean()
+            for ma, na, mb, nb in zip(a.means, a.noise, b.means, b.noise)
+        ]
+    )
+    return per_layer.clamp_min(eps).log().mean().exp()
+
+
 class SourceReference:
     """A frozen copy of the source model with source BatchNorm statistics: its predictions and the input-statistics
     shift of every BatchNorm layer on a batch (one inference forward, no gradient)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, dispersion: Callable[[nn.Module], Iterable[int]] | None = None) -> None:
+        """dispersion: given the copy, the indices (among its BatchNorm layers with running statistics) whose batch
+        means `probe` also returns (`BatchMeans`); None records none."""
         self.model = copy.deepcopy(model)
         self.model.eval()
         self.model.requires_grad_(False)
         set_bn_stats(self.model, "source")
-        self.stats = BNInputStats(batchnorm_layers(self.model))
+        layers = batchnorm_layers(self.model)
+        self.stats = BNInputStats(layers, dispersion(self.model) if dispersion is not None else ())
 
     @torch.no_grad()
     def probe(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
