@@ -43,6 +43,22 @@ def lines(folder: Path) -> list[dict]:
     return [json.loads(x) for x in (folder / RESULTS_FILE).read_text().splitlines() if x.strip()]
 
 
+class Crash(Exception):
+    pass
+
+
+def crash_and_resume(cfg, at: int, out: Path, data_root) -> dict:
+    """Run `cfg` into `out`, crash after batch `at`'s line is written, resume; the resumed run's summary."""
+
+    def crash(i: int, _rec: dict) -> None:
+        if i == at:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(cfg, out, data=data_root, on_batch=crash)
+    return run(cfg, out, data=data_root, resume=True)
+
+
 @pytest.fixture(scope="module")
 def drifting_warn(tmp_path_factory, data_root):
     out = tmp_path_factory.mktemp("guard") / "warn"
@@ -102,17 +118,7 @@ def test_replay_and_resume_give_the_live_alarms(drifting_warn, tmp_path, data_ro
     replayed = replay_alarms(lines(out), guard)
     assert [(a.batch, a.detector) for a in replayed] == [(a["batch"], a["detector"]) for a in summary["guard_alarms"]]
 
-    class Crash(Exception):
-        pass
-
-    def crash(i: int, _rec: dict) -> None:
-        if i == 4:
-            raise Crash
-
-    cfg = cfg_for(*DRIFTING, "runtime.on_collapse=warn")
-    with pytest.raises(Crash):
-        run(cfg, tmp_path / "part", data=data_root, on_batch=crash)
-    resumed = run(cfg, tmp_path / "part", data=data_root, resume=True)
+    resumed = crash_and_resume(cfg_for(*DRIFTING, "runtime.on_collapse=warn"), 4, tmp_path / "part", data_root)
     assert resumed["guard_alarms"] == summary["guard_alarms"] and resumed["errors"] == summary["errors"]
 
 
@@ -163,17 +169,7 @@ def test_fallback_resume_equals_the_live_run(drifting_fallback, tmp_path, data_r
     """The trust state is rebuilt from the kept lines: a crash while the reference is served resumes exactly."""
     _, live = drifting_fallback
 
-    class Crash(Exception):
-        pass
-
-    def crash(i: int, _rec: dict) -> None:
-        if i == 5:
-            raise Crash
-
-    cfg = cfg_for(*DRIFTING, "runtime.on_collapse=fallback")
-    with pytest.raises(Crash):
-        run(cfg, tmp_path / "part", data=data_root, on_batch=crash)
-    resumed = run(cfg, tmp_path / "part", data=data_root, resume=True)
+    resumed = crash_and_resume(cfg_for(*DRIFTING, "runtime.on_collapse=fallback"), 5, tmp_path / "part", data_root)
     for key in ("errors", "guard_alarms", "n_batches_served_by_reference", "n_fallbacks", "n_trust_returns"):
         assert resumed[key] == live[key], key
 
