@@ -283,10 +283,9 @@ def _serve_reference(rec: dict[str, Any], batch: Any, ref_logits: torch.Tensor, 
     rec["adapted_correct"] = rec["correct"]
     rec["correct"] = rec["ref_correct"]
     rec["served"] = "reference"
-    keys = _item_keys(batch, spec, multi)
-    if keys is not None:
-        ok = (ref_logits.argmax(dim=1) == batch.y.to(ref_logits.device)).tolist()
-        rec["by_domain"] = {k: list(v) for k, v in group_correct(ok, keys).items()}
+    by_domain = _by_domain(batch, ref_logits, spec, multi)
+    if by_domain is not None:
+        rec["by_domain"] = by_domain
 
 
 def _record(batch: Any, logits: torch.Tensor, method: Any, ms: float, spec: Any, multi: bool) -> dict[str, Any]:
@@ -313,11 +312,19 @@ def _record(batch: Any, logits: torch.Tensor, method: Any, ms: float, spec: Any,
     if last.adapted is not None:  # `blocks: auto`: what this batch adapted, with which BatchNorm statistics (not
         # `adapted`: under time pressure that key says whether the batch got an update at all)
         rec["selected"], rec["bn_stats"] = last.adapted, last.bn_stats
-    keys = _item_keys(batch, spec, multi)
-    if keys is not None:
-        ok = (logits.argmax(dim=1) == batch.y.to(logits.device)).tolist()
-        rec["by_domain"] = {k: list(v) for k, v in group_correct(ok, keys).items()}
+    by_domain = _by_domain(batch, logits, spec, multi)
+    if by_domain is not None:
+        rec["by_domain"] = by_domain
     return json_safe(rec)
+
+
+def _by_domain(batch: Any, logits: torch.Tensor, spec: Any, multi: bool) -> dict[str, list[int]] | None:
+    """(correct, count) per domain of a batch that mixes domains (mixed streams); None for a one-domain batch."""
+    keys = _item_keys(batch, spec, multi)
+    if keys is None:
+        return None
+    ok = (logits.argmax(dim=1) == batch.y.to(logits.device)).tolist()
+    return {k: list(v) for k, v in group_correct(ok, keys).items()}
 
 
 # ----------------------------------------------------------------------------------------------- the run

@@ -113,6 +113,9 @@ class DriftMonitor:
         """The image-weighted mean flip share of the current window, once it is full (else None)."""
         if len(self._items) < self.min_checks or self._images < self.window_images:
             return None
+        return self._mean_flip()
+
+    def _mean_flip(self) -> float:
         return sum(f * n for f, _, _, n, _ in self._items) / self._images
 
     def _clear(self) -> None:
@@ -121,7 +124,7 @@ class DriftMonitor:
 
     def _verdict(self) -> dict[str, Any] | None:
         total = self._images
-        flip = sum(f * n for f, _, _, n, _ in self._items) / total
+        flip = self._mean_flip()
         entropy = sum(e * n for _, e, _, n, _ in self._items) / total
         ref_entropy = sum(r * n for _, _, r, n, _ in self._items) / total
         # A reference of zero entropy is fully sure: an adapted model with any entropy is less sure than it.
