@@ -17,6 +17,7 @@ import json
 import os
 import random
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,12 @@ def _run_case(case: dict[str, Any], mode: str, data_root: str) -> None:
 
         def die_after(batch_index: int, record: dict) -> None:
             if batch_index == case["kill_after"]:
+                # The domain boundary's checkpoint is made durable on a thread; on a loaded machine it can still be
+                # in flight a batch later, and a kill then resumes from the run's start (correct, but not the resume
+                # from the boundary this test is about). Die once that disk work is done, as a kill a moment later.
+                for t in threading.enumerate():
+                    if t.name == "tta-surgical-checkpoint":
+                        t.join(timeout=120)
                 probe_path.write_text(str(calls[0]))
                 sys.stdout.flush()
                 os._exit(KILLED)
