@@ -57,6 +57,7 @@ def _run_case(case: dict[str, Any], mode: str, data_root: str) -> None:
     import tta_surgical.engine as methods  # build_method as the engine calls it
     from tta_surgical.config import load_config
     from tta_surgical.engine import run
+    from tta_surgical.runfolder import CHECKPOINT_THREAD
 
     code = 2
     try:
@@ -73,7 +74,7 @@ def _run_case(case: dict[str, Any], mode: str, data_root: str) -> None:
                 # in flight a batch later, and a kill then resumes from the run's start (correct, but not the resume
                 # from the boundary this test is about). Die once that disk work is done, as a kill a moment later.
                 for t in threading.enumerate():
-                    if t.name == "tta-surgical-checkpoint":
+                    if t.name == CHECKPOINT_THREAD:
                         t.join(timeout=120)
                 probe_path.write_text(str(calls[0]))
                 sys.stdout.flush()

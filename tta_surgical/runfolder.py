@@ -36,6 +36,7 @@ from .fileio import atomic_write_bytes, atomic_write_text
 from .schema import load_yaml, to_dict
 
 __all__ = [
+    "CHECKPOINT_THREAD",
     "RESUME_IGNORED",
     "DamagedFileError",
     "FolderInUseError",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 LOCK_FILE = ".lock"
+# The name of the thread that makes a background checkpoint durable (a crash test waits for it by this name).
+CHECKPOINT_THREAD = "tta-surgical-checkpoint"
 
 # Config keys that may differ between a run and its resumption: they change how the run executes, not what it
 # computes (memory layout, compilation and optimiser kernels move results by floating-point rounding only).
@@ -278,7 +281,7 @@ class _Pending:
 
     def __init__(self, work: Callable[[], None]) -> None:
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(work,), name="tta-surgical-checkpoint")
+        self.thread = threading.Thread(target=self._run, args=(work,), name=CHECKPOINT_THREAD)
         self.thread.start()
 
     def _run(self, work: Callable[[], None]) -> None:

@@ -49,7 +49,8 @@ def cost_table_yaml(
     """The YAML a run or `tta-surgical frontier --base` takes, with a header saying where each number came from
     (`note`: what the table describes, in the user's words, first)."""
     table, seen = step_costs(runs, model)
-    lines = [*note.splitlines(),
+    lines = [
+        *note.splitlines(),
         "Fixed step costs for runs under time pressure (runtime.cost_mode=fixed): one step as a multiple of a plain",
         "forward of the same batch (p50 over p50 in interleaved `tta-surgical bench` runs; median over runs).",
         "Written by benchmarks/step_costs.py from:",
@@ -61,9 +62,9 @@ def cost_table_yaml(
             f"{m.get('versions', {}).get('torch', '?')}, threads {m.get('threads', '?')}, "
             f"load {m.get('machine', {}).get('load_avg_1m', '?')}"
         )
-    several = [f"{k} {', '.join(f'{r:.2f}' for r in v)}" for k, v in seen.items() if len(v) > 1]
+    several = [f"  {k}: {', '.join(f'{r:.2f}' for r in v)}" for k, v in seen.items() if len(v) > 1]
     if several:
-        lines.append("Labels timed in several runs (every ratio): " + "; ".join(several))
+        lines += ["Labels timed in several runs (every ratio, in the order above):", *several]
     return "".join(f"# {line}\n" for line in lines) + yaml.safe_dump(
         {"runtime": {"cost_mode": "fixed", "cost_ratio": table}}, sort_keys=False
     )
